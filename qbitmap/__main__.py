@@ -1,0 +1,5 @@
+"""``python -m qbitmap``."""
+
+from qbitmap.cli import main
+
+main()

@@ -1,0 +1,130 @@
+"""Command line: a click group with ``dump``, ``check`` and ``recover``.
+
+Thin by design: each command lives in ``qbitmap/commands/`` and only opens
+the image, calls the library, hands results to a renderer and picks the exit
+code.  This module maps errors onto exit codes in one place: usage errors
+exit 64 (click's 2 is ``check``'s "corrupt"), a QbitmapError is one line on
+stderr with its own code, and anything unexpected is one line too unless
+``--debug`` (or QBITMAP_DEBUG=1) asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from qbitmap import __version__
+from qbitmap.errors import ExitCode, QbitmapError
+from qbitmap.ui import Ui
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class QbitmapGroup(click.Group):
+    """Maps usage errors and QbitmapError onto qbitmap's exit codes."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        kwargs.setdefault("standalone_mode", True)
+        try:
+            return super().main(*args, **kwargs)
+        except KeyboardInterrupt:  # pragma: no cover - interactive
+            sys.stderr.write("qbitmap: interrupted\n")
+            sys.exit(130)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.exit_code = ExitCode.USAGE
+            raise
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            exc.exit_code = ExitCode.USAGE
+            raise
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except QbitmapError as exc:
+            ui = ctx.find_object(Ui) or Ui()
+            ui.error(str(exc))
+            ctx.exit(exc.exit_code)
+        except BrokenPipeError:
+            # `qbitmap dump ... | head`: the reader went away; not an error.
+            _silence_stdout()
+            ctx.exit(ExitCode.OK)
+        except (OSError, MemoryError) as exc:
+            if _debug(ctx):
+                raise
+            ui = ctx.find_object(Ui) or Ui()
+            ui.error(f"{type(exc).__name__}: {exc}")
+            ctx.exit(ExitCode.FAILED)
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            ui = ctx.find_object(Ui) or Ui()
+            ui.error(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details")
+            ctx.exit(ExitCode.FAILED)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("qbitmap.debug")) or os.environ.get("QBITMAP_DEBUG") == "1"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+@click.group(cls=QbitmapGroup, context_settings=CONTEXT_SETTINGS)
+@click.option(
+    "--color/--no-color",
+    default=None,
+    help="Force colour on or off (default: on for a terminal; NO_COLOR turns it off).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Print no warnings or progress; errors still show.")
+@click.option("--debug", is_flag=True, help="Show a traceback for internal errors.")
+@click.version_option(__version__, "-V", "--version", prog_name="qbitmap")
+@click.pass_context
+def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> None:
+    """Inspect, check and repair persistent dirty bitmaps in qcow2 images.
+
+    \b
+    qbitmap dump IMAGE       what the image says about its bitmaps
+    qbitmap check IMAGE      validate them; exit code for scripts
+    qbitmap recover IMAGE    bring in-use bitmaps back into service
+
+    Exit status: 0 success, 1 the image could not be read, 64 usage error;
+    check and recover add their own (see their --help and qbitmap(1)).
+    """
+    ctx.meta["qbitmap.debug"] = debug
+    ctx.obj = Ui(color=color, quiet=quiet)
+
+
+def _register() -> None:
+    from qbitmap.commands import dump
+
+    cli.add_command(dump.dump)
+    for name in ("check", "recover"):
+        try:
+            module = __import__(f"qbitmap.commands.{name}", fromlist=[name])
+        except ModuleNotFoundError:
+            continue
+        cli.add_command(getattr(module, name))
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="qbitmap")

@@ -1,0 +1,1 @@
+"""One module per qbitmap command; each defines a click command of that name."""

@@ -1,0 +1,60 @@
+"""The qcow2 format layer: construct schemas, typed model, bounded readers.
+
+Nothing here prints, exits or imports click/rich.  Higher layers
+(``check``, ``recover``, ``track``, the CLI) import from this package.
+"""
+
+from __future__ import annotations
+
+from qbitmap.format.bitmap import (
+    Chunk,
+    Geometry,
+    bit_runs,
+    dirty_bytes,
+    extents,
+    geometry_of,
+    iter_chunks,
+    popcount,
+    read_bits,
+    table_entry_problem,
+)
+from qbitmap.format.image import Directory, Image, LevelsExtension, parse_levels_extension
+from qbitmap.format.model import (
+    AutoclearFeature,
+    BitmapEntry,
+    BitmapFlag,
+    BitmapsExtension,
+    CompatibleFeature,
+    Extension,
+    Header,
+    IncompatibleFeature,
+    LevelRecord,
+)
+from qbitmap.format.refcount import Refcounts
+
+__all__ = [
+    "AutoclearFeature",
+    "BitmapEntry",
+    "BitmapFlag",
+    "BitmapsExtension",
+    "Chunk",
+    "CompatibleFeature",
+    "Directory",
+    "Extension",
+    "Geometry",
+    "Header",
+    "Image",
+    "IncompatibleFeature",
+    "LevelRecord",
+    "LevelsExtension",
+    "Refcounts",
+    "bit_runs",
+    "dirty_bytes",
+    "extents",
+    "geometry_of",
+    "iter_chunks",
+    "parse_levels_extension",
+    "popcount",
+    "read_bits",
+    "table_entry_problem",
+]

@@ -1,0 +1,452 @@
+"""Open a qcow2 image and locate its header, extensions and bitmap directory.
+
+Every read is bounded by what the file holds: a length taken from the image
+is checked against the file size (and a fixed cap where the spec has one)
+before any buffer is allocated, so a lying header cannot make qbitmap read
+or allocate gigabytes.  Parse failures become ``ImageFormatError`` carrying
+the file offset and the field.
+
+Sources: docs/interop/qcow2.rst "Header", "Header extensions", "Bitmaps";
+QEMU block/qcow2.c ``qcow2_do_open``/``qcow2_read_extensions``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from construct import Construct, ConstructError
+
+from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError
+from qbitmap.format import layout
+from qbitmap.format.model import (
+    DEFAULT_FEATURE_NAMES,
+    BitmapEntry,
+    BitmapsExtension,
+    Extension,
+    Header,
+    LevelRecord,
+)
+
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+# QEMU's own limits (block/qcow2.h, block/qcow2-bitmap.c).
+QCOW2_MAX_BITMAPS = 65535
+QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
+BME_MAX_TABLE_SIZE = 0x8000000
+BME_MAX_PHYS_SIZE = 0x20000000
+BME_MIN_GRANULARITY_BITS = 9
+BME_MAX_GRANULARITY_BITS = 31
+BME_MAX_NAME_SIZE = 1023
+QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024
+QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
+
+
+def parse_bytes(schema: Construct, data: bytes, *, offset: int, what: str) -> Any:
+    """Parse *data* (read from file *offset*) with *schema*, as a qbitmap error on failure."""
+    try:
+        return schema.parse(data)
+    except ConstructError as exc:
+        path = (getattr(exc, "path", None) or "").replace("(parsing) -> ", "").strip() or None
+        reason = str(exc).splitlines()[-1].strip()
+        if "stream read less than specified amount" in reason or "expected" in reason and "found" in reason:
+            reason = f"{what} is truncated"
+        raise ImageFormatError(f"cannot parse {what}: {reason}", offset=offset, field=path) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """The bitmap directory as far as it could be parsed."""
+
+    offset: int
+    size: int
+    entries: tuple[BitmapEntry, ...]
+    error: ImageFormatError | None  # the first structural problem, if any
+
+
+@dataclass(frozen=True, slots=True)
+class LevelsExtension:
+    """Data of the qbitmap consistency-level extension."""
+
+    offset: int  # file offset of the extension data
+    version: int
+    nb_records: int
+    records: tuple[LevelRecord, ...]
+    trailing: bytes  # bytes after the last record (should be none)
+    error: ImageFormatError | None
+
+
+class Image:
+    """A qcow2 image opened for reading (and, for the writers, for writing).
+
+    Use :meth:`open` as a context manager.  The header and the header
+    extensions are parsed on open; everything else is read on demand.
+    """
+
+    def __init__(self, path: Path, fd: int, *, writable: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.writable = writable
+        self.file_size = os.fstat(fd).st_size
+        self.header = self._parse_header()
+        self.cluster_size = self.header.cluster_size
+        self.cluster_bits = self.header.cluster_bits
+        self.virtual_size = self.header.virtual_size
+        self.extensions: list[Extension] = []
+        self.extension_error: ImageFormatError | None = None
+        self.end_marker_offset: int | None = None
+        self._parse_extensions()
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> Image:
+        path = Path(path)
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        try:
+            if not os.path.isfile(f"/proc/self/fd/{fd}") and not Path(path).is_file():
+                raise ImageIOError(f"{path}: not a regular file")
+            return cls(path, fd, writable=writable)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- bounded reads -------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read up to *length* bytes at *offset* (short at end of file)."""
+        chunks = []
+        while length > 0:
+            try:
+                data = os.pread(self.fd, min(length, 1 << 30), offset)
+            except OSError as exc:
+                raise ImageIOError(f"offset {offset:#x}: read failed: {exc.strerror}") from exc
+            if not data:
+                break
+            chunks.append(data)
+            offset += len(data)
+            length -= len(data)
+        return b"".join(chunks)
+
+    def read(self, offset: int, length: int, *, what: str, field: str | None = None) -> bytes:
+        """Read exactly *length* bytes of *what*, which must lie inside the file."""
+        if offset < 0 or length < 0 or offset + length > self.file_size:
+            raise ImageFormatError(
+                f"{what} ({length} bytes at {offset:#x}) extends past the end of the file "
+                f"({self.file_size} bytes)",
+                offset=offset,
+                field=field,
+            )
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise ImageFormatError(f"{what} is truncated", offset=offset, field=field)
+        return data
+
+    # -- header ----------------------------------------------------------------
+
+    def _parse_header(self) -> Header:
+        head = self.pread(0, 4096)
+        if len(head) < 4 or head[:4] != layout.MAGIC:
+            found = head[:4].hex() if head else "an empty file"
+            raise ImageFormatError(
+                f"not a qcow2 image (magic is {found}, expected 514649fb)", offset=0, field="magic"
+            )
+        if len(head) < 8:
+            raise ImageFormatError("qcow2 header is truncated", offset=4, field="version")
+        version = int.from_bytes(head[4:8], "big")
+        if version not in (2, 3):
+            raise ImageFormatError(
+                f"unsupported qcow2 version {version} (QEMU knows 2 and 3)", offset=4, field="version"
+            )
+        fixed = layout.V2_HEADER_LENGTH if version == 2 else layout.V3_MIN_HEADER_LENGTH
+        if len(head) < fixed:
+            raise ImageFormatError(
+                f"qcow2 v{version} header needs {fixed} bytes, the file has {len(head)}",
+                offset=0,
+                field="header",
+            )
+        cluster_bits = int.from_bytes(head[20:24], "big")
+        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+            raise ImageFormatError(
+                f"cluster_bits is {cluster_bits}, QEMU accepts {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}",
+                offset=20,
+                field="cluster_bits",
+            )
+        if version == 3:
+            header_length = int.from_bytes(head[100:104], "big")
+            if header_length < layout.V3_MIN_HEADER_LENGTH:
+                raise ImageFormatError(
+                    f"header_length is {header_length}, a v3 header has at least 104 bytes",
+                    offset=100,
+                    field="header_length",
+                )
+            if header_length > 1 << cluster_bits:
+                raise ImageFormatError(
+                    f"header_length {header_length} is larger than the cluster size {1 << cluster_bits}",
+                    offset=100,
+                    field="header_length",
+                )
+            if header_length > len(head):
+                head = self.read(0, header_length, what="qcow2 header", field="header_length")
+        container = parse_bytes(layout.Header, head, offset=0, what="qcow2 header")
+        return Header.from_container(container)
+
+    # -- header extensions -----------------------------------------------------------
+
+    @property
+    def extension_area_end(self) -> int:
+        """End of the extension area: the backing file name, or the first cluster's end."""
+        bfo = self.header.backing_file_offset
+        if 0 < bfo < self.cluster_size:
+            return bfo
+        return self.cluster_size
+
+    def _parse_extensions(self) -> None:
+        offset = self.header.effective_header_length
+        end = self.extension_area_end
+        area = self.pread(offset, max(0, end - offset))
+        base = offset
+        while offset + 8 <= end:
+            rel = offset - base
+            if rel + 8 > len(area):
+                self.extension_error = ImageFormatError(
+                    "header extension area is truncated by the end of the file",
+                    offset=offset,
+                    field="header extension",
+                )
+                return
+            magic = int.from_bytes(area[rel : rel + 4], "big")
+            length = int.from_bytes(area[rel + 4 : rel + 8], "big")
+            if magic == layout.EXT_END:
+                self.end_marker_offset = offset
+                return
+            padded = (length + 7) & ~7
+            if offset + 8 + padded > end:
+                self.extension_error = ImageFormatError(
+                    f"header extension {magic:#010x} of {length} bytes crosses the end of the "
+                    f"extension area at {end:#x} (QEMU: 'Header extension too large')",
+                    offset=offset + 4,
+                    field="length",
+                )
+                return
+            if rel + 8 + padded > len(area):
+                self.extension_error = ImageFormatError(
+                    f"header extension {magic:#010x} is truncated by the end of the file",
+                    offset=offset,
+                    field="header extension",
+                )
+                return
+            data = area[rel + 8 : rel + 8 + length]
+            padding = area[rel + 8 + length : rel + 8 + padded]
+            self.extensions.append(Extension(offset=offset, magic=magic, data=data, padding=padding))
+            offset += 8 + padded
+        # No end marker: the area simply ran out (QEMU accepts this).
+
+    def extension(self, magic: int) -> Extension | None:
+        """The first extension of type *magic*, if any."""
+        for ext in self.extensions:
+            if ext.magic == magic:
+                return ext
+        return None
+
+    def feature_names(self) -> dict[tuple[int, int], str]:
+        """Feature names by (type, bit): the image's own table over QEMU's defaults."""
+        names = dict(DEFAULT_FEATURE_NAMES)
+        ext = self.extension(layout.EXT_FEATURE_NAMES)
+        if ext is not None:
+            for i in range(len(ext.data) // 48):
+                entry = layout.FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
+                name = entry.name.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+                names[(entry.type, entry.bit)] = name
+        return names
+
+    @property
+    def bitmaps_extension(self) -> BitmapsExtension | None:
+        """The bitmaps extension, or None.  Raises if its data is not 24 bytes."""
+        ext = self.extension(layout.EXT_BITMAPS)
+        if ext is None:
+            return None
+        if len(ext.data) != layout.BitmapsExtension.sizeof():
+            raise ImageFormatError(
+                f"bitmaps extension has length {len(ext.data)}, it must be 24",
+                offset=ext.offset + 4,
+                field="bitmaps extension length",
+            )
+        c = layout.BitmapsExtension.parse(ext.data)
+        return BitmapsExtension.from_container(c, offset=ext.data_offset)
+
+    # -- bitmap directory ------------------------------------------------------------
+
+    def read_directory(self) -> Directory:
+        """Parse the bitmap directory named by the bitmaps extension.
+
+        Structural problems (the directory outside the file, an entry crossing
+        its end, a count that disagrees) are returned in ``Directory.error``
+        with the entries parsed before them; QEMU's per-entry constraints are
+        judged by ``qbitmap.check``.
+        """
+        ext = self.bitmaps_extension
+        if ext is None:
+            return Directory(0, 0, (), None)
+        offset, size = ext.bitmap_directory_offset, ext.bitmap_directory_size
+        if size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+            err = ImageFormatError(
+                f"bitmap_directory_size is {size}, QEMU's limit is {QCOW2_MAX_BITMAP_DIRECTORY_SIZE}",
+                offset=ext.offset + 8,
+                field="bitmap_directory_size",
+            )
+            return Directory(offset, size, (), err)
+        if offset + size > self.file_size:
+            err = ImageFormatError(
+                f"bitmap directory ({size} bytes at {offset:#x}) extends past the end of the "
+                f"file ({self.file_size} bytes)",
+                offset=ext.offset + 16,
+                field="bitmap_directory_offset",
+            )
+            return Directory(offset, size, (), err)
+        data = self.read(offset, size, what="bitmap directory")
+        entries: list[BitmapEntry] = []
+        pos = 0
+        error: ImageFormatError | None = None
+        while pos < size:
+            entry_offset = offset + pos
+            if size - pos < layout.BITMAP_DIR_ENTRY_FIXED_SIZE:
+                error = ImageFormatError(
+                    f"bitmap directory entry {len(entries)} is cut off by the directory's end "
+                    "(QEMU: 'Broken bitmap directory')",
+                    offset=entry_offset,
+                    field="bitmap directory entry",
+                )
+                break
+            name_size = int.from_bytes(data[pos + 18 : pos + 20], "big")
+            extra_size = int.from_bytes(data[pos + 20 : pos + 24], "big")
+            full = layout.dir_entry_size(name_size, extra_size)
+            if pos + full > size:
+                error = ImageFormatError(
+                    f"bitmap directory entry {len(entries)} ({full} bytes with name_size "
+                    f"{name_size} and extra_data_size {extra_size}) crosses the directory's end "
+                    "(QEMU: 'Broken bitmap directory')",
+                    offset=entry_offset + 18,
+                    field="name_size",
+                )
+                break
+            c = layout.BitmapDirectoryEntry.parse(data[pos : pos + full])
+            entries.append(BitmapEntry.from_container(c, offset=entry_offset, index=len(entries)))
+            pos += full
+        if error is None and len(entries) != ext.nb_bitmaps:
+            more = "more" if len(entries) > ext.nb_bitmaps else "fewer"
+            error = ImageFormatError(
+                f"the bitmap directory holds {len(entries)} entries, {more} than nb_bitmaps "
+                f"{ext.nb_bitmaps}",
+                offset=ext.offset,
+                field="nb_bitmaps",
+            )
+        return Directory(offset, size, tuple(entries), error)
+
+    # -- bitmap tables -----------------------------------------------------------------
+
+    def read_bitmap_table(self, entry: BitmapEntry) -> np.ndarray:
+        """The bitmap table of *entry* as native uint64 words.
+
+        Raises ImageFormatError if the table does not lie inside the file or
+        exceeds QEMU's limit of 2^27 entries.
+        """
+        count = entry.bitmap_table_size
+        if count > BME_MAX_TABLE_SIZE:
+            raise ImageFormatError(
+                f"bitmap {entry.display_name!r}: bitmap_table_size {count} exceeds QEMU's limit "
+                f"{BME_MAX_TABLE_SIZE}",
+                offset=entry.offset + 8,
+                field="bitmap_table_size",
+            )
+        data = self.read(
+            entry.bitmap_table_offset,
+            count * 8,
+            what=f"bitmap table of {entry.display_name!r}",
+            field="bitmap_table_offset",
+        )
+        return np.frombuffer(data, dtype=">u8").astype(np.uint64)
+
+    # -- consistency-level extension ---------------------------------------------------
+
+    def read_levels(self) -> LevelsExtension | None:
+        """Parse the qbitmap consistency-level extension, if present."""
+        ext = self.extension(layout.EXT_LEVELS)
+        if ext is None:
+            return None
+        return parse_levels_extension(ext.data, offset=ext.data_offset)
+
+
+def parse_levels_extension(data: bytes, *, offset: int) -> LevelsExtension:
+    """Parse the data of a consistency-level extension found at file *offset*."""
+    if len(data) < 8:
+        err = ImageFormatError(
+            f"consistency-level extension has {len(data)} bytes of data, at least 8 are needed",
+            offset=offset,
+            field="qbitmap levels extension",
+        )
+        return LevelsExtension(offset, 0, 0, (), data, err)
+    head = layout.LevelsExtensionHeader.parse(data)
+    records: list[LevelRecord] = []
+    pos = 8
+    error: ImageFormatError | None = None
+    for i in range(head.nb_records):
+        if len(data) - pos < layout.LEVEL_RECORD_FIXED_SIZE:
+            error = ImageFormatError(
+                f"consistency-level record {i} is cut off by the extension's end",
+                offset=offset + pos,
+                field="nb_records",
+            )
+            break
+        name_size = int.from_bytes(data[pos + 16 : pos + 18], "big")
+        full = (layout.LEVEL_RECORD_FIXED_SIZE + name_size + 7) & ~7
+        if pos + full > len(data):
+            error = ImageFormatError(
+                f"consistency-level record {i} (name_size {name_size}) crosses the extension's end",
+                offset=offset + pos + 16,
+                field="name_size",
+            )
+            break
+        c = layout.LevelRecord.parse(data[pos : pos + full])
+        records.append(LevelRecord.from_container(c, offset=offset + pos))
+        pos += full
+    return LevelsExtension(offset, head.version, head.nb_records, tuple(records), data[pos:], error)
+
+
+__all__ = [
+    "BME_MAX_GRANULARITY_BITS",
+    "BME_MAX_NAME_SIZE",
+    "BME_MAX_PHYS_SIZE",
+    "BME_MAX_TABLE_SIZE",
+    "BME_MIN_GRANULARITY_BITS",
+    "Directory",
+    "Image",
+    "LevelsExtension",
+    "QbitmapError",
+    "parse_bytes",
+    "parse_levels_extension",
+]

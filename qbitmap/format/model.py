@@ -1,0 +1,383 @@
+"""Typed views of the parsed structures, each with the file offset it lives at.
+
+The construct schemas in ``layout.py`` and these dataclasses use the same
+field names (the qcow2 spec's), so ``from_container``/``to_container`` are
+mechanical.  Flag words become ``enum.IntFlag`` values, which keep unknown
+bits on Python >= 3.11 (``boundary=KEEP``).  Raw bytes (names, extra data,
+padding) are kept for anything that may be written back.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from qbitmap.format import layout
+
+
+class IncompatibleFeature(enum.IntFlag):
+    DIRTY = 1 << 0
+    CORRUPT = 1 << 1
+    EXTERNAL_DATA_FILE = 1 << 2
+    COMPRESSION_TYPE = 1 << 3
+    EXTENDED_L2 = 1 << 4
+
+
+class CompatibleFeature(enum.IntFlag):
+    LAZY_REFCOUNTS = 1 << 0
+
+
+class AutoclearFeature(enum.IntFlag):
+    BITMAPS = 1 << 0
+    RAW_EXTERNAL_DATA = 1 << 1
+    QBITMAP_LEVELS = 1 << layout.LEVELS_AUTOCLEAR_BIT
+
+
+class BitmapFlag(enum.IntFlag):
+    IN_USE = 1 << 0
+    AUTO = 1 << 1
+    EXTRA_DATA_COMPATIBLE = 1 << 2
+
+
+# Names QEMU writes into its feature name table, used when an image has none.
+DEFAULT_FEATURE_NAMES: dict[tuple[int, int], str] = {
+    (layout.FEATURE_INCOMPATIBLE, 0): "dirty bit",
+    (layout.FEATURE_INCOMPATIBLE, 1): "corrupt bit",
+    (layout.FEATURE_INCOMPATIBLE, 2): "external data file",
+    (layout.FEATURE_INCOMPATIBLE, 3): "compression type",
+    (layout.FEATURE_INCOMPATIBLE, 4): "extended L2 entries",
+    (layout.FEATURE_COMPATIBLE, 0): "lazy refcounts",
+    (layout.FEATURE_AUTOCLEAR, 0): "bitmaps",
+    (layout.FEATURE_AUTOCLEAR, 1): "raw external data",
+    (layout.FEATURE_AUTOCLEAR, 63): "qbitmap consistency levels",
+}
+
+EXTENSION_NAMES: dict[int, str] = {
+    layout.EXT_BACKING_FORMAT: "backing file format",
+    layout.EXT_FEATURE_NAMES: "feature name table",
+    layout.EXT_BITMAPS: "bitmaps",
+    layout.EXT_CRYPTO: "full disk encryption header pointer",
+    layout.EXT_DATA_FILE: "external data file",
+    layout.EXT_LEVELS: "qbitmap consistency levels",
+}
+
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+
+HEADER_FIELDS = (
+    "magic",
+    "version",
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+    "incompatible_features",
+    "compatible_features",
+    "autoclear_features",
+    "refcount_order",
+    "header_length",
+    "compression_type",
+    "padding",
+    "unknown_fields",
+)
+
+# Byte offset of each fixed header field (for error messages and in-place edits).
+HEADER_FIELD_OFFSETS = {
+    "magic": 0,
+    "version": 4,
+    "backing_file_offset": 8,
+    "backing_file_size": 16,
+    "cluster_bits": 20,
+    "size": 24,
+    "crypt_method": 32,
+    "l1_size": 36,
+    "l1_table_offset": 40,
+    "refcount_table_offset": 48,
+    "refcount_table_clusters": 56,
+    "nb_snapshots": 60,
+    "snapshots_offset": 64,
+    "incompatible_features": 72,
+    "compatible_features": 80,
+    "autoclear_features": 88,
+    "refcount_order": 96,
+    "header_length": 100,
+    "compression_type": 104,
+    "padding": 105,
+    "unknown_fields": 112,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The qcow2 header ("Header"); v3-only fields are None for v2 images."""
+
+    magic: bytes
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int | None = None
+    compatible_features: int | None = None
+    autoclear_features: int | None = None
+    refcount_order: int | None = None
+    header_length: int | None = None
+    compression_type: int | None = None
+    padding: bytes | None = None
+    unknown_fields: bytes | None = None
+
+    @classmethod
+    def from_container(cls, c: Any) -> Header:
+        return cls(**{name: c[name] for name in HEADER_FIELDS})
+
+    def to_container(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in HEADER_FIELDS}
+
+    def build(self) -> bytes:
+        return bytes(layout.Header.build(self.to_container()))
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def virtual_size(self) -> int:
+        """Guest disk size in bytes as QEMU sees it (rounded down to 512)."""
+        return self.size & ~511
+
+    @property
+    def effective_header_length(self) -> int:
+        return layout.V2_HEADER_LENGTH if self.version < 3 else int(self.header_length or 0)
+
+    @property
+    def effective_refcount_order(self) -> int:
+        return 4 if self.refcount_order is None else self.refcount_order
+
+    @property
+    def incompatible(self) -> IncompatibleFeature:
+        return IncompatibleFeature(self.incompatible_features or 0)
+
+    @property
+    def compatible(self) -> CompatibleFeature:
+        return CompatibleFeature(self.compatible_features or 0)
+
+    @property
+    def autoclear(self) -> AutoclearFeature:
+        return AutoclearFeature(self.autoclear_features or 0)
+
+    @property
+    def compression_name(self) -> str:
+        code = self.compression_type or 0
+        return COMPRESSION_TYPES.get(code, f"unknown ({code})")
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """One header extension, with its raw data and padding."""
+
+    offset: int  # file offset of the 8-byte extension header
+    magic: int
+    data: bytes
+    padding: bytes
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    @property
+    def data_offset(self) -> int:
+        return self.offset + 8
+
+    @property
+    def total_size(self) -> int:
+        return 8 + len(self.data) + len(self.padding)
+
+    @property
+    def name(self) -> str:
+        return EXTENSION_NAMES.get(self.magic, "unknown")
+
+    def build(self) -> bytes:
+        return bytes(
+            layout.HeaderExtension.build(
+                {"magic": self.magic, "data": self.data, "padding": self.padding}
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapsExtension:
+    """Data of the bitmaps header extension."""
+
+    offset: int  # file offset of the extension's data
+    nb_bitmaps: int
+    reserved32: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
+
+    @classmethod
+    def from_container(cls, c: Any, *, offset: int) -> BitmapsExtension:
+        return cls(
+            offset=offset,
+            nb_bitmaps=c.nb_bitmaps,
+            reserved32=c.reserved32,
+            bitmap_directory_size=c.bitmap_directory_size,
+            bitmap_directory_offset=c.bitmap_directory_offset,
+        )
+
+    def to_container(self) -> dict[str, int]:
+        return {
+            "nb_bitmaps": self.nb_bitmaps,
+            "reserved32": self.reserved32,
+            "bitmap_directory_size": self.bitmap_directory_size,
+            "bitmap_directory_offset": self.bitmap_directory_offset,
+        }
+
+    def build(self) -> bytes:
+        return bytes(layout.BitmapsExtension.build(self.to_container()))
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapEntry:
+    """One bitmap directory entry."""
+
+    offset: int  # file offset of the entry
+    index: int  # position in the directory
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    flags: BitmapFlag
+    type: int
+    granularity_bits: int
+    extra_data: bytes
+    name: bytes
+    padding: bytes = field(default=b"")
+
+    @classmethod
+    def from_container(cls, c: Any, *, offset: int, index: int) -> BitmapEntry:
+        return cls(
+            offset=offset,
+            index=index,
+            bitmap_table_offset=c.bitmap_table_offset,
+            bitmap_table_size=c.bitmap_table_size,
+            flags=BitmapFlag(c.flags),
+            type=c.type,
+            granularity_bits=c.granularity_bits,
+            extra_data=c.extra_data,
+            name=c.name,
+            padding=c.padding,
+        )
+
+    def to_container(self) -> dict[str, Any]:
+        return {
+            "bitmap_table_offset": self.bitmap_table_offset,
+            "bitmap_table_size": self.bitmap_table_size,
+            "flags": int(self.flags),
+            "type": self.type,
+            "granularity_bits": self.granularity_bits,
+            "extra_data": self.extra_data,
+            "name": self.name,
+            "padding": self.padding,
+        }
+
+    def build(self) -> bytes:
+        return bytes(layout.BitmapDirectoryEntry.build(self.to_container()))
+
+    @property
+    def size(self) -> int:
+        return layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data) + len(self.name) + len(
+            self.padding
+        )
+
+    @property
+    def granularity(self) -> int:
+        return 1 << self.granularity_bits
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.flags & BitmapFlag.IN_USE)
+
+    @property
+    def auto(self) -> bool:
+        return bool(self.flags & BitmapFlag.AUTO)
+
+    @property
+    def display_name(self) -> str:
+        return self.name.decode("utf-8", errors="backslashreplace")
+
+    @property
+    def flag_words(self) -> list[str]:
+        """Flag names as ``qemu-img info --output=json`` spells them."""
+        words = []
+        if self.flags & BitmapFlag.IN_USE:
+            words.append("in-use")
+        if self.flags & BitmapFlag.AUTO:
+            words.append("auto")
+        return words
+
+
+@dataclass(frozen=True, slots=True)
+class LevelRecord:
+    """One record of the qbitmap consistency-level extension."""
+
+    offset: int  # file offset of the record
+    bitmap_table_offset: int
+    consistent_level: int
+    level_bits: int
+    max_level: int
+    granularity_bits: int
+    name: bytes
+    reserved: int = 0
+    reserved2: int = 0
+    padding: bytes = b""
+
+    @classmethod
+    def from_container(cls, c: Any, *, offset: int) -> LevelRecord:
+        return cls(
+            offset=offset,
+            bitmap_table_offset=c.bitmap_table_offset,
+            consistent_level=c.consistent_level,
+            level_bits=c.level_bits,
+            max_level=c.max_level,
+            granularity_bits=c.granularity_bits,
+            name=c.name,
+            reserved=c.reserved,
+            reserved2=c.reserved2,
+            padding=c.padding,
+        )
+
+    def to_container(self) -> dict[str, Any]:
+        return {
+            "bitmap_table_offset": self.bitmap_table_offset,
+            "consistent_level": self.consistent_level,
+            "level_bits": self.level_bits,
+            "max_level": self.max_level,
+            "granularity_bits": self.granularity_bits,
+            "reserved": self.reserved,
+            "reserved2": self.reserved2,
+            "name": self.name,
+            "padding": self.padding,
+        }
+
+    def build(self) -> bytes:
+        return bytes(layout.LevelRecord.build(self.to_container()))
+
+    @property
+    def consistent_level_offset(self) -> int:
+        return self.offset + layout.LEVEL_RECORD_CONSISTENT_LEVEL_OFFSET
+
+    @property
+    def display_name(self) -> str:
+        return self.name.decode("utf-8", errors="backslashreplace")

@@ -1,0 +1,151 @@
+"""The one place that writes to the terminal.
+
+stdout carries results (tables, JSON, lines); stderr carries diagnostics
+(errors, warnings, progress).  rich is imported only when something is
+rendered for a person, so machine output (``--json``, ``--lines``) starts
+fast.  Consoles are built with ``markup=False``/``highlight=False``: bitmap
+names come from the image and must never be read as rich markup.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def _wants_color(stream: TextIO, color: bool | None) -> bool:
+    if color is not None:
+        return color
+    if os.environ.get("NO_COLOR"):
+        return False
+    return stream.isatty()
+
+
+class Ui:
+    """Output policy for one invocation: colour, verbosity, the two consoles."""
+
+    def __init__(self, *, color: bool | None = None, quiet: bool = False) -> None:
+        self.color = color
+        self.quiet = quiet
+        self._out: Console | None = None
+        self._err: Console | None = None
+
+    @staticmethod
+    def _console(stream: TextIO, color: bool) -> Console:
+        from rich.console import Console
+
+        return Console(
+            file=stream,
+            markup=False,
+            emoji=False,
+            highlight=False,
+            force_terminal=color,
+            no_color=not color,
+            color_system="auto" if color else None,
+            soft_wrap=False,
+        )
+
+    @property
+    def out(self) -> Console:
+        if self._out is None:
+            self._out = self._console(sys.stdout, _wants_color(sys.stdout, self.color))
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            self._err = self._console(sys.stderr, _wants_color(sys.stderr, self.color))
+        return self._err
+
+    @property
+    def stderr_is_terminal(self) -> bool:
+        return sys.stderr.isatty()
+
+    def print(self, *renderables: Any) -> None:
+        """Render rich objects on stdout."""
+        self.out.print(*renderables)
+
+    def write(self, text: str) -> None:
+        """Write plain text on stdout, untouched."""
+        sys.stdout.write(text)
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"qbitmap: error: {_one_line(message)}\n")
+        sys.stderr.flush()
+
+    def warning(self, message: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"qbitmap: warning: {_one_line(message)}\n")
+            sys.stderr.flush()
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            sys.stderr.write(f"qbitmap: {_one_line(message)}\n")
+            sys.stderr.flush()
+
+    def progress(self, description: str, total: int | None) -> Any:
+        """A progress bar on a terminal's stderr; a silent stand-in elsewhere."""
+        if self.quiet or not self.stderr_is_terminal:
+            return NullProgress()
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        return _RichProgress(
+            Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.err,
+                transient=True,
+            ),
+            description,
+            total,
+        )
+
+
+def _one_line(message: str) -> str:
+    return message.replace("\n", " ").replace("\r", " ")
+
+
+class NullProgress:
+    """Progress reporting that shows nothing (pipes, --quiet)."""
+
+    def __enter__(self) -> NullProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, amount: int) -> None:
+        return None
+
+
+class _RichProgress:
+    def __init__(self, progress: Any, description: str, total: int | None) -> None:
+        self._progress = progress
+        self._description = description
+        self._total = total
+        self._task: Any = None
+
+    def __enter__(self) -> _RichProgress:
+        self._progress.__enter__()
+        self._task = self._progress.add_task(self._description, total=self._total)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def advance(self, amount: int) -> None:
+        self._progress.advance(self._task, amount)
