@@ -38,6 +38,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -55,6 +56,7 @@ __all__ = [
     "guest_read",
     "nbd_data_read",
     "nbd_map",
+    "QemuNbd",
     "nbd_dirty_extents",
     "merge_extents",
     "img_info",
@@ -67,6 +69,8 @@ __all__ = [
     "append_header_extension",
     "read_autoclear",
     "set_autoclear_bits",
+    "bitmap_directory",
+    "edit_bitmap_flags",
     "golden_image",
     "GOLDEN_DIR",
 ]
@@ -509,8 +513,13 @@ def _wait_until(pred, proc: subprocess.Popen, what: str, log: Path, timeout: flo
         time.sleep(0.02)
 
 
+def _tmp_root() -> str:
+    # /tmp rather than $TMPDIR: UNIX socket paths must stay under 108 bytes
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+
+
 def _sock_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="qbm-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    return Path(tempfile.mkdtemp(prefix="qbm-", dir=_tmp_root()))
 
 
 # ---------------------------------------------------------------------------
@@ -531,6 +540,69 @@ def merge_extents(extents: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(s, n) for s, n in out]
 
 
+class QemuNbd:
+    """``qemu-nbd`` serving *path* on a private UNIX socket (context manager).
+
+    Runs ``qemu-nbd [-r] -t -f FMT [-B BITMAP] --socket=SOCK PATH`` in the
+    background. ``-t`` (persistent) matters: without it qemu-nbd 7.2 exits
+    after its first client, and the readiness probe would be that client.
+    Ready = the socket answers with an NBD greeting. On exit qemu-nbd is
+    stopped (SIGTERM, then SIGKILL after a timeout). Exposes :attr:`uri`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        read_only: bool = True,
+        bitmap: str | None = None,
+        fmt: str = "qcow2",
+        timeout: float = 30.0,
+    ) -> None:
+        self.path = Path(path).resolve()
+        self.read_only = read_only
+        self.bitmap = bitmap
+        self.fmt = fmt
+        self.timeout = timeout
+        self._dir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        assert self._dir is not None
+        argv = ["qemu-nbd", "-t", "-f", self.fmt]
+        if self.read_only:
+            argv.append("-r")
+        if self.bitmap is not None:
+            argv += ["-B", self.bitmap]
+        return argv + [f"--socket={self._dir / 'nbd.sock'}", str(self.path)]
+
+    @property
+    def uri(self) -> str:
+        assert self._dir is not None
+        return f"nbd+unix:///?socket={self._dir / 'nbd.sock'}"
+
+    def __enter__(self) -> QemuNbd:
+        require_tools("qemu-nbd")
+        self._dir = _sock_dir()
+        sock = self._dir / "nbd.sock"
+        log = self._dir / "qemu-nbd.log"
+        try:
+            self.proc = _spawn(self.argv(), log)
+            _wait_until(lambda: sock.exists() and _nbd_probe(str(sock)), self.proc, "qemu-nbd", log, self.timeout)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.proc is not None:
+                _terminate(self.proc)
+        finally:
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+
+
 def nbd_map(
     path: str | os.PathLike,
     context: str = "base:allocation",
@@ -539,33 +611,19 @@ def nbd_map(
     fmt: str = "qcow2",
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[dict]:
-    """Export *path* read-only with qemu-nbd and return ``nbdinfo --json --map=CONTEXT``.
+    """Export *path* read-only with :class:`QemuNbd` and return ``nbdinfo --json --map=CONTEXT``.
 
-    Starts ``qemu-nbd -r -t -f FMT [-B BITMAP] --socket=SOCK PATH`` in the
-    background (``-t``/persistent so the readiness probe does not use up the
-    single connection qemu-nbd serves by default), waits until it answers,
-    runs nbdinfo, and always stops qemu-nbd. Each element is
-    ``{"offset": int, "length": int, "type": int, "description": str}``.
-    Raises :class:`QemuError` if qemu-nbd refuses to start (e.g. QEMU 7.2:
-    "Bitmap 'b0' is inconsistent and cannot be used" for an in-use bitmap).
+    Each element is ``{"offset": int, "length": int, "type": int,
+    "description": str}`` (nbdinfo 1.14). For ``qemu:dirty-bitmap:NAME``
+    type 1 is "dirty" and 0 "clean"; for ``base:allocation`` bit 0 is "hole"
+    and bit 1 "zero". Raises :class:`QemuError` if qemu-nbd refuses to start
+    (e.g. QEMU 7.2 on an in-use bitmap: "Bitmap 'b0' is inconsistent and
+    cannot be used").
     """
     require_tools("qemu-nbd", "nbdinfo")
-    d = _sock_dir()
-    sock = d / "nbd.sock"
-    log = d / "qemu-nbd.log"
-    argv: list[str | os.PathLike] = ["qemu-nbd", "-r", "-t", "-f", fmt]
-    if bitmap is not None:
-        argv += ["-B", bitmap]
-    argv += [f"--socket={sock}", os.path.abspath(path)]
-    proc = _spawn(argv, log)
-    try:
-        _wait_until(lambda: sock.exists() and _nbd_probe(str(sock)), proc, "qemu-nbd", log, min(timeout, 30))
-        uri = f"nbd+unix:///?socket={sock}"
-        res = _run(["nbdinfo", "--json", f"--map={context}", uri], timeout=timeout)
+    with QemuNbd(path, read_only=True, bitmap=bitmap, fmt=fmt) as srv:
+        res = _run(["nbdinfo", "--json", f"--map={context}", srv.uri], timeout=timeout)
         return json.loads(res.stdout)
-    finally:
-        _terminate(proc)
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def nbd_dirty_extents(path: str | os.PathLike, bitmap: str, *, fmt: str = "qcow2") -> list[tuple[int, int]]:
@@ -625,7 +683,9 @@ class StorageDaemon:
         self.writable = writable and not read_only
         self.fmt = fmt
         self.timeout = timeout
-        self._dir = _sock_dir()
+        # created by start() (mkdir 0700, must not exist), removed by close()
+        self._dir = Path(_tmp_root()) / f"qbm-qsd-{os.getpid()}-{uuid.uuid4().hex[:10]}"
+        self._output = ""
         self.sock = self._dir / "nbd.sock"
         self.qmp_sock = self._dir / "qmp.sock" if qmp else None
         self.log = self._dir / "qsd.log"
@@ -664,20 +724,34 @@ class StorageDaemon:
             raise QemuError("storage daemon already started")
         if "," in str(self.path):
             raise ValueError("image path must not contain ',' (QEMU option syntax)")
-        self.proc = _spawn(self.argv(), self.log)
+        self._dir.mkdir(mode=0o700)
 
         def ready() -> bool:
             if self.qmp_sock is not None and not self.qmp_sock.exists():
                 return False
             return self.sock.exists() and _nbd_probe(str(self.sock))
 
-        _wait_until(ready, self.proc, "qemu-storage-daemon", self.log, self.timeout)
+        try:
+            self.proc = _spawn(self.argv(), self.log)
+            _wait_until(ready, self.proc, "qemu-storage-daemon", self.log, self.timeout)
+        except BaseException:
+            # start-up failed: nothing may be left behind (process, socket dir)
+            if self.proc is not None:
+                _terminate(self.proc, sig=signal.SIGKILL)
+            self._output = _read_log(self.log)
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         return self
 
     def __enter__(self) -> StorageDaemon:
         return self.start()
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the daemon cleanly if it still runs (SIGKILL if that fails)
+        and remove its socket directory. Safe to call more than once."""
         try:
             if self.running:
                 try:
@@ -685,6 +759,7 @@ class StorageDaemon:
                 except QemuError:
                     self.kill()
         finally:
+            self._output = _read_log(self.log) or self._output
             shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
@@ -701,8 +776,9 @@ class StorageDaemon:
         return f"nbd+unix:///?socket={self.sock}"
 
     def output(self) -> str:
-        """Everything the daemon printed so far (stdout and stderr)."""
-        return _read_log(self.log)
+        """Everything the daemon printed so far (stdout and stderr); still
+        available after :meth:`close`."""
+        return _read_log(self.log) or self._output
 
     def kill(self) -> None:
         """SIGKILL the daemon and reap it: a crash, bitmaps stay in-use."""
@@ -834,7 +910,7 @@ def crash_image(
             d.flush()
         d.kill()
     finally:
-        d.__exit__(None, None, None)
+        d.close()
     after = img_bitmaps(path)
     bad = [n for n in bitmaps if "in-use" not in after.get(n, {}).get("flags", [])]
     if bad:
@@ -944,6 +1020,59 @@ def set_autoclear_bits(path: str | os.PathLike, mask: int) -> None:
         value = struct.unpack(">Q", f.read(8))[0] | mask
         f.seek(88)
         f.write(struct.pack(">Q", value))
+
+
+_BITMAPS_EXT = 0x23852875
+
+
+def bitmap_directory(path: str | os.PathLike) -> list[dict]:
+    """Parse the bitmap directory by hand (independent of qbitmap).
+
+    Returns one dict per entry: ``entry_offset`` (file offset of the entry),
+    ``name`` (str), ``table_offset``, ``table_size``, ``flags`` (bit 0
+    in_use, bit 1 auto), ``type``, ``granularity_bits``, ``extra_data_size``.
+    """
+    ext = [d for _o, m, d in header_extensions(path) if m == _BITMAPS_EXT]
+    if not ext:
+        return []
+    nb, _res, dir_size, dir_off = struct.unpack(">IIQQ", ext[0][:24])
+    with open(path, "rb") as f:
+        f.seek(dir_off)
+        raw = f.read(dir_size)
+    out, pos = [], 0
+    for _ in range(nb):
+        tbl, tsize, flags, typ, gbits, nsize, xsize = struct.unpack_from(">QIIBBHI", raw, pos)
+        name_at = pos + 24 + xsize
+        out.append(
+            {
+                "entry_offset": dir_off + pos,
+                "name": raw[name_at : name_at + nsize].decode("utf-8", "replace"),
+                "table_offset": tbl,
+                "table_size": tsize,
+                "flags": flags,
+                "type": typ,
+                "granularity_bits": gbits,
+                "extra_data_size": xsize,
+            }
+        )
+        pos += (24 + xsize + nsize + 7) & ~7
+    return out
+
+
+def edit_bitmap_flags(path: str | os.PathLike, name: str, *, set_mask: int = 0, clear_mask: int = 0) -> int:
+    """Change the ``flags`` word of bitmap *name*'s directory entry in place.
+
+    Test-only surgery (e.g. clear in_use, bit 0, to let QEMU export the stale
+    on-disk data of a crashed bitmap). Returns the new flags.
+    """
+    for e in bitmap_directory(path):
+        if e["name"] == name:
+            flags = (e["flags"] | set_mask) & ~clear_mask
+            with open(path, "r+b") as f:
+                f.seek(e["entry_offset"] + 12)
+                f.write(struct.pack(">I", flags))
+            return flags
+    raise KeyError(name)
 
 
 # ---------------------------------------------------------------------------
