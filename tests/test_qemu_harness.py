@@ -339,6 +339,38 @@ def test_crash_image_leaves_in_use(tmp_path):
     assert qemu.nbd_dirty_extents(p, "b0") == granules(before, 65536, GiB)
 
 
+def test_in_use_bitmap_what_qemu_img_allows(tmp_path):
+    """Fact (b): what QEMU's own tools do with an in-use (inconsistent) bitmap."""
+    p = qemu.create_image(tmp_path / "a.qcow2", GiB)
+    qemu.crash_image(p, [(0, 512)], bitmaps=("b0", "b1"))
+    for op in ("--clear", "--enable", "--disable"):
+        proc = qemu.qemu_img("bitmap", op, p, "b0", check=False)
+        assert proc.returncode == 1
+        assert "Bitmap 'b0' is inconsistent and cannot be used" in proc.stderr
+    proc = qemu.qemu_img("convert", "--bitmaps", "-O", "qcow2", p, tmp_path / "c.qcow2", check=False)
+    assert proc.returncode == 1 and "Cannot copy inconsistent bitmap" in proc.stderr
+    rc, _ = qemu.img_check(p, repair="all")
+    assert rc == 0
+    assert "in-use" in qemu.img_bitmaps(p)["b0"]["flags"]  # check -r all leaves it
+    # a clean read-write open and close does not make it consistent again
+    with qemu.StorageDaemon(p):
+        pass
+    assert "in-use" in qemu.img_bitmaps(p)["b0"]["flags"]
+    qemu.bitmap_op(p, "b0", "--remove")  # removal is the one thing QEMU offers
+    assert list(qemu.img_bitmaps(p)) == ["b1"]
+
+
+def test_failed_daemon_start_leaves_in_use(tmp_path):
+    """A daemon that exits on a bad option after opening the image read-write
+    leaves the bitmaps in-use, like a crash."""
+    p = qemu.create_image(tmp_path / "a.qcow2", MiB)
+    qemu.add_bitmap(p, "b0")
+    sd = qemu.StorageDaemon(p, extra_args=["--export", "type=nbd,id=exp2,node-name=fmt,bogus=1"])
+    with pytest.raises(qemu.QemuError, match="bogus"):
+        sd.start()
+    assert qemu.img_bitmaps(p)["b0"]["flags"] == ["in-use", "auto"]
+
+
 # ---------------------------------------------------------------------------
 # lock_bytes_held (fact a)
 # ---------------------------------------------------------------------------
@@ -444,3 +476,9 @@ def test_golden_images_match_manifest(tmp_path, name):
             assert [list(e) for e in qemu.nbd_dirty_extents(p, bname)] == b["dirty"]
     rc, _report = qemu.img_check(p)
     assert rc == 0
+
+
+def test_golden_in_use_true_dirty_covers_stored():
+    b0 = _manifest()["in-use.qcow2"]["bitmaps"]["b0"]
+    stored = {tuple(e) for e in b0["dirty"]}
+    assert stored < {tuple(e) for e in b0["true_dirty"]}  # crashed writes missing on disk
