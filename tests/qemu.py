@@ -39,40 +39,41 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Self
 
 __all__ = [
-    "QemuError",
-    "LOCK_BYTES",
     "DEFAULT_TIMEOUT",
-    "require_tools",
-    "qemu_img",
-    "create_image",
-    "add_bitmap",
-    "bitmap_op",
-    "qemu_io",
-    "qemu_io_write",
-    "guest_read",
-    "nbd_data_read",
-    "nbd_map",
+    "GOLDEN_DIR",
+    "LOCK_BYTES",
+    "QemuError",
     "QemuNbd",
-    "nbd_dirty_extents",
-    "merge_extents",
-    "img_info",
-    "img_bitmaps",
-    "img_check",
     "StorageDaemon",
-    "crash_image",
-    "lock_bytes_held",
-    "header_extensions",
+    "add_bitmap",
     "append_header_extension",
-    "read_autoclear",
-    "set_autoclear_bits",
     "bitmap_directory",
+    "bitmap_op",
+    "crash_image",
+    "create_image",
     "edit_bitmap_flags",
     "golden_image",
-    "GOLDEN_DIR",
+    "guest_read",
+    "header_extensions",
+    "img_bitmaps",
+    "img_check",
+    "img_info",
+    "lock_bytes_held",
+    "merge_extents",
+    "nbd_data_read",
+    "nbd_dirty_extents",
+    "nbd_map",
+    "qemu_img",
+    "qemu_io",
+    "qemu_io_write",
+    "read_autoclear",
+    "require_tools",
+    "set_autoclear_bits",
 ]
 
 #: Seconds any single helper waits for a tool before giving up.
@@ -113,8 +114,10 @@ def require_tools(*names: str) -> None:
         return
     msg = "missing QEMU test tools: " + ", ".join(missing)
     if os.environ.get("CI"):
-        raise RuntimeError(msg + " (CI is set: tests may not skip; run scripts/install-test-deps.sh)")
-    import pytest  # noqa: PLC0415 - lazy on purpose
+        raise RuntimeError(
+            msg + " (CI is set: tests may not skip; run scripts/install-test-deps.sh)"
+        )
+    import pytest
 
     pytest.skip(msg + " (install qemu-utils, qemu-system-common, libnbd-bin)")
 
@@ -134,7 +137,7 @@ def _run(
     args: Sequence[str | os.PathLike],
     *,
     check: bool = True,
-    input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: str | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> subprocess.CompletedProcess:
     """Run *args* with text I/O captured and a timeout.
@@ -169,7 +172,9 @@ def _shown(argv: Sequence[str], limit: int = 12) -> str:
     return " ".join(argv)
 
 
-def qemu_img(*args: str | os.PathLike, check: bool = True, timeout: float = DEFAULT_TIMEOUT) -> subprocess.CompletedProcess:
+def qemu_img(
+    *args: str | os.PathLike, check: bool = True, timeout: float = DEFAULT_TIMEOUT
+) -> subprocess.CompletedProcess:
     """Run ``qemu-img ARGS...`` (text, stdout/stderr captured).
 
     With *check* (default) a non-zero exit raises :class:`QemuError` carrying
@@ -274,7 +279,9 @@ def img_bitmaps(path: str | os.PathLike) -> dict[str, dict]:
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
 
-def img_check(path: str | os.PathLike, *, repair: str | None = None, force_share: bool = False) -> tuple[int, dict]:
+def img_check(
+    path: str | os.PathLike, *, repair: str | None = None, force_share: bool = False
+) -> tuple[int, dict]:
     """Run ``qemu-img check --output=json`` and return ``(returncode, report)``.
 
     Exit codes: 0 clean, 1 check could not run, 2 corruption, 3 leaks only
@@ -400,12 +407,18 @@ def guest_read(
 ) -> bytes:
     """Return *length* guest bytes at *offset*, as QEMU reads them.
 
-    Uses ``qemu-io -r [-U] -c "read -v OFF LEN"`` and parses the hex dump, so
+    Uses ``read -v OFF LEN`` in ``qemu-io -r [-U]`` and parses the hex dump, so
     keep *length* modest (a few MiB). Works on an NBD URI with ``fmt="raw"``.
     """
     if length <= 0:
         return b""
-    proc = qemu_io(path, f"read -v {offset} {length}", fmt=fmt, read_only=True, force_share=force_share and fmt != "raw")
+    proc = qemu_io(
+        path,
+        f"read -v {offset} {length}",
+        fmt=fmt,
+        read_only=True,
+        force_share=force_share and fmt != "raw",
+    )
     out = bytearray()
     for line in proc.stdout.splitlines():
         m = _HEXDUMP_LINE.match(line)
@@ -504,7 +517,9 @@ def _wait_until(pred, proc: subprocess.Popen, what: str, log: Path, timeout: flo
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
-            raise QemuError(f"{what} exited with {proc.returncode} during start-up:\n{_tail(_read_log(log))}")
+            raise QemuError(
+                f"{what} exited with {proc.returncode} during start-up:\n{_tail(_read_log(log))}"
+            )
         if pred():
             return
         if time.monotonic() > deadline:
@@ -581,14 +596,20 @@ class QemuNbd:
         assert self._dir is not None
         return f"nbd+unix:///?socket={self._dir / 'nbd.sock'}"
 
-    def __enter__(self) -> QemuNbd:
+    def __enter__(self) -> Self:
         require_tools("qemu-nbd")
         self._dir = _sock_dir()
         sock = self._dir / "nbd.sock"
         log = self._dir / "qemu-nbd.log"
         try:
             self.proc = _spawn(self.argv(), log)
-            _wait_until(lambda: sock.exists() and _nbd_probe(str(sock)), self.proc, "qemu-nbd", log, self.timeout)
+            _wait_until(
+                lambda: sock.exists() and _nbd_probe(str(sock)),
+                self.proc,
+                "qemu-nbd",
+                log,
+                self.timeout,
+            )
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -626,7 +647,9 @@ def nbd_map(
         return json.loads(res.stdout)
 
 
-def nbd_dirty_extents(path: str | os.PathLike, bitmap: str, *, fmt: str = "qcow2") -> list[tuple[int, int]]:
+def nbd_dirty_extents(
+    path: str | os.PathLike, bitmap: str, *, fmt: str = "qcow2"
+) -> list[tuple[int, int]]:
     """Dirty byte ranges of persistent *bitmap*, as QEMU exports them over NBD.
 
     Uses the ``qemu:dirty-bitmap:NAME`` meta context (nbdinfo type 1 =
@@ -717,7 +740,7 @@ class StorageDaemon:
             ]
         return argv + self.extra_args
 
-    def start(self) -> StorageDaemon:
+    def start(self) -> Self:
         """Start the daemon and wait until its NBD server answers."""
         require_tools("qemu-storage-daemon", "qemu-io")
         if self.proc is not None:
@@ -743,7 +766,7 @@ class StorageDaemon:
             raise
         return self
 
-    def __enter__(self) -> StorageDaemon:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -799,10 +822,14 @@ class StorageDaemon:
                 proc.wait(timeout=timeout or self.timeout)
             except subprocess.TimeoutExpired:
                 _terminate(proc, sig=signal.SIGKILL)
-                raise QemuError(f"storage daemon ignored SIGTERM for {timeout or self.timeout}s") from None
+                raise QemuError(
+                    f"storage daemon ignored SIGTERM for {timeout or self.timeout}s"
+                ) from None
         _LIVE.discard(proc)
         if proc.returncode != 0:
-            raise QemuError(f"storage daemon exited with {proc.returncode}:\n{_tail(self.output())}")
+            raise QemuError(
+                f"storage daemon exited with {proc.returncode}:\n{_tail(self.output())}"
+            )
 
     # -- I/O through NBD ----------------------------------------------------
 
@@ -814,7 +841,9 @@ class StorageDaemon:
         """Write *length* bytes of *pattern* at guest *offset* through NBD."""
         self.writes([(offset, length)], pattern=pattern)
 
-    def writes(self, extents: Iterable[tuple[int, int]], *, pattern: int = 0xCD, flush: bool = False) -> None:
+    def writes(
+        self, extents: Iterable[tuple[int, int]], *, pattern: int = 0xCD, flush: bool = False
+    ) -> None:
         """Write many extents through NBD with one ``qemu-io -f raw NBD_URI`` process."""
         self._need_running()
         cmds = [f"write -q -P 0x{pattern:02x} {int(o)} {int(n)}" for o, n in extents]
@@ -914,14 +943,18 @@ def crash_image(
     after = img_bitmaps(path)
     bad = [n for n in bitmaps if "in-use" not in after.get(n, {}).get("flags", [])]
     if bad:
-        raise QemuError(f"after SIGKILL these bitmaps are not in-use: {bad}; qemu-img info says {after}")
+        raise QemuError(
+            f"after SIGKILL these bitmaps are not in-use: {bad}; qemu-img info says {after}"
+        )
 
 
 # ---------------------------------------------------------------------------
 # Lock bytes
 # ---------------------------------------------------------------------------
 
-_FLOCK = "@hhqqi0q"  # struct flock: short l_type, l_whence; off_t l_start, l_len; pid_t l_pid (+pad)
+_FLOCK = (
+    "@hhqqi0q"  # struct flock: short l_type, l_whence; off_t l_start, l_len; pid_t l_pid (+pad)
+)
 
 
 def lock_bytes_held(path: str | os.PathLike, byte_range: Iterable[int] = LOCK_BYTES) -> set[int]:
@@ -990,13 +1023,18 @@ def append_header_extension(path: str | os.PathLike, magic: int, data: bytes) ->
     Only for images without a backing file name after the extensions (raises
     ``ValueError`` if it would not fit before the backing name / cluster end).
     """
-    cluster, _version, hlen, end = _header(path)
+    _cluster, _version, hlen, end = _header(path)
     exts = header_extensions(path)
     off = hlen
     if exts:
         last_off, _m, last_data = exts[-1]
         off = last_off + 8 + ((len(last_data) + 7) & ~7)
-    blob = struct.pack(">II", magic, len(data)) + data + b"\0" * (-len(data) % 8) + struct.pack(">II", 0, 0)
+    blob = (
+        struct.pack(">II", magic, len(data))
+        + data
+        + b"\0" * (-len(data) % 8)
+        + struct.pack(">II", 0, 0)
+    )
     if off + len(blob) > end:
         raise ValueError("extension does not fit in the header area")
     with open(path, "r+b") as f:
@@ -1059,7 +1097,9 @@ def bitmap_directory(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def edit_bitmap_flags(path: str | os.PathLike, name: str, *, set_mask: int = 0, clear_mask: int = 0) -> int:
+def edit_bitmap_flags(
+    path: str | os.PathLike, name: str, *, set_mask: int = 0, clear_mask: int = 0
+) -> int:
     """Change the ``flags`` word of bitmap *name*'s directory entry in place.
 
     Test-only surgery (e.g. clear in_use, bit 0, to let QEMU export the stale

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import qemu  # noqa: E402
+import qemu
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -289,7 +289,12 @@ def test_storage_daemon_write_read_stop(tmp_path):
 def test_storage_daemon_qmp_persistent_bitmap(tmp_path):
     p = qemu.create_image(tmp_path / "a.qcow2", GiB)
     with qemu.StorageDaemon(p, qmp=True) as sd:
-        assert sd.qmp("block-dirty-bitmap-add", node="fmt", name="b1", persistent=True, granularity=512) == {}
+        assert (
+            sd.qmp(
+                "block-dirty-bitmap-add", node="fmt", name="b1", persistent=True, granularity=512
+            )
+            == {}
+        )
         sd.write(4096, 1)
         nodes = sd.qmp("query-named-block-nodes")
         bms = {b["name"]: b for n in nodes for b in n.get("dirty-bitmaps", [])}
@@ -310,9 +315,11 @@ def test_storage_daemon_start_failure_is_reported(tmp_path):
 
 def test_storage_daemon_without_qmp_refuses_qmp(tmp_path):
     p = qemu.create_image(tmp_path / "a.qcow2", MiB)
-    with qemu.StorageDaemon(p, writable=False) as sd:
-        with pytest.raises(qemu.QemuError, match="qmp=True"):
-            sd.qmp("query-version")
+    with (
+        qemu.StorageDaemon(p, writable=False) as sd,
+        pytest.raises(qemu.QemuError, match="qmp=True"),
+    ):
+        sd.qmp("query-version")
 
 
 def test_crash_image_leaves_in_use(tmp_path):
@@ -347,7 +354,9 @@ def test_in_use_bitmap_what_qemu_img_allows(tmp_path):
         proc = qemu.qemu_img("bitmap", op, p, "b0", check=False)
         assert proc.returncode == 1
         assert "Bitmap 'b0' is inconsistent and cannot be used" in proc.stderr
-    proc = qemu.qemu_img("convert", "--bitmaps", "-O", "qcow2", p, tmp_path / "c.qcow2", check=False)
+    proc = qemu.qemu_img(
+        "convert", "--bitmaps", "-O", "qcow2", p, tmp_path / "c.qcow2", check=False
+    )
     assert proc.returncode == 1 and "Cannot copy inconsistent bitmap" in proc.stderr
     rc, _ = qemu.img_check(p, repair="all")
     assert rc == 0
