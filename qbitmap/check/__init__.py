@@ -1,0 +1,213 @@
+"""``qbitmap check``: image -> CheckReport(findings, bitmaps).  Pure: never prints.
+
+Corruption is never an exception here: every problem is a :class:`Finding`
+with a stable code from :data:`CODES`.  The modules run in order, each
+reading what the earlier ones learnt (see ``context.py``):
+
+* ``header``     feature bits, extension area, the bitmaps extension's presence
+* ``directory``  QEMU's extension checks, the directory walk, every entry rule, names
+* ``tables``     table location and entries, data inside the file, bits past the end
+* ``clusters``   the reference map: overlaps, refcounts and leaks of bitmap clusters
+* ``levels``     in-use bitmaps and their consistency-level records
+
+Exit codes: the first of 1 (could not check), 2 (corrupt), 4 (in use),
+3 (leaks) that applies, else 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qbitmap import levels as levels_mod
+from qbitmap.check import clusters, directory, header, levels, live, tables
+from qbitmap.check.clusters import Kind, ReferenceMap, reference_map
+from qbitmap.check.context import Context
+from qbitmap.check.findings import CODES, Finding, Severity
+from qbitmap.check.levels import RecoveryEstimate
+from qbitmap.errors import ExitCode, ImageIOError, QbitmapError, UsageError
+from qbitmap.format import BitmapEntry, Image
+
+STATUSES = ("consistent", "in-use", "corrupt")
+
+
+@dataclass
+class BitmapStatus:
+    """The verdict on one bitmap."""
+
+    name: str
+    status: str  # "consistent" | "in-use" | "corrupt"
+    entry: BitmapEntry | None
+    levels: levels_mod.Assessment | None
+    recovery: RecoveryEstimate | None = None
+
+    def levels_dict(self) -> dict[str, Any] | None:
+        """The ``levels`` object of the JSON output."""
+        a = self.levels
+        if a is None:
+            return None
+        out: dict[str, Any] = {"status": a.status}
+        if a.status == "absent":
+            return out
+        out.update(
+            reason=a.reason,
+            record_offset=a.record_offset,
+            consistent_level=a.consistent_level,
+            max_level=a.max_level,
+            level_bits=a.level_bits,
+            recovery_granularity=None if self.recovery is None else self.recovery.granularity,
+            recovery_dirty_bytes=None if self.recovery is None else self.recovery.dirty_bytes,
+            on_disk_dirty_bytes=None if self.recovery is None else self.recovery.on_disk_dirty_bytes,
+        )
+        return out
+
+
+@dataclass
+class CheckReport:
+    """Everything ``check`` found about one image."""
+
+    filename: str
+    findings: list[Finding] = field(default_factory=list)
+    bitmaps: list[BitmapStatus] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        severities = {f.severity for f in self.findings}
+        for severity, code in (
+            (Severity.FAILED, ExitCode.FAILED),
+            (Severity.CORRUPT, ExitCode.CORRUPT),
+            (Severity.IN_USE, ExitCode.IN_USE),
+            (Severity.LEAK, ExitCode.LEAKS),
+        ):
+            if severity in severities:
+                return int(code)
+        return int(ExitCode.OK)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "filename": self.filename,
+            "findings": [f.to_dict() for f in self.findings],
+            "bitmaps": [
+                {"name": b.name, "status": b.status, "levels": b.levels_dict()} for b in self.bitmaps
+            ],
+            "exit_code": self.exit_code,
+        }
+
+
+def _statuses(ctx: Context, findings: list[Finding]) -> tuple[set[int], bool]:
+    corrupt = {
+        f.bitmap_index
+        for f in findings
+        if f.severity >= Severity.CORRUPT and f.area == "bitmap" and f.bitmap_index is not None
+    }
+    area = any(f.severity >= Severity.CORRUPT and f.area == "bitmaps" for f in findings)
+    return corrupt, area  # type: ignore[return-value]
+
+
+def check_image(
+    image: Image,
+    *,
+    names: Sequence[str] | None = None,
+    held_locks: tuple[int, ...] | None = None,
+) -> CheckReport:
+    """Check the bitmaps of an open image.
+
+    *names* restricts the bitmaps reported (image-wide findings are kept);
+    a name the directory does not have raises :class:`UsageError` when the
+    directory could be read.  *held_locks* overrides the lock-byte probe
+    (tests); by default the image's lock bytes are tested.
+    """
+    if held_locks is None:
+        held_locks = live.held_lock_bytes(image.fd)
+    ctx = Context(image=image, held_locks=held_locks)
+    findings: list[Finding] = []
+    assessments: dict[int, levels_mod.Assessment] = {}
+    estimates: dict[int, RecoveryEstimate | None] = {}
+    try:
+        for module in (header, directory, tables, clusters):
+            findings.extend(module.check(ctx))
+        corrupt, area_corrupt = _statuses(ctx, findings)
+        sound = {e.index for e in ctx.entries if e.index not in corrupt and not area_corrupt}
+        more, assessments, estimates = levels.check(ctx, sound)
+        findings.extend(more)
+    except ImageIOError as exc:
+        findings.append(Finding("image-read-error", f"the check stopped: {exc}", field="read"))
+    except QbitmapError as exc:
+        # A structure the check modules expected to be readable was not; say so rather than crash.
+        findings.append(
+            Finding(
+                "image-read-error",
+                f"the check stopped: {exc}",
+                offset=getattr(exc, "offset", None),
+                field=getattr(exc, "field", None),
+            )
+        )
+    corrupt, area_corrupt = _statuses(ctx, findings)
+    bitmaps = []
+    for entry in ctx.entries:
+        if entry.index in corrupt or area_corrupt:
+            status = "corrupt"
+        elif entry.in_use:
+            status = "in-use"
+        else:
+            status = "consistent"
+        bitmaps.append(
+            BitmapStatus(
+                name=entry.display_name,
+                status=status,
+                entry=entry,
+                levels=assessments.get(entry.index),
+                recovery=estimates.get(entry.index),
+            )
+        )
+    if names:
+        known = {b.name for b in bitmaps}
+        missing = [n for n in names if n not in known]
+        directory_sound = ctx.directory_readable and not area_corrupt
+        if missing and (directory_sound or ctx.extension is None):
+            raise UsageError(f"{image.path}: no bitmap named {missing[0]!r}")
+        wanted = set(names)
+        bitmaps = [b for b in bitmaps if b.name in wanted]
+        findings = [f for f in findings if f.area != "bitmap" or f.bitmap in wanted]
+    findings.sort(key=Finding.sort_key)
+    return CheckReport(filename=str(image.path), findings=findings, bitmaps=bitmaps)
+
+
+def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = None) -> CheckReport:
+    """Open *path* read-only (no lock taken) and check it; an unreadable file is a report too."""
+    try:
+        image = Image.open(path)
+    except QbitmapError as exc:
+        offset = getattr(exc, "offset", None)
+        return CheckReport(
+            filename=str(path),
+            findings=[
+                Finding(
+                    "image-unreadable",
+                    str(exc) if offset is None else f"{Path(path)}: {exc}",
+                    offset=offset,
+                    field=getattr(exc, "field", None),
+                )
+            ],
+        )
+    with image:
+        return check_image(image, names=names)
+
+
+__all__ = [
+    "CODES",
+    "STATUSES",
+    "BitmapStatus",
+    "CheckReport",
+    "Finding",
+    "Kind",
+    "RecoveryEstimate",
+    "ReferenceMap",
+    "Severity",
+    "check_image",
+    "check_path",
+    "reference_map",
+]

@@ -1,0 +1,114 @@
+"""Rendering of ``qbitmap check``: a rich view for people, one JSON object for scripts.
+
+Everything taken from the image (bitmap names, messages quoting them) goes
+into ``Text`` objects, never through markup, so a bitmap named ``[red]`` is
+printed as those characters.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from qbitmap.check import BitmapStatus, CheckReport, Severity
+from qbitmap.render import hexoff, iec
+
+_SEVERITY_STYLE = {
+    Severity.INFO: "cyan",
+    Severity.LEAK: "yellow",
+    Severity.IN_USE: "bold yellow",
+    Severity.CORRUPT: "bold red",
+    Severity.FAILED: "bold red",
+}
+_STATUS_STYLE = {"consistent": "green", "in-use": "bold yellow", "corrupt": "bold red"}
+
+_VERDICT = {
+    0: "all bitmaps consistent",
+    1: "could not check the image",
+    2: "corruption found",
+    3: "leaked clusters only",
+    4: "in-use bitmaps (metadata sound)",
+}
+
+
+def findings_block(report: CheckReport) -> RenderableType:
+    """Each finding as a line of facts, then its message on its own indented line."""
+    lines: list[RenderableType] = [Text("Findings", style="bold")]
+    for f in report.findings:
+        head = Text("  ")
+        head.append(f"{f.severity.label:<8}", style=_SEVERITY_STYLE[f.severity])
+        head.append(" ")
+        head.append(f.code, style="bold")
+        if f.bitmap is not None:
+            head.append("  bitmap ")
+            head.append(repr(f.bitmap))
+        if f.offset is not None:
+            head.append(f"  at {hexoff(f.offset)}")
+            if f.field:
+                head.append(f" ({f.field})")
+        lines.append(head)
+        lines.append(Padding(Text(f.message, overflow="fold"), (0, 0, 0, 4)))
+    return Group(*lines)
+
+
+def _levels_text(b: BitmapStatus) -> Text:
+    a = b.levels
+    if a is None:
+        return Text("-")
+    if a.status == "absent":
+        return Text("no record")
+    parts = [f"{a.status}: level {a.consistent_level} of {a.max_level}, level_bits {a.level_bits}"]
+    rec = b.recovery
+    if rec is not None and rec.granularity is not None:
+        parts.append(f"recovery granularity {iec(rec.granularity)}")
+    if rec is not None and rec.dirty_bytes is not None:
+        parts.append(f"level recovery marks {iec(rec.dirty_bytes)} dirty")
+    return Text("; ".join(parts))
+
+
+def bitmaps_table(report: CheckReport) -> Table:
+    table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("name")
+    table.add_column("status", no_wrap=True)
+    table.add_column("granularity", justify="right", no_wrap=True)
+    table.add_column("consistency levels", overflow="fold")
+    for b in report.bitmaps:
+        gran = "-"
+        if b.entry is not None and 0 <= b.entry.granularity_bits <= 63:
+            gran = iec(b.entry.granularity)
+        table.add_row(
+            Text(b.name),
+            Text(b.status, style=_STATUS_STYLE.get(b.status, "")),
+            gran,
+            _levels_text(b),
+        )
+    return table
+
+
+def human(report: CheckReport) -> RenderableType:
+    parts: list[RenderableType] = [Text(f"Image: {report.filename}")]
+    if report.bitmaps:
+        parts.append(bitmaps_table(report))
+    elif report.exit_code != 1:
+        parts.append(Text("No bitmaps."))
+    if report.findings:
+        parts.append(findings_block(report))
+    code = report.exit_code
+    style = "green" if code == 0 else ("yellow" if code in (3, 4) else "bold red")
+    parts.append(Text(f"Result: {_VERDICT.get(code, '?')} (exit {code})", style=style))
+    return Group(*parts)
+
+
+def to_json(report: CheckReport) -> dict[str, Any]:
+    return report.to_dict()
+
+
+def write_json(out: IO[str], report: CheckReport) -> None:
+    """One JSON object and a newline."""
+    out.write(json.dumps(to_json(report)) + "\n")
