@@ -28,6 +28,13 @@ _SEVERITY_STYLE = {
 }
 _STATUS_STYLE = {"consistent": "green", "in-use": "bold yellow", "corrupt": "bold red"}
 
+def printable(text: str) -> str:
+    """*text* with control characters (newlines, escape sequences) shown as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 _VERDICT = {
     0: "all bitmaps consistent",
     1: "could not check the image",
@@ -53,7 +60,7 @@ def findings_block(report: CheckReport) -> RenderableType:
             if f.field:
                 head.append(f" ({f.field})")
         lines.append(head)
-        lines.append(Padding(Text(f.message, overflow="fold"), (0, 0, 0, 4)))
+        lines.append(Padding(Text(printable(f.message), overflow="fold"), (0, 0, 0, 4)))
     return Group(*lines)
 
 
@@ -83,7 +90,7 @@ def bitmaps_table(report: CheckReport) -> Table:
         if b.entry is not None and 0 <= b.entry.granularity_bits <= 63:
             gran = iec(b.entry.granularity)
         table.add_row(
-            Text(b.name),
+            Text(printable(b.name)),
             Text(b.status, style=_STATUS_STYLE.get(b.status, "")),
             gran,
             _levels_text(b),
@@ -92,7 +99,7 @@ def bitmaps_table(report: CheckReport) -> Table:
 
 
 def human(report: CheckReport) -> RenderableType:
-    parts: list[RenderableType] = [Text(f"Image: {report.filename}")]
+    parts: list[RenderableType] = [Text(f"Image: {printable(report.filename)}")]
     if report.bitmaps:
         parts.append(bitmaps_table(report))
     elif report.exit_code != 1:
