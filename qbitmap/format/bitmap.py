@@ -21,7 +21,7 @@ import numpy as np
 
 from qbitmap.errors import ImageFormatError
 from qbitmap.format import layout
-from qbitmap.format.image import Image
+from qbitmap.format.image import BME_MAX_PHYS_SIZE, Image
 from qbitmap.format.model import BitmapEntry
 
 # Contiguous data clusters are read together, up to this many bytes per read.
@@ -116,7 +116,9 @@ def iter_chunks(
     """
     geo = geometry_of(image, entry)
     if table is None:
-        table = image.read_bitmap_table(entry)
+        check_data_size(image, entry)
+        # Entries past the disk's end are ignored: never read them.
+        table = image.read_bitmap_table(entry, limit=geo.table_size)
     cs = image.cluster_size
     bpc = geo.bits_per_cluster
     used = min(len(table), geo.table_size)
@@ -154,9 +156,30 @@ def iter_chunks(
         total_bits = min((j - i) * bpc, geo.nbits - first_bit)
         yield Chunk(first_bit, total_bits, "data", _clip(buf, total_bits))
         i = j
-    for k in range(used, geo.table_size):
-        first_bit = k * bpc
-        yield Chunk(first_bit, min(bpc, geo.nbits - first_bit), "zero")
+    if used < geo.table_size:
+        # A table shorter than the disk: the rest reads as zeros.  One chunk,
+        # not one per missing entry (a lying virtual size may imply billions).
+        first_bit = used * bpc
+        yield Chunk(first_bit, geo.nbits - first_bit, "zero")
+
+
+def check_data_size(image: Image, entry: BitmapEntry) -> None:
+    """Refuse a bitmap whose data would exceed QEMU's 512 MiB (BME_MAX_PHYS_SIZE).
+
+    Only the table entries the disk uses count (``min(bitmap_table_size,
+    geometry.table_size)``), so this bounds what :func:`iter_chunks` reads
+    whatever the header and directory claim.
+    """
+    geo = geometry_of(image, entry)
+    used = min(entry.bitmap_table_size, geo.table_size)
+    if used * image.cluster_size > BME_MAX_PHYS_SIZE:
+        raise ImageFormatError(
+            f"bitmap {entry.display_name!r} would need {used} data clusters "
+            f"({used * image.cluster_size} bytes), more than QEMU's limit of "
+            f"{BME_MAX_PHYS_SIZE} bytes of bitmap data",
+            offset=entry.offset + 8,
+            field="bitmap_table_size",
+        )
 
 
 def _clip(buf: np.ndarray, nbits: int) -> np.ndarray:
@@ -254,7 +277,7 @@ def read_bits(image: Image, entry: BitmapEntry, table: np.ndarray | None = None)
     counts or extents should stream :func:`iter_chunks` instead.
     """
     geo = geometry_of(image, entry)
-    if geo.nbytes > 0x20000000:
+    if geo.nbytes > BME_MAX_PHYS_SIZE:
         raise ImageFormatError(
             f"bitmap {entry.display_name!r} would need {geo.nbytes} bytes of data, more than "
             "QEMU's limit of 512 MiB",
@@ -274,3 +297,123 @@ def read_bits(image: Image, entry: BitmapEntry, table: np.ndarray | None = None)
     if rem and geo.nbytes:
         out[-1] &= (1 << rem) - 1
     return out
+
+
+def _set_bit_positions(words: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Stream positions (``index * 64 + bit``) of the set bits of *words*, sorted.
+
+    Peels the lowest set bit of every word per round (``x & -x``; its index
+    is the popcount of ``low - 1``), so the rounds needed are the most set
+    bits any one word has; sparse bitmaps take one or two.
+    """
+    found: list[np.ndarray] = []
+    one = np.uint64(1)
+    base = index * 64
+    while words.size:
+        low = words & (~words + one)
+        found.append(base + _bit_index(low))
+        words = words ^ low
+        keep = words != 0
+        if not keep.any():
+            break
+        words = words[keep]
+        base = base[keep]
+    if not found:
+        return _EMPTY
+    if len(found) == 1:
+        return found[0]
+    return np.sort(np.concatenate(found))
+
+
+def _bit_index(powers: np.ndarray) -> np.ndarray:
+    """log2 of uint64 powers of two, as int64."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(powers - np.uint64(1)).astype(np.int64)
+    return (np.frexp(powers.astype(np.float64))[1] - 1).astype(np.int64)
+
+
+def _byte_runs(data: np.ndarray, base_bit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of set bits in LSB-first *data*, as absolute ``(first_bits, end_bits)`` int64 arrays.
+
+    Works on 64-bit words (little-endian, so bit ``b`` of word ``w`` is
+    stream bit ``64 * w + b``) and only on the non-zero ones: the cost
+    follows the number of runs rather than the bitmap's size.
+    """
+    if len(data) % 8:
+        padded = np.zeros(len(data) + (-len(data) % 8), dtype=np.uint8)
+        padded[: len(data)] = data
+        data = padded
+    words = data.view("<u8")
+    nz = np.flatnonzero(words != 0)  # much faster than flatnonzero(words) on uint64
+    if nz.size == 0:
+        return _EMPTY, _EMPTY
+    w = words[nz]
+    last = len(words) - 1
+    prev = words[np.maximum(nz - 1, 0)]
+    prev[nz == 0] = 0
+    nxt = words[np.minimum(nz + 1, last)]
+    nxt[nz == last] = 0
+    s63, one = np.uint64(63), np.uint64(1)
+    # A run starts at a set bit whose predecessor (the bit below, or the top
+    # bit of the previous word) is clear; it ends after a set bit whose
+    # successor is clear.
+    starts = w & ~((w << one) | (prev >> s63))
+    ends = w & ~((w >> one) | ((nxt & one) << s63))
+    nz64 = nz.astype(np.int64)
+    hit = starts != 0
+    first_bits = _set_bit_positions(starts[hit], nz64[hit])
+    hit = ends != 0
+    end_bits = _set_bit_positions(ends[hit], nz64[hit]) + 1
+    return first_bits + base_bit, end_bits + base_bit
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def run_arrays(chunks: Iterator[Chunk]) -> tuple[np.ndarray, np.ndarray]:
+    """Merged runs of set bits as two int64 arrays ``(first_bits, end_bits)``, in order.
+
+    The vectorised counterpart of :func:`bit_runs`: same runs, no Python
+    object per run.
+    """
+    firsts: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    for chunk in chunks:
+        if chunk.kind == "zero" or chunk.nbits <= 0:
+            continue
+        if chunk.kind == "ones":
+            firsts.append(np.array([chunk.first_bit], np.int64))
+            ends.append(np.array([chunk.first_bit + chunk.nbits], np.int64))
+            continue
+        data = chunk.data
+        assert data is not None
+        for pos in range(0, len(data), _UNPACK_BYTES):
+            f, e = _byte_runs(data[pos : pos + _UNPACK_BYTES], chunk.first_bit + pos * 8)
+            if f.size:
+                firsts.append(f)
+                ends.append(e)
+    if not firsts:
+        return _EMPTY, _EMPTY
+    first_bits = np.concatenate(firsts)
+    end_bits = np.concatenate(ends)
+    # Runs that touch across chunk or block boundaries are one run.
+    breaks = first_bits[1:] != end_bits[:-1]
+    keep_first = np.concatenate(([True], breaks))
+    keep_end = np.concatenate((breaks, [True]))
+    return first_bits[keep_first], end_bits[keep_end]
+
+
+def extent_arrays(geo: Geometry, chunks: Iterator[Chunk]) -> tuple[np.ndarray, np.ndarray]:
+    """Dirty guest byte ranges as ``(starts, lengths)`` arrays: merged, sorted, clipped.
+
+    The vectorised counterpart of :func:`extents`.  int64 arrays, or object
+    arrays of Python ints when a byte offset could overflow int64 (absurd
+    geometries from damaged headers).
+    """
+    first_bits, end_bits = run_arrays(chunks)
+    if (geo.nbits + 1) * geo.granularity >= 1 << 63:
+        first_bits = first_bits.astype(object)
+        end_bits = end_bits.astype(object)
+    starts = first_bits * geo.granularity
+    stops = np.minimum(end_bits * geo.granularity, geo.virtual_size)
+    return starts, stops - starts

@@ -13,6 +13,7 @@ QEMU block/qcow2.c ``qcow2_do_open``/``qcow2_read_extensions``.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,7 @@ from qbitmap.format.model import (
     BitmapsExtension,
     Extension,
     Header,
+    HeaderArea,
     LevelRecord,
 )
 
@@ -44,6 +46,17 @@ BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
 QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024
 QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
+
+
+def _size_of(fd: int) -> int:
+    """Size in bytes of a regular file or a block device (st_size is 0 for the latter)."""
+    info = os.fstat(fd)
+    if stat.S_ISBLK(info.st_mode):
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        except OSError as exc:
+            raise ImageIOError(f"cannot find the size of the block device: {exc.strerror}") from exc
+    return info.st_size
 
 
 def parse_bytes(schema: Construct, data: bytes, *, offset: int, what: str) -> Any:
@@ -91,7 +104,7 @@ class Image:
         self.path = path
         self.fd = fd
         self.writable = writable
-        self.file_size = os.fstat(fd).st_size
+        self.file_size = _size_of(fd)
         self.header = self._parse_header()
         self.cluster_size = self.header.cluster_size
         self.cluster_bits = self.header.cluster_bits
@@ -112,8 +125,11 @@ class Image:
         except OSError as exc:
             raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
         try:
-            if not os.path.isfile(f"/proc/self/fd/{fd}") and not Path(path).is_file():
-                raise ImageIOError(f"{path}: not a regular file")
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISDIR(mode):
+                raise ImageIOError(f"{path}: is a directory, not an image")
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise ImageIOError(f"{path}: not a regular file or block device")
             return cls(path, fd, writable=writable)
         except BaseException:
             os.close(fd)
@@ -266,6 +282,33 @@ class Image:
             offset += 8 + padded
         # No end marker: the area simply ran out (QEMU accepts this).
 
+    def read_header_area(self) -> HeaderArea:
+        """The whole first cluster as a :class:`HeaderArea` (``build()`` gives it back)."""
+        cluster = self.pread(0, self.cluster_size)
+        pos = self.header.effective_header_length
+        if self.extensions:
+            pos = self.extensions[-1].offset + self.extensions[-1].total_size
+        end_marker = None
+        if self.end_marker_offset is not None:
+            end_marker = cluster[self.end_marker_offset : self.end_marker_offset + 8]
+            pos = self.end_marker_offset + 8
+        pos = min(pos, len(cluster))
+        bfo, bfs = self.header.backing_file_offset, self.header.backing_file_size
+        backing = None
+        if bfo and pos <= bfo and bfo + bfs <= len(cluster):
+            backing = cluster[bfo : bfo + bfs]
+            gap, trailing = cluster[pos:bfo], cluster[bfo + bfs :]
+        else:
+            gap, trailing = cluster[pos:], b""
+        return HeaderArea(
+            header=self.header,
+            extensions=tuple(self.extensions),
+            end_marker=end_marker,
+            gap=gap,
+            backing_file=backing,
+            trailing=trailing,
+        )
+
     def extension(self, magic: int) -> Extension | None:
         """The first extension of type *magic*, if any."""
         for ext in self.extensions:
@@ -328,11 +371,30 @@ class Image:
                 field="bitmap_directory_offset",
             )
             return Directory(offset, size, (), err)
-        data = self.read(offset, size, what="bitmap directory")
+        if ext.nb_bitmaps > QCOW2_MAX_BITMAPS:
+            err = ImageFormatError(
+                f"nb_bitmaps is {ext.nb_bitmaps}, QEMU's limit is {QCOW2_MAX_BITMAPS} "
+                "(QEMU: 'File has too many bitmaps')",
+                offset=ext.offset,
+                field="nb_bitmaps",
+            )
+            return Directory(offset, size, (), err)
+        data = self.read(offset, size, what="bitmap directory", field="bitmap_directory_offset")
         entries: list[BitmapEntry] = []
         pos = 0
         error: ImageFormatError | None = None
         while pos < size:
+            if len(entries) == ext.nb_bitmaps:
+                # Stop here rather than parse whatever fills the rest: a lying
+                # directory size must not turn into millions of entries.
+                error = ImageFormatError(
+                    f"the bitmap directory continues for {size - pos} bytes after its "
+                    f"nb_bitmaps ({ext.nb_bitmaps}) entries (QEMU: 'More bitmaps found than "
+                    "specified in header extension')",
+                    offset=offset + pos,
+                    field="bitmap_directory_size",
+                )
+                break
             entry_offset = offset + pos
             if size - pos < layout.BITMAP_DIR_ENTRY_FIXED_SIZE:
                 error = ImageFormatError(
@@ -358,10 +420,9 @@ class Image:
             entries.append(BitmapEntry.from_container(c, offset=entry_offset, index=len(entries)))
             pos += full
         if error is None and len(entries) != ext.nb_bitmaps:
-            more = "more" if len(entries) > ext.nb_bitmaps else "fewer"
             error = ImageFormatError(
-                f"the bitmap directory holds {len(entries)} entries, {more} than nb_bitmaps "
-                f"{ext.nb_bitmaps}",
+                f"the bitmap directory holds {len(entries)} entries, fewer than nb_bitmaps "
+                f"{ext.nb_bitmaps} (QEMU: 'Less bitmaps found than specified in header extension')",
                 offset=ext.offset,
                 field="nb_bitmaps",
             )
@@ -369,11 +430,13 @@ class Image:
 
     # -- bitmap tables -----------------------------------------------------------------
 
-    def read_bitmap_table(self, entry: BitmapEntry) -> np.ndarray:
+    def read_bitmap_table(self, entry: BitmapEntry, *, limit: int | None = None) -> np.ndarray:
         """The bitmap table of *entry* as native uint64 words.
 
-        Raises ImageFormatError if the table does not lie inside the file or
-        exceeds QEMU's limit of 2^27 entries.
+        With *limit*, only the first ``min(limit, bitmap_table_size)`` entries
+        are read (the ones a disk of this size uses).  Raises ImageFormatError
+        if the table does not lie inside the file or exceeds QEMU's limit of
+        2^27 entries.
         """
         count = entry.bitmap_table_size
         if count > BME_MAX_TABLE_SIZE:
@@ -383,6 +446,8 @@ class Image:
                 offset=entry.offset + 8,
                 field="bitmap_table_size",
             )
+        if limit is not None:
+            count = min(count, max(0, limit))
         data = self.read(
             entry.bitmap_table_offset,
             count * 8,

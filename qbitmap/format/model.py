@@ -381,3 +381,36 @@ class LevelRecord:
     @property
     def display_name(self) -> str:
         return self.name.decode("utf-8", errors="backslashreplace")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderArea:
+    """Every byte of the first cluster, as parsed ("Header", "Header extensions").
+
+    Laid out as: the header (``header_length`` bytes; 72 for v2), the
+    extensions in file order, the end-of-extensions marker (8 raw bytes,
+    None when the area ran out without one), ``gap`` up to the backing file
+    name, the name itself (``backing_file``, None when absent or not wholly
+    inside the cluster), and ``trailing`` up to the cluster's end (or the
+    file's end when the file is shorter).  QEMU zero-fills ``gap`` and
+    ``trailing``; they are kept raw so that :meth:`build` gives back the
+    original bytes exactly.
+    """
+
+    header: Header
+    extensions: tuple[Extension, ...]
+    end_marker: bytes | None
+    gap: bytes
+    backing_file: bytes | None
+    trailing: bytes
+
+    def build(self) -> bytes:
+        """The first cluster rebuilt from the parsed parts."""
+        parts = [self.header.build(), *(ext.build() for ext in self.extensions)]
+        if self.end_marker is not None:
+            parts.append(self.end_marker)
+        parts.append(self.gap)
+        if self.backing_file is not None:
+            parts.append(self.backing_file)
+        parts.append(self.trailing)
+        return b"".join(parts)
