@@ -1,44 +1,64 @@
 """What ``qbitmap dump`` reports: plain data built from the format layer.
 
-The functions here return dictionaries of JSON-ready values (bytes as hex
-strings, flags as the words ``qemu-img info`` uses), shared by the JSON
-writer and the rich renderer so the two views cannot drift apart.
+:func:`dump_report` reads an image and returns a :class:`DumpReport`: a
+dictionary of JSON-ready values (bytes as hex strings, flags as the words
+``qemu-img info --output=json`` uses) plus, per bitmap, its dirty extents as
+numpy arrays.  The JSON writer, the line writer and the rich renderer all
+start from it, so the views cannot drift apart.  Nothing here prints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from qbitmap.errors import UsageError
 from qbitmap.format import (
+    AutoclearFeature,
     BitmapEntry,
     Image,
     dirty_bytes,
-    extents,
+    extent_arrays,
     geometry_of,
     iter_chunks,
     layout,
 )
 from qbitmap.format.model import HEADER_FIELDS, Extension
 
+FEATURE_KINDS = {
+    layout.FEATURE_INCOMPATIBLE: "incompatible",
+    layout.FEATURE_COMPATIBLE: "compatible",
+    layout.FEATURE_AUTOCLEAR: "autoclear",
+}
+
+#: One bitmap's dirty ranges: ``(starts, lengths)`` in bytes, sorted and merged.
+Extents = tuple[np.ndarray, np.ndarray]
+
 
 def feature_words(image: Image) -> dict[str, list[str]]:
-    """Set feature bits by class, named from the image's own feature table."""
+    """Set feature bits by class, named from the image's own feature table.
+
+    Bits the image's table does not name fall back to QEMU's names, then to
+    ``"unknown bit N"``.  Version 2 images have no feature words: empty lists.
+    """
     names = image.feature_names()
     header = image.header
     out: dict[str, list[str]] = {}
-    for kind, label, word in (
-        (layout.FEATURE_INCOMPATIBLE, "incompatible", header.incompatible_features),
-        (layout.FEATURE_COMPATIBLE, "compatible", header.compatible_features),
-        (layout.FEATURE_AUTOCLEAR, "autoclear", header.autoclear_features),
+    for kind, word in (
+        (layout.FEATURE_INCOMPATIBLE, header.incompatible_features),
+        (layout.FEATURE_COMPATIBLE, header.compatible_features),
+        (layout.FEATURE_AUTOCLEAR, header.autoclear_features),
     ):
         bits = [bit for bit in range(64) if (word or 0) >> bit & 1]
-        out[label] = [names.get((kind, bit), f"unknown bit {bit}") for bit in bits]
+        out[FEATURE_KINDS[kind]] = [names.get((kind, bit), f"unknown bit {bit}") for bit in bits]
     return out
 
 
 def header_dict(image: Image) -> dict[str, Any]:
+    """Every header field by its spec name; raw byte fields as hex, absent ones as None."""
     header = image.header
     out: dict[str, Any] = {}
     for name in HEADER_FIELDS:
@@ -47,11 +67,17 @@ def header_dict(image: Image) -> dict[str, Any]:
     return out
 
 
-def _cstring(data: bytes) -> str:
+def _text(data: bytes) -> str:
     return data.decode("utf-8", "backslashreplace")
 
 
 def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
+    """One header extension: where it is, what it is, and its decoded contents.
+
+    Known types are decoded (strings, the feature table, the bitmaps
+    extension, the encryption header pointer, qbitmap's level records); an
+    unknown type, or a known one of the wrong length, keeps its data as hex.
+    """
     out: dict[str, Any] = {
         "offset": ext.offset,
         "magic": f"{ext.magic:#010x}",
@@ -59,17 +85,17 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
         "length": ext.length,
     }
     if ext.magic in (layout.EXT_BACKING_FORMAT, layout.EXT_DATA_FILE):
-        out["value"] = _cstring(ext.data)
+        out["value"] = _text(ext.data)
     elif ext.magic == layout.EXT_FEATURE_NAMES:
         entries = []
         for i in range(len(ext.data) // 48):
             entry = layout.FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
-            kind = {0: "incompatible", 1: "compatible", 2: "autoclear"}.get(entry.type, str(entry.type))
-            entries.append(
-                {"type": kind, "bit": entry.bit, "name": _cstring(entry.name.split(b"\0", 1)[0])}
-            )
+            kind = FEATURE_KINDS.get(entry.type, str(entry.type))
+            entries.append({"type": kind, "bit": entry.bit, "name": _text(entry.name.split(b"\0", 1)[0])})
         out["features"] = entries
-    elif ext.magic == layout.EXT_BITMAPS and ext.length == 24:
+        if len(ext.data) % 48:
+            out["trailing"] = ext.data[len(ext.data) - len(ext.data) % 48 :].hex()
+    elif ext.magic == layout.EXT_BITMAPS and ext.length == layout.BitmapsExtension.sizeof():
         c = layout.BitmapsExtension.parse(ext.data)
         out.update(
             nb_bitmaps=c.nb_bitmaps,
@@ -77,7 +103,7 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
             bitmap_directory_size=c.bitmap_directory_size,
             bitmap_directory_offset=c.bitmap_directory_offset,
         )
-    elif ext.magic == layout.EXT_CRYPTO and ext.length == 16:
+    elif ext.magic == layout.EXT_CRYPTO and ext.length == layout.CryptoHeaderPointer.sizeof():
         c = layout.CryptoHeaderPointer.parse(ext.data)
         out.update(crypto_header_offset=c.offset, crypto_header_length=c.length)
     elif ext.magic == layout.EXT_LEVELS:
@@ -104,37 +130,108 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
     return out
 
 
-@dataclass(slots=True)
-class BitmapView:
-    """One bitmap as dump shows it; the data is read lazily."""
+def bitmap_summary(entry: BitmapEntry, *, extension_consistent: bool) -> dict[str, Any]:
+    """A directory entry as dump shows it (no data read)."""
+    return {
+        "name": entry.display_name,
+        "granularity": entry.granularity,
+        "flags": entry.flag_words,
+        "flags_raw": int(entry.flags),
+        "type": entry.type,
+        "table_offset": entry.bitmap_table_offset,
+        "table_size": entry.bitmap_table_size,
+        "directory_offset": entry.offset,
+        "in_use": entry.in_use,
+        # On-disk data is stale when a writer did not close the bitmap, or when
+        # the whole extension is flagged inconsistent (autoclear bit 0 clear).
+        "stale": entry.in_use or not extension_consistent,
+    }
 
-    image: Image
-    entry: BitmapEntry
 
-    def summary(self) -> dict[str, Any]:
-        e = self.entry
-        return {
-            "name": e.display_name,
-            "granularity": e.granularity,
-            "flags": e.flag_words,
-            "flags_raw": int(e.flags),
-            "type": e.type,
-            "table_offset": e.bitmap_table_offset,
-            "table_size": e.bitmap_table_size,
-            "directory_offset": e.offset,
-            "in_use": e.in_use,
-            "stale": e.in_use,
-        }
+@dataclass
+class DumpReport:
+    """Everything ``qbitmap dump`` shows, ready for any renderer."""
 
-    def dirty_bytes(self) -> int:
-        geo = geometry_of(self.image, self.entry)
-        return dirty_bytes(geo, iter_chunks(self.image, self.entry))
+    info: dict[str, Any]
+    #: Per bitmap, in ``info["bitmaps"]`` order: its extents, or None when not asked for.
+    extents: list[Extents | None] = field(default_factory=list)
+    #: Things to tell the user on stderr (stale data), one sentence each.
+    warnings: list[str] = field(default_factory=list)
 
-    def extents(self) -> Iterator[tuple[int, int]]:
-        geo = geometry_of(self.image, self.entry)
-        return extents(geo, iter_chunks(self.image, self.entry))
 
-    def dirty_and_extents(self) -> tuple[int, list[tuple[int, int]]]:
-        """Dirty bytes and extents from a single pass over the data."""
-        runs = list(self.extents())
-        return sum(length for _, length in runs), runs
+def select_bitmaps(
+    entries: Sequence[BitmapEntry], names: Sequence[str], *, filename: str
+) -> list[BitmapEntry]:
+    """The entries named in *names* (all when empty), in directory order.
+
+    Raises UsageError (exit 64) for a name the image does not have.
+    """
+    if not names:
+        return list(entries)
+    known = {e.display_name for e in entries}
+    for name in names:
+        if name not in known:
+            raise UsageError(f"{filename}: no bitmap named {name!r}")
+    wanted = set(names)
+    return [e for e in entries if e.display_name in wanted]
+
+
+def dump_report(
+    image: Image, *, filename: str, names: Sequence[str] = (), with_extents: bool = False
+) -> DumpReport:
+    """Read what dump shows from *image*.
+
+    Raises ImageFormatError when a structure dump needs (header extensions,
+    bitmap directory, bitmap tables and data) cannot be read; UsageError for
+    an unknown name in *names*.  With *with_extents* every selected bitmap's
+    dirty ranges are computed in the same pass as its dirty byte count.
+    """
+    if image.extension_error is not None:
+        raise image.extension_error
+    directory = image.read_directory()
+    if directory.error is not None:
+        raise directory.error
+    entries = select_bitmaps(directory.entries, names, filename=filename)
+    header = image.header
+    consistent = header.version >= 3 and bool(header.autoclear & AutoclearFeature.BITMAPS)
+    info: dict[str, Any] = {
+        "filename": filename,
+        "virtual_size": image.virtual_size,
+        "cluster_size": image.cluster_size,
+        "version": header.version,
+        "header": header_dict(image),
+        "features": feature_words(image),
+        "extensions": [extension_dict(image, ext) for ext in image.extensions],
+    }
+    if header.backing_file_offset:
+        raw = image.pread(header.backing_file_offset, min(header.backing_file_size, 1023))
+        info["backing_file"] = _text(raw)
+    report = DumpReport(info)
+    if directory.entries and not consistent:
+        why = (
+            "the image is version 2"
+            if header.version < 3
+            else "autoclear bit 0 (bitmaps) is clear: a program without bitmap support wrote it"
+        )
+        report.warnings.append(
+            f"{why}, so QEMU considers every bitmap inconsistent; the on-disk contents are stale"
+        )
+    bitmaps: list[dict[str, Any]] = []
+    for entry in entries:
+        summary = bitmap_summary(entry, extension_consistent=consistent)
+        geo = geometry_of(image, entry)
+        if with_extents:
+            starts, lengths = extent_arrays(geo, iter_chunks(image, entry))
+            summary["dirty_bytes"] = int(lengths.sum())
+            report.extents.append((starts, lengths))
+        else:
+            summary["dirty_bytes"] = dirty_bytes(geo, iter_chunks(image, entry))
+            report.extents.append(None)
+        bitmaps.append(summary)
+        if entry.in_use:
+            report.warnings.append(
+                f"bitmap {entry.display_name!r} is in use (its writer did not close it "
+                "cleanly): the on-disk contents shown are stale"
+            )
+    info["bitmaps"] = bitmaps
+    return report

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import click
 
-from qbitmap.errors import UsageError
 from qbitmap.ui import Ui
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("image", type=click.Path(path_type=Path))
 @click.option(
     "-b",
     "--bitmap",
@@ -45,61 +44,28 @@ def dump(ui: Ui, image: Path, names: tuple[str, ...], extents: bool, as_json: bo
 
     Exit status: 0 success, 1 the image could not be read, 64 usage error.
     """
-    from qbitmap import inspect
-    from qbitmap.format import Image
-
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
+    from qbitmap.format import Image
+    from qbitmap.inspect import dump_report
+
     with Image.open(image) as img:
-        if img.extension_error is not None:
-            raise img.extension_error
-        directory = img.read_directory()
-        if directory.error is not None:
-            raise directory.error
-        entries = list(directory.entries)
-        if names:
-            known = {e.display_name for e in entries}
-            missing = [n for n in names if n not in known]
-            if missing:
-                raise UsageError(f"{image}: no bitmap named {missing[0]!r}")
-            entries = [e for e in entries if e.display_name in names]
-        info = {
-            "filename": str(image),
-            "virtual_size": img.virtual_size,
-            "cluster_size": img.cluster_size,
-            "version": img.header.version,
-            "header": inspect.header_dict(img),
-            "features": inspect.feature_words(img),
-            "extensions": [inspect.extension_dict(img, ext) for ext in img.extensions],
-            "bitmaps": [],
-        }
-        if img.header.backing_file_offset:
-            raw = img.pread(img.header.backing_file_offset, min(img.header.backing_file_size, 1023))
-            info["backing_file"] = raw.decode("utf-8", "backslashreplace")
-        want_extents = extents or lines
-        all_extents: dict[str, list[tuple[int, int]]] = {}
-        for entry in entries:
-            view = inspect.BitmapView(img, entry)
-            summary = view.summary()
-            total, runs = view.dirty_and_extents()
-            summary["dirty_bytes"] = total
-            info["bitmaps"].append(summary)
-            if want_extents:
-                all_extents[entry.display_name] = runs
-            if entry.in_use:
-                ui.warning(
-                    f"bitmap {entry.display_name!r} is in use (not closed cleanly): its on-disk "
-                    "contents are stale"
-                )
+        report = dump_report(img, filename=str(image), names=names, with_extents=extents or lines)
+    for warning in report.warnings:
+        ui.warning(warning)
     if as_json:
         from qbitmap.render.dump import write_json
 
-        write_json(sys.stdout, info, all_extents if want_extents else None)
+        sys.stdout.flush()
+        write_json(sys.stdout.buffer, report)
+        sys.stdout.buffer.flush()
     elif lines:
         from qbitmap.render.dump import write_lines
 
-        write_lines(sys.stdout, all_extents, with_names=len(all_extents) > 1)
+        sys.stdout.flush()
+        write_lines(sys.stdout.buffer, report)
+        sys.stdout.buffer.flush()
     else:
         from qbitmap.render.dump import human
 
-        ui.print(human(info, all_extents))
+        ui.print(human(report))

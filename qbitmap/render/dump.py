@@ -1,20 +1,108 @@
-"""Rendering of ``qbitmap dump``: rich tables for people, JSON and lines for scripts."""
+"""Rendering of ``qbitmap dump``: rich tables for people, JSON and lines for scripts.
+
+The machine forms (:func:`write_json`, :func:`write_lines`) never import
+rich, and format extents a block at a time with one C-level ``%`` per block
+(hundreds of thousands of extents per second, memory bounded by the block).
+The rich form builds every name from the image as ``Text``: never markup.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from typing import IO, Any
-
-from rich import box
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.render import hexoff, iec
 
+if TYPE_CHECKING:
+    import numpy as np
+    from rich.console import RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+    from qbitmap.inspect import DumpReport
+
+# Extents formatted per block: ~30 bytes of text each, so ~0.5 MiB at a time.
+BLOCK = 16384
+
+
+def _pairs(starts: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[int, list[int]]]:
+    """Blocks of ``(count, [start0, length0, start1, length1, ...])`` as Python ints."""
+    for pos in range(0, len(starts), BLOCK):
+        s = starts[pos : pos + BLOCK].tolist()
+        n = lengths[pos : pos + BLOCK].tolist()
+        flat: list[int] = [0] * (2 * len(s))
+        flat[0::2] = s
+        flat[1::2] = n
+        yield len(s), flat
+
+
+def _json_extents(out: IO[bytes], starts: np.ndarray, lengths: np.ndarray) -> None:
+    item = b'{"start": %d, "length": %d}'
+    first = True
+    for count, flat in _pairs(starts, lengths):
+        if not first:
+            out.write(b", ")
+        first = False
+        out.write(b", ".join([item] * count) % tuple(flat))
+
+
+def write_json(out: IO[bytes], report: DumpReport) -> None:
+    """Write the dump as one JSON object on one line (UTF-8), extents streamed.
+
+    *out* is a binary stream (``sys.stdout.buffer``): extents are formatted
+    as bytes a block at a time, skipping a text layer for megabytes of digits.
+    """
+    info = report.info
+    top = {k: v for k, v in info.items() if k != "bitmaps"}
+    out.write(json.dumps(top)[:-1].encode())
+    out.write(b', "bitmaps": [')
+    for i, (bm, ext) in enumerate(zip(info["bitmaps"], report.extents, strict=True)):
+        if i:
+            out.write(b", ")
+        body = json.dumps(bm).encode()
+        if ext is None:
+            out.write(body)
+            continue
+        out.write(body[:-1])
+        out.write(b', "extents": [')
+        _json_extents(out, *ext)
+        out.write(b"]}")
+    out.write(b"]}\n")
+
+
+def line_name(name: str) -> str:
+    """A bitmap name made safe for one whitespace-separated column (no spaces, no newlines)."""
+    return name.encode("unicode_escape").decode("ascii").replace(" ", "\\x20")
+
+
+def write_lines(out: IO[bytes], report: DumpReport) -> None:
+    """``START LENGTH`` a line; ``START LENGTH NAME`` when several bitmaps are shown.
+
+    *out* is a binary stream, as for :func:`write_json`.
+    """
+    shown = [
+        (bm["name"], ext)
+        for bm, ext in zip(report.info["bitmaps"], report.extents, strict=True)
+        if ext is not None
+    ]
+    with_names = len(shown) > 1
+    for name, (starts, lengths) in shown:
+        if with_names:
+            line = b"%d %d " + line_name(name).replace("%", "%%").encode("ascii") + b"\n"
+        else:
+            line = b"%d %d\n"
+        for count, flat in _pairs(starts, lengths):
+            out.write((line * count) % tuple(flat))
+
+
+# -- rich ---------------------------------------------------------------------------------
+
 
 def _kv_table(title: str) -> Table:
+    from rich import box
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value")
@@ -22,6 +110,8 @@ def _kv_table(title: str) -> Table:
 
 
 def header_table(info: dict[str, Any]) -> Table:
+    from rich.text import Text
+
     header = info["header"]
     table = _kv_table("Header")
     table.add_row("file", Text(info["filename"]))
@@ -30,28 +120,32 @@ def header_table(info: dict[str, Any]) -> Table:
     table.add_row("cluster size", f"{iec(info['cluster_size'])} (cluster_bits {header['cluster_bits']})")
     if header["version"] >= 3:
         table.add_row("header length", str(header["header_length"]))
-        table.add_row("refcount bits", str(1 << header["refcount_order"]))
-        compression = {0: "zlib", 1: "zstd"}.get(header["compression_type"] or 0, "unknown")
-        table.add_row("compression", compression)
-    for kind in ("incompatible", "compatible", "autoclear"):
-        words = info["features"].get(kind, [])
-        raw = header.get(f"{kind}_features")
-        label = f"{kind} features"
-        if raw is None:
-            continue
-        table.add_row(label, Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else "")))
-    table.add_row("L1 table", f"{hexoff(header['l1_table_offset'])}, {header['l1_size']} entries")
+        table.add_row("refcount bits", str(1 << min(header["refcount_order"], 64)))
+        code = header["compression_type"] or 0
+        table.add_row("compression", {0: "zlib", 1: "zstd"}.get(code, f"unknown ({code})"))
+        for kind in ("incompatible", "compatible", "autoclear"):
+            words = info["features"].get(kind, [])
+            raw = header[f"{kind}_features"]
+            table.add_row(f"{kind} features", Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else "")))
+    if header["crypt_method"]:
+        method = {1: "AES (legacy)", 2: "LUKS"}.get(header["crypt_method"], "unknown")
+        table.add_row("encryption", f"{method} (crypt_method {header['crypt_method']})")
+    table.add_row("L1 table", f"{header['l1_size']} entries at {hexoff(header['l1_table_offset'])}")
     table.add_row(
         "refcount table",
-        f"{hexoff(header['refcount_table_offset'])}, {header['refcount_table_clusters']} clusters",
+        f"{header['refcount_table_clusters']} clusters at {hexoff(header['refcount_table_offset'])}",
     )
     table.add_row("snapshots", f"{header['nb_snapshots']} at {hexoff(header['snapshots_offset'])}")
-    if header["backing_file_offset"]:
-        table.add_row("backing file", Text(info.get("backing_file", "")))
+    if "backing_file" in info:
+        table.add_row("backing file", Text(info["backing_file"]))
     return table
 
 
-def extensions_table(extensions: Sequence[dict[str, Any]]) -> Table:
+def extensions_table(extensions: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Header extensions", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("offset", justify="right", no_wrap=True)
     table.add_column("magic", no_wrap=True)
@@ -73,14 +167,17 @@ def _extension_summary(ext: dict[str, Any]) -> str:
     if "value" in ext:
         return repr(ext["value"])
     if "features" in ext:
-        return f"{len(ext['features'])} feature names"
+        return ", ".join(f"{f['type']} {f['bit']}: {f['name']}" for f in ext["features"]) or "empty"
     if "nb_bitmaps" in ext:
         return (
-            f"{ext['nb_bitmaps']} bitmaps, directory {ext['bitmap_directory_size']} bytes "
+            f"{ext['nb_bitmaps']} bitmaps, directory of {ext['bitmap_directory_size']} bytes "
             f"at {hexoff(ext['bitmap_directory_offset'])}"
         )
     if "crypto_header_offset" in ext:
-        return f"encryption header {ext['crypto_header_length']} bytes at {hexoff(ext['crypto_header_offset'])}"
+        return (
+            f"encryption header of {ext['crypto_header_length']} bytes "
+            f"at {hexoff(ext['crypto_header_offset'])}"
+        )
     if "records" in ext:
         parts = [
             f"{r['name']!r}: level {r['consistent_level']}/{r['max_level']} (level_bits {r['level_bits']})"
@@ -91,13 +188,18 @@ def _extension_summary(ext: dict[str, Any]) -> str:
     return data[:48] + ("..." if len(data) > 48 else "")
 
 
-def bitmaps_table(bitmaps: Sequence[dict[str, Any]]) -> Table:
+def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("name")
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
     table.add_column("type", justify="right")
-    table.add_column("table", justify="right", no_wrap=True)
+    table.add_column("table offset", justify="right", no_wrap=True)
+    table.add_column("table size", justify="right", no_wrap=True)
     table.add_column("dirty", justify="right", no_wrap=True)
     for bm in bitmaps:
         flags = Text(", ".join(bm["flags"]) or "-")
@@ -105,82 +207,75 @@ def bitmaps_table(bitmaps: Sequence[dict[str, Any]]) -> Table:
             flags.stylize("bold yellow")
         if bm["flags_raw"] & ~3:
             flags.append(f" (raw {bm['flags_raw']:#x})", style="red")
-        dirty = bm.get("dirty_bytes")
-        dirty_text = Text("?" if dirty is None else f"{iec(dirty)}")
-        if bm["in_use"]:
-            dirty_text.append(" stale", style="yellow")
+        dirty = Text(f"{iec(bm['dirty_bytes'])} ({bm['dirty_bytes']} bytes)")
+        if bm["stale"]:
+            dirty.append(" STALE", style="bold yellow")
         table.add_row(
             Text(bm["name"]),
             iec(bm["granularity"]),
             flags,
             str(bm["type"]),
-            f"{bm['table_size']} @ {hexoff(bm['table_offset'])}",
-            dirty_text,
+            hexoff(bm["table_offset"]),
+            str(bm["table_size"]),
+            dirty,
         )
     return table
 
 
-def extents_table(name: str, runs: Iterable[tuple[int, int]]) -> Table:
-    table = Table(title=Text(f"Dirty extents of {name!r}"), title_justify="left", box=box.SIMPLE_HEAD)
+def extents_table(name: str, starts: np.ndarray, lengths: np.ndarray) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title=Text(f"Dirty extents of {name!r}"), title_justify="left", box=box.SIMPLE_HEAD
+    )
     table.add_column("start", justify="right", no_wrap=True)
     table.add_column("length", justify="right", no_wrap=True)
     table.add_column("end", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
-    for start, length in runs:
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
         table.add_row(str(start), str(length), str(start + length), iec(length))
+    if not len(starts):
+        table.add_row("-", "-", "-", "clean")
     return table
 
 
-def stale_warning(name: str) -> Text:
+def stale_warning(name: str, in_use: bool) -> Text:
+    from rich.text import Text
+
+    why = (
+        "is in use: a writer did not close it cleanly"
+        if in_use
+        else "belongs to an extension QEMU considers inconsistent"
+    )
     return Text.assemble(
         ("warning: ", "bold yellow"),
-        f"bitmap {name!r} is in use: a writer did not close it cleanly. The contents shown are "
-        "what is on disk and are stale; writes made since the last clean close are missing. "
+        f"bitmap {name!r} {why}. The contents shown are what is on disk and are stale: "
+        "writes made since the last clean close are missing. "
         "See 'qbitmap check' and 'qbitmap recover'.",
     )
 
 
-def human(info: dict[str, Any], extents: dict[str, list[tuple[int, int]]]) -> RenderableType:
-    parts: list[RenderableType] = [header_table(info), extensions_table(info["extensions"])]
+def human(report: DumpReport) -> RenderableType:
+    """The whole dump as one rich renderable."""
+    from rich.console import Group
+    from rich.text import Text
+
+    info = report.info
+    parts: list[RenderableType] = [header_table(info)]
+    if info["extensions"]:
+        parts.append(extensions_table(info["extensions"]))
+    else:
+        parts.append(Text("No header extensions.\n"))
     if info["bitmaps"]:
         parts.append(bitmaps_table(info["bitmaps"]))
     else:
         parts.append(Text("No bitmaps."))
     for bm in info["bitmaps"]:
-        if bm["in_use"]:
-            parts.append(stale_warning(bm["name"]))
-    for bm in info["bitmaps"]:
-        if bm["name"] in extents:
-            parts.append(extents_table(bm["name"], extents[bm["name"]]))
+        if bm["stale"]:
+            parts.append(stale_warning(bm["name"], bm["in_use"]))
+    for bm, ext in zip(info["bitmaps"], report.extents, strict=True):
+        if ext is not None:
+            parts.append(extents_table(bm["name"], *ext))
     return Group(*parts)
-
-
-def write_json(out: IO[str], info: dict[str, Any], extents: dict[str, list[tuple[int, int]]] | None) -> None:
-    """Write the dump as one JSON object.  Extents are streamed (they can be many)."""
-    top = {k: v for k, v in info.items() if k != "bitmaps"}
-    head = json.dumps(top, indent=None)
-    out.write(head[:-1])
-    out.write(', "bitmaps": [')
-    for i, bm in enumerate(info["bitmaps"]):
-        if i:
-            out.write(", ")
-        body = json.dumps(bm)
-        if extents is None:
-            out.write(body)
-            continue
-        out.write(body[:-1])
-        out.write(', "extents": [')
-        runs = extents.get(bm["name"], [])
-        out.write(", ".join([f'{{"start": {s}, "length": {n}}}' for s, n in runs]))
-        out.write("]}")
-    out.write("]}\n")
-
-
-def write_lines(out: IO[str], extents: dict[str, list[tuple[int, int]]], *, with_names: bool) -> None:
-    """``START LENGTH`` a line (``START LENGTH NAME`` when several bitmaps are shown)."""
-    for name, runs in extents.items():
-        if with_names:
-            safe = name.encode("unicode_escape").decode("ascii")
-            out.write("".join([f"{s} {n} {safe}\n" for s, n in runs]))
-        else:
-            out.write("".join([f"{s} {n}\n" for s, n in runs]))
