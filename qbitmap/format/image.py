@@ -46,6 +46,8 @@ BME_MAX_GRANULARITY_BITS = 31
 BME_MAX_NAME_SIZE = 1023
 QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024
 QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
+# The bitmap directory is read in windows of this size, as far as its entries reach.
+DIRECTORY_READ_WINDOW = 64 * 1024
 
 
 def _size_of(fd: int) -> int:
@@ -379,7 +381,20 @@ class Image:
                 field="nb_bitmaps",
             )
             return Directory(offset, size, (), err)
-        data = self.read(offset, size, what="bitmap directory", field="bitmap_directory_offset")
+        # Read as far as the entries actually reach (in windows), not all the
+        # claimed size up front: a lying size then costs nothing.
+        data = bytearray()
+
+        def have(end: int) -> None:
+            if end > len(data):
+                want = min(size, max(end, len(data) + DIRECTORY_READ_WINDOW)) - len(data)
+                data.extend(
+                    self.read(
+                        offset + len(data), want, what="bitmap directory",
+                        field="bitmap_directory_offset",
+                    )
+                )
+
         entries: list[BitmapEntry] = []
         pos = 0
         error: ImageFormatError | None = None
@@ -404,6 +419,7 @@ class Image:
                     field="bitmap directory entry",
                 )
                 break
+            have(pos + layout.BITMAP_DIR_ENTRY_FIXED_SIZE)
             name_size = int.from_bytes(data[pos + 18 : pos + 20], "big")
             extra_size = int.from_bytes(data[pos + 20 : pos + 24], "big")
             full = layout.dir_entry_size(name_size, extra_size)
@@ -416,7 +432,8 @@ class Image:
                     field="name_size",
                 )
                 break
-            c = layout.BitmapDirectoryEntry.parse(data[pos : pos + full])
+            have(pos + full)
+            c = layout.BitmapDirectoryEntry.parse(bytes(data[pos : pos + full]))
             entries.append(BitmapEntry.from_container(c, offset=entry_offset, index=len(entries)))
             pos += full
         if error is None and len(entries) != ext.nb_bitmaps:
