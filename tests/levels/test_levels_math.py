@@ -54,7 +54,9 @@ def test_max_level_examples(nbits: int, level_bits: int, expected: int) -> None:
 
 
 @given(st.integers(0, 1 << 40), st.integers(1, 16))
-def test_max_level_is_the_smallest_with_at_most_f_bits_at_level_0(nbits: int, level_bits: int) -> None:
+def test_max_level_is_the_smallest_with_at_most_f_bits_at_level_0(
+    nbits: int, level_bits: int
+) -> None:
     f = 1 << level_bits
     m = levels.max_level(nbits, level_bits)
     assert -(-nbits // f**m) <= f
@@ -91,7 +93,9 @@ def test_widen_matches_the_definition(bits: list[int], group: int) -> None:
 
 @settings(max_examples=300)
 @given(bitlists, st.integers(1, 4), st.data())
-def test_recover_covers_t_whenever_the_invariant_holds(bits: list[int], level_bits: int, data) -> None:
+def test_recover_covers_t_whenever_the_invariant_holds(
+    bits: list[int], level_bits: int, data
+) -> None:
     """Spec "Recovery", safety: invariant at level c => recovered bitmap covers T."""
     n = len(bits)
     top = levels.max_level(n, level_bits)
@@ -108,7 +112,7 @@ def test_recover_covers_t_whenever_the_invariant_holds(bits: list[int], level_bi
                 d_bits[pos] = 1
     if c == top:
         d_bits = [a | b for a, b in zip(bits, d_bits, strict=True)]
-    for k in range(0, c + 1):
+    for k in range(c + 1):
         t_k, d_k = brute_level(bits, k, top, level_bits), brute_level(d_bits, k, top, level_bits)
         assert all(dk >= tk for tk, dk in zip(t_k, d_k, strict=True))
     out = levels.recover(pack(d_bits), n, c, top, level_bits)

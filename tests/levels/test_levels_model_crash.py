@@ -192,7 +192,9 @@ def test_a_change_at_exactly_the_consistent_level(change_level: str) -> None:
         assert (missing_bits(accepted, recovered) == 0) is should_cover, (state_cls, model.log)
 
 
-def make_tracker(policy: FlushPolicy | None, nbits: int = 4096) -> tuple[Tracker, ModelBackend, FakeClock]:
+def make_tracker(
+    policy: FlushPolicy | None, nbits: int = 4096
+) -> tuple[Tracker, ModelBackend, FakeClock]:
     clock = FakeClock()
     model = ModelBackend(np.zeros(nbits // 8, dtype=np.uint8), nbits, 6, 64)
     state = LevelState(np.zeros(nbits // 8, dtype=np.uint8), nbits, 6, 64)
