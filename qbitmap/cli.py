@@ -31,12 +31,31 @@ class QbitmapGroup(click.Group):
     """Maps usage errors and QbitmapError onto qbitmap's exit codes."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        kwargs.setdefault("standalone_mode", True)
-        try:
+        if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: bare `qbitmap`
+                sys.stderr.write(exc.format_message() + "\n")
+                sys.exit(ExitCode.USAGE)
+            # One line, like every other error (click's own form takes four).
+            hint = ""
+            if exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            sys.stderr.write(f"qbitmap: error: {_one_line(exc.format_message())}{hint}\n")
+            sys.exit(ExitCode.USAGE)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:  # pragma: no cover - interactive
+            sys.stderr.write("qbitmap: aborted\n")
+            sys.exit(ExitCode.FAILED)
         except KeyboardInterrupt:  # pragma: no cover - interactive
             sys.stderr.write("qbitmap: interrupted\n")
             sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else ExitCode.OK)
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -75,6 +94,10 @@ class QbitmapGroup(click.Group):
             ui = ctx.find_object(Ui) or Ui()
             ui.error(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details")
             ctx.exit(ExitCode.FAILED)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 def _debug(ctx: click.Context) -> bool:

@@ -167,7 +167,9 @@ def _extension_summary(ext: dict[str, Any]) -> str:
     if "value" in ext:
         return repr(ext["value"])
     if "features" in ext:
-        return ", ".join(f"{f['type']} {f['bit']}: {f['name']}" for f in ext["features"]) or "empty"
+        kinds = [f["type"] for f in ext["features"]]
+        counts = ", ".join(f"{kinds.count(k)} {k}" for k in dict.fromkeys(kinds))
+        return f"{len(kinds)} feature names ({counts})" if kinds else "empty"
     if "nb_bitmaps" in ext:
         return (
             f"{ext['nb_bitmaps']} bitmaps, directory of {ext['bitmap_directory_size']} bytes "
@@ -193,21 +195,20 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("name")
+    table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("name", min_width=8, overflow="fold")
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
-    table.add_column("type", justify="right")
-    table.add_column("table offset", justify="right", no_wrap=True)
-    table.add_column("table size", justify="right", no_wrap=True)
+    table.add_column("type", justify="right", no_wrap=True)
+    table.add_column("table", justify="right", no_wrap=True)
     table.add_column("dirty", justify="right", no_wrap=True)
     for bm in bitmaps:
         flags = Text(", ".join(bm["flags"]) or "-")
         if bm["in_use"]:
             flags.stylize("bold yellow")
         if bm["flags_raw"] & ~3:
-            flags.append(f" (raw {bm['flags_raw']:#x})", style="red")
-        dirty = Text(f"{iec(bm['dirty_bytes'])} ({bm['dirty_bytes']} bytes)")
+            flags.append(f" ({bm['flags_raw']:#x})", style="red")
+        dirty = Text(iec(bm["dirty_bytes"]))
         if bm["stale"]:
             dirty.append(" STALE", style="bold yellow")
         table.add_row(
@@ -215,8 +216,7 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
             iec(bm["granularity"]),
             flags,
             str(bm["type"]),
-            hexoff(bm["table_offset"]),
-            str(bm["table_size"]),
+            f"{bm['table_size']} at {hexoff(bm['table_offset'])}",
             dirty,
         )
     return table
