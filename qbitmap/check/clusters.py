@@ -34,6 +34,7 @@ from qbitmap.format.refcount import decode_refcount_block
 
 QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
+QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 # Contiguous metadata clusters (L2 tables, refcount blocks) are read together, this much at a time.
 READ_BATCH = 16 << 20
 
@@ -413,6 +414,16 @@ class _Builder:
     def snapshots(self) -> None:
         header = self.image.header
         count, offset = header.nb_snapshots, header.snapshots_offset
+        if offset % self.cs or offset + 40 * count > 0x7FFFFFFFFFFFFFFF:
+            # QEMU validates the offset even when there are no snapshots.
+            self.problem(
+                "snapshot-table-invalid",
+                f"snapshots_offset {offset:#x} is not cluster aligned or too large (QEMU: 'Snapshot "
+                "table offset invalid')",
+                64,
+                "snapshots_offset",
+            )
+            return
         if count == 0:
             return
         if count > QCOW_MAX_SNAPSHOTS:
@@ -444,6 +455,15 @@ class _Builder:
                 return
             l1_off, l1_size, id_size, name_size = struct.unpack_from(">QIHH", buf, pos)
             extra_size = struct.unpack_from(">I", buf, pos + 36)[0]
+            if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+                self.problem(
+                    "snapshot-table-invalid",
+                    f"snapshot table entry {n} has {extra_size} bytes of extra data, QEMU allows "
+                    f"{QCOW_MAX_SNAPSHOT_EXTRA_DATA} (QEMU: 'Too much extra metadata')",
+                    offset + pos + 36,
+                    "extra_data_size",
+                )
+                return
             full = pos + 40 + extra_size + id_size + name_size
             full += -full % 8
             if full > len(buf):
@@ -797,25 +817,58 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray
         )
 
 
-def _unreferenced(ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray | None) -> Iterator[Finding]:
-    if refcounts is None or not refmap.complete:
+def image_refcount_findings(
+    refmap: ReferenceMap,
+    refcounts: np.ndarray,
+    *,
+    exclude: np.ndarray | None,
+    report_leaks: bool,
+) -> Iterator[Finding]:
+    """Refcounts against references for every cluster of the file outside the bitmaps.
+
+    A refcount below the references is corruption (QEMU could free or reuse a
+    cluster still in use); above them is a leak, only a note here: leaks outside
+    the bitmaps are ``qemu-img check``'s business.
+    """
+    n = len(refcounts)
+    inside = (refmap.clusters >= 0) & (refmap.clusters < n)
+    refs = np.bincount(refmap.clusters[inside], weights=refmap.weights[inside], minlength=n)
+    refs = refs[:n].astype(np.int64)
+    bm = refmap.bm_clusters[(refmap.bm_clusters >= 0) & (refmap.bm_clusters < n)]
+    refs += np.bincount(bm, minlength=n)[:n]
+    skip = np.zeros(n, dtype=bool)
+    skip[bm] = True
+    if exclude is not None and len(exclude):
+        skip[exclude[exclude < n]] = True
+    rc = refcounts.astype(np.int64)
+    low = np.flatnonzero((refs > rc) & ~skip)
+    if len(low):
+        i = int(low[0])
+        yield Finding(
+            "image-refcount-too-low",
+            f"{_plural(len(low), 'cluster')} outside the bitmaps are referenced more often than "
+            f"their refcount says (the one at {i << refmap.cluster_bits:#x} has refcount {int(rc[i])} "
+            f"and {int(refs[i])} references, as {_kinds_phrase(refmap, i)}); QEMU could reuse them",
+            offset=i << refmap.cluster_bits,
+            field="refcount",
+        )
+    if not report_leaks:
         return
-    mask = refcounts > 0
-    mask &= ~refmap.referenced_mask()[: len(refcounts)]
-    ignored = ctx.ignored_leaks
-    if ignored is not None and len(ignored):
-        mask[ignored] = False
-    hits = np.flatnonzero(mask)
-    if not len(hits):
-        return
-    first = int(hits[0]) << refmap.cluster_bits
-    yield Finding(
-        "unreferenced-clusters",
-        f"{_plural(len(hits), 'cluster')} outside the bitmaps have a refcount but no reference "
-        f"(the first at {first:#x}); 'qemu-img check -r leaks' frees them",
-        offset=first,
-        field="refcount",
-    )
+    leaked = np.flatnonzero((rc > refs) & ~skip)
+    if len(leaked):
+        i = int(leaked[0])
+        yield Finding(
+            "image-clusters-leaked",
+            f"{_plural(len(leaked), 'cluster')} outside the bitmaps have a refcount above their "
+            f"references (the first at {i << refmap.cluster_bits:#x}); 'qemu-img check -r leaks' "
+            "frees them",
+            offset=i << refmap.cluster_bits,
+            field="refcount",
+        )
+
+
+def _kinds_phrase(refmap: ReferenceMap, cluster: int) -> str:
+    return " and ".join(k.phrase for k in refmap.image_kinds_at(cluster)) or "nothing"
 
 
 def check(ctx: Context) -> Iterator[Finding]:
@@ -837,5 +890,10 @@ def check(ctx: Context) -> Iterator[Finding]:
         (ext is None or not ctx.honored)
         or (ctx.directory_complete and all(e.index in ctx.tables for e in ctx.entries))
     )
-    if not dirty and bitmaps_walked and image.extension_error is None:
-        yield from _unreferenced(ctx, refmap, refcounts)
+    if refcounts is not None and not dirty:
+        yield from image_refcount_findings(
+            refmap,
+            refcounts,
+            exclude=ctx.ignored_leaks,
+            report_leaks=refmap.complete and bitmaps_walked and image.extension_error is None,
+        )

@@ -48,6 +48,7 @@ CODES: dict[str, tuple[Severity, str]] = {
         I,
         "another process (normally a running QEMU) holds the image's lock bytes",
     ),
+    "header-invalid": (C, "a header field has a value QEMU refuses to open"),
     "header-extensions-invalid": (
         C,
         "the header extension area is malformed (QEMU: 'Header extension too large')",
@@ -67,9 +68,13 @@ CODES: dict[str, tuple[Severity, str]] = {
         C,
         "the full disk encryption header pointer is malformed or points outside the file",
     ),
-    "unreferenced-clusters": (
+    "image-refcount-too-low": (
+        C,
+        "clusters outside the bitmaps are referenced more often than their refcount says",
+    ),
+    "image-clusters-leaked": (
         I,
-        "clusters with a refcount that nothing references (leaks outside the bitmaps; "
+        "clusters outside the bitmaps have a refcount above their references (leaks; "
         "'qemu-img check -r leaks' frees them)",
     ),
     # -- the bitmaps extension and the directory -----------------------------------------

@@ -350,6 +350,8 @@ EDITS: dict[str, Edit] = {
     "l1-size-zero": lambda l: poke(l.path, 36, ">I", 0),
     "l1-offset-unaligned": lambda l: poke(l.path, 40, ">Q", l.l1_offset + 8),
     "l2-past-eof": lambda l: poke(l.path, l.l1_offset, ">Q", (1 << 63) | _past_eof(l)),
+    "l2-on-l1": lambda l: poke(l.path, l.l1_offset, ">Q", (1 << 63) | l.l1_offset),
+    "guest-data-refcount-0": lambda l: poke(l.path, l.refcount_entry_offset(l.guest_cluster(3 * MiB)), ">H", 0),
     "snapshots-offset-unaligned": lambda l: poke(l.path, 64, ">Q", l.snapshots_offset + 8),
     "crypt-method-luks": lambda l: poke(l.path, 32, ">I", 2),
     "leaked-cluster": _leak_one_cluster,
