@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 
@@ -99,6 +99,7 @@ class Tracker:
         self._failed: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # a write happened: the flusher recomputes its deadline
         self._thread_error: BaseException | None = None
         try:
             backend.begin(state.max_level)
@@ -167,6 +168,7 @@ class Tracker:
             self._last_write = now
             if self.policy.size_due(self._state.changed_bytes):
                 self._run(self._flush_locked)
+        self._wake.set()
 
     def flush(self) -> None:
         """Write ``T`` to the image and let the record claim ``max_level`` again."""
@@ -180,6 +182,13 @@ class Tracker:
             self._usable()
             self._run(self._maybe_flush_on_time, self._clock())
 
+    def next_deadline(self) -> float | None:
+        """The clock value at which a time-based policy flushes; None if nothing is pending."""
+        with self._lock:
+            if not self._state.has_changes or self._closed:
+                return None
+            return self.policy.next_deadline(self._last_flush, self._last_write)
+
     def close(self) -> None:
         """Flush, clear in_use and remove the record: QEMU then sees a consistent bitmap."""
         self._stop_thread()
@@ -189,7 +198,9 @@ class Tracker:
             if self._failed is not None:
                 self._closed = True
                 self._backend.abandon()
-                raise TrackerClosedError(f"the tracker failed earlier: {self._failed}") from self._failed
+                raise TrackerClosedError(
+                    f"the tracker failed earlier: {self._failed}"
+                ) from self._failed
             try:
                 self._flush_locked()
                 self._backend.end()
@@ -208,7 +219,7 @@ class Tracker:
                 self._closed = True
                 self._backend.abandon()
 
-    def __enter__(self) -> Tracker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -237,7 +248,9 @@ class Tracker:
         self._last_flush = self._clock()
 
     def _maybe_flush_on_time(self, now: float) -> None:
-        if self._state.has_changes and self.policy.time_due(now, self._last_flush, self._last_write):
+        if self._state.has_changes and self.policy.time_due(
+            now, self._last_flush, self._last_write
+        ):
             self._flush_locked()
 
     def _run(self, fn: Callable[..., None], *args: object) -> None:
@@ -253,28 +266,28 @@ class Tracker:
         if self._closed:
             raise TrackerClosedError("the tracker is closed")
         if self._failed is not None:
-            raise TrackerClosedError(f"the tracker failed earlier: {self._failed}") from self._failed
+            raise TrackerClosedError(
+                f"the tracker failed earlier: {self._failed}"
+            ) from self._failed
 
     def _flusher(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                if self._closed or self._failed is not None:
-                    return
-                deadline = self.policy.next_deadline(self._last_flush, self._last_write)
-            wait = 0.5 if deadline is None else max(0.0, deadline - self._clock())
-            if self._stop.wait(min(wait, 0.5)):
-                return
+            deadline = self.next_deadline()
+            wait = 1.0 if deadline is None else max(0.0, deadline - self._clock())
+            self._wake.wait(wait)
+            self._wake.clear()
             try:
                 with self._lock:
-                    if self._closed or self._failed is not None:
+                    if self._closed or self._failed is not None or self._stop.is_set():
                         return
                     self._maybe_flush_on_time(self._clock())
-            except BaseException as exc:  # reported by the next call
+            except BaseException as exc:  # noqa: BLE001 - reported by the next call
                 self._thread_error = exc
                 return
 
     def _stop_thread(self) -> None:
         if self._thread is not None:
             self._stop.set()
+            self._wake.set()
             self._thread.join()
             self._thread = None

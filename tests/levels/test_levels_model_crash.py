@@ -258,6 +258,24 @@ def test_policy_idle_ms() -> None:
     tracker.close()
 
 
+def test_next_deadline_is_what_a_background_flusher_waits_for() -> None:
+    tracker, _, clock = make_tracker(FlushPolicy(every_seconds=2.0, idle_ms=100))
+    assert tracker.next_deadline() is None  # nothing to flush
+    clock.now = 1.0
+    tracker.write(0, 1)
+    assert tracker.next_deadline() == pytest.approx(1.1)  # idle comes first
+    clock.now = 1.1
+    tracker.tick()
+    assert tracker.stats.flushes == 1
+    assert tracker.next_deadline() is None
+    tracker.write(8, 1)
+    clock.now = 1.15
+    tracker.write(16, 1)
+    assert tracker.next_deadline() == pytest.approx(1.25)
+    tracker.close()
+    assert tracker.next_deadline() is None
+
+
 def test_policy_changed_kib() -> None:
     tracker, _, _ = make_tracker(FlushPolicy(changed_kib=0.0625))  # 64 bytes
     for i in range(63):
