@@ -154,4 +154,17 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="qbitmap")
+    try:
+        cli(prog_name="qbitmap")
+    except SystemExit as exc:
+        from qbitmap import ui
+
+        if not ui.fast_exit_allowed():
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BrokenPipeError:
+            pass
+        os._exit(code)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qbitmap.ui import Ui
+from qbitmap.ui import Ui, allow_fast_exit
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,3 +69,4 @@ def dump(ui: Ui, image: Path, names: tuple[str, ...], extents: bool, as_json: bo
         from qbitmap.render.dump import human
 
         ui.print(human(report))
+    allow_fast_exit()

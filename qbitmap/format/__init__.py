@@ -6,6 +6,8 @@ Nothing here prints, exits or imports click/rich.  Higher layers
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from qbitmap.format.bitmap import (
     Chunk,
     Geometry,
@@ -34,7 +36,19 @@ from qbitmap.format.model import (
     IncompatibleFeature,
     LevelRecord,
 )
-from qbitmap.format.refcount import Refcounts
+
+if TYPE_CHECKING:
+    from qbitmap.format.refcount import Refcounts
+
+
+def __getattr__(name: str) -> object:
+    # Refcounts is imported on first use: dump never needs it.
+    if name == "Refcounts":
+        from qbitmap.format.refcount import Refcounts
+
+        return Refcounts
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AutoclearFeature",

@@ -25,7 +25,7 @@ from qbitmap.format.image import BME_MAX_PHYS_SIZE, Image
 from qbitmap.format.model import BitmapEntry
 
 # Contiguous data clusters are read together, up to this many bytes per read.
-READ_BATCH_BYTES = 4 << 20
+READ_BATCH_BYTES = 1 << 20
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -395,12 +395,20 @@ def run_arrays(chunks: Iterator[Chunk]) -> tuple[np.ndarray, np.ndarray]:
     if not firsts:
         return _EMPTY, _EMPTY
     first_bits = np.concatenate(firsts)
+    del firsts
     end_bits = np.concatenate(ends)
+    del ends
     # Runs that touch across chunk or block boundaries are one run.
     breaks = first_bits[1:] != end_bits[:-1]
-    keep_first = np.concatenate(([True], breaks))
-    keep_end = np.concatenate((breaks, [True]))
-    return first_bits[keep_first], end_bits[keep_end]
+    if breaks.all():
+        return first_bits, end_bits
+    keep = np.empty(len(first_bits), dtype=bool)
+    keep[0] = True
+    keep[1:] = breaks
+    first_bits = first_bits[keep]
+    keep[:-1] = breaks
+    keep[-1] = True
+    return first_bits, end_bits[keep]
 
 
 def extent_arrays(geo: Geometry, chunks: Iterator[Chunk]) -> tuple[np.ndarray, np.ndarray]:
@@ -414,6 +422,11 @@ def extent_arrays(geo: Geometry, chunks: Iterator[Chunk]) -> tuple[np.ndarray, n
     if (geo.nbits + 1) * geo.granularity >= 1 << 63:
         first_bits = first_bits.astype(object)
         end_bits = end_bits.astype(object)
-    starts = first_bits * geo.granularity
-    stops = np.minimum(end_bits * geo.granularity, geo.virtual_size)
-    return starts, stops - starts
+        starts = first_bits * geo.granularity
+        return starts, np.minimum(end_bits * geo.granularity, geo.virtual_size) - starts
+    # In place: the arrays can be large and are ours (run_arrays made them).
+    starts = np.multiply(first_bits, geo.granularity, out=first_bits)
+    lengths = np.multiply(end_bits, geo.granularity, out=end_bits)
+    np.minimum(lengths, geo.virtual_size, out=lengths)
+    np.subtract(lengths, starts, out=lengths)
+    return starts, lengths
