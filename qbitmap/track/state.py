@@ -45,16 +45,16 @@ class LevelState:
         # levels[k] for k < max_level: bit j of level k, as bools.  Built from
         # the finest level up: each level is the OR of groups of F bits below.
         self._levels: list[np.ndarray] = [np.zeros(0, dtype=bool)] * self.max_level
-        fanout = 1 << level_bits
-        below = np.unpackbits(self.bits, bitorder="little")[:nbits].astype(bool)
-        for k in range(self.max_level - 1, -1, -1):
-            groups = -(-len(below) // fanout)
-            padded = np.zeros(groups * fanout, dtype=bool)
-            padded[: len(below)] = below
-            below = padded.reshape(groups, fanout).any(axis=1)
-            self._levels[k] = below
+        if self.max_level:
+            below = _group_any_packed(self.bits, nbits, 1 << level_bits)
+            self._levels[self.max_level - 1] = below
+            for k in range(self.max_level - 2, -1, -1):
+                below = _group_any(below, 1 << level_bits)
+                self._levels[k] = below
         self.consistent_level = self.max_level
+        # Bitmap bytes changed since the last flush, and the clusters holding them.
         self._changed = np.zeros(nbytes, dtype=bool)
+        self._dirty_clusters: set[int] = set()
         self.changed_bytes = 0  # distinct bitmap bytes changed since the last flush
 
     # -- queries -----------------------------------------------------------------
@@ -102,8 +102,7 @@ class LevelState:
     @property
     def dirty_clusters(self) -> list[int]:
         """Indices of bitmap data clusters holding a byte changed since the last flush."""
-        idx = np.flatnonzero(self._changed)
-        return sorted(set((idx // self.cluster_size).tolist()))
+        return sorted(self._dirty_clusters)
 
     @property
     def has_changes(self) -> bool:
@@ -118,22 +117,27 @@ class LevelState:
             return 0
         lo, hi = first // 8, (end - 1) // 8 + 1
         old = self.bits[lo:hi].copy()
-        part = np.unpackbits(old, bitorder="little")
-        part[first - lo * 8 : end - lo * 8] = 1
-        new = np.packbits(part, bitorder="little")
-        self.bits[lo:hi] = new
+        self.bits[lo:hi] |= _range_masks(first, end)
         for k in range(self.max_level):
             g = self.group_bits(k)
             self._levels[k][first // g : (end - 1) // g + 1] = True
-        diff = np.flatnonzero(old != new) + lo
+        diff = np.flatnonzero(old != self.bits[lo:hi]) + lo
+        if not len(diff):
+            return 0
         fresh = int(np.count_nonzero(~self._changed[diff]))
         self._changed[diff] = True
+        self._dirty_clusters.update(
+            range(diff[0] // self.cluster_size, diff[-1] // self.cluster_size + 1)
+        )
         self.changed_bytes += fresh
         return fresh
 
     def mark_flushed(self) -> None:
         """``D`` now equals ``T``: the record may claim ``max_level`` again."""
-        self._changed[:] = False
+        cs = self.cluster_size
+        for i in self._dirty_clusters:
+            self._changed[i * cs : (i + 1) * cs] = False
+        self._dirty_clusters.clear()
         self.changed_bytes = 0
         self.consistent_level = self.max_level
 
@@ -145,8 +149,52 @@ class LevelState:
 
     def _all_set(self, first: int, end: int) -> bool:
         lo, hi = first // 8, (end - 1) // 8 + 1
-        part = np.unpackbits(self.bits[lo:hi], bitorder="little")
-        return bool(part[first - lo * 8 : end - lo * 8].all())
+        masks = _range_masks(first, end)
+        return bool(((self.bits[lo:hi] & masks) == masks).all())
+
+
+def _range_masks(first: int, end: int) -> np.ndarray:
+    """Per byte of ``[first // 8, (end - 1) // 8]``, the bits of ``[first, end)`` it holds."""
+    lo, hi = first // 8, (end - 1) // 8 + 1
+    masks = np.full(hi - lo, 0xFF, dtype=np.uint8)
+    masks[0] &= (0xFF << (first % 8)) & 0xFF
+    masks[-1] &= 0xFF >> (hi * 8 - end)
+    return masks
+
+
+def _group_any(values: np.ndarray, group: int) -> np.ndarray:
+    """OR of consecutive groups of *group* bools (the last group may be short)."""
+    groups = -(-len(values) // group)
+    padded = np.zeros(groups * group, dtype=bool)
+    padded[: len(values)] = values
+    return padded.reshape(groups, group).any(axis=1)
+
+
+def _group_any_packed(bits: np.ndarray, nbits: int, group: int, chunk: int = 1 << 20) -> np.ndarray:
+    """OR of groups of *group* bits of a packed bitmap, without unpacking it whole."""
+    ngroups = -(-nbits // group)
+    if group >= 8:
+        gbytes = group // 8
+        out = np.empty(ngroups, dtype=bool)
+        step = max(1, chunk // gbytes)
+        for start in range(0, ngroups, step):
+            stop = min(ngroups, start + step)
+            part = bits[start * gbytes : stop * gbytes]
+            if len(part) < (stop - start) * gbytes:  # the last, short group
+                part = np.concatenate(
+                    [part, np.zeros((stop - start) * gbytes - len(part), np.uint8)]
+                )
+            out[start:stop] = part.reshape(-1, gbytes).any(axis=1)
+        return out
+    out = np.empty(ngroups, dtype=bool)
+    per = 8 // group  # groups per byte
+    step = chunk
+    for start in range(0, len(bits), step):
+        part = np.unpackbits(bits[start : start + step], bitorder="little").reshape(-1, group)
+        got = part.any(axis=1)
+        n = min(len(got), ngroups - start * per)
+        out[start * per : start * per + n] = got[:n]
+    return out
 
 
 def bit_range(offset: int, length: int, granularity: int, virtual_size: int) -> tuple[int, int]:
