@@ -16,7 +16,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qemu  # noqa: E402
-from conftest import UNKNOWN_MAGIC  # noqa: E402
 
 from qbitmap.format import (  # noqa: E402
     BitmapEntry,
@@ -31,6 +30,7 @@ ALL = [
     "v2", "v2-backing", "v3-backing", "luks", "data-file", "zstd", "extended-l2", "bitmaps",
     "cluster512", "cluster2m", "unknown-ext", "header104", "header120",
 ]
+UNKNOWN_MAGIC = 0x5142_7E57  # the extension conftest.images adds to "unknown-ext"
 WITH_BITMAPS = ["v3-backing", "zstd", "extended-l2", "bitmaps", "cluster512", "cluster2m", "unknown-ext"]
 
 
