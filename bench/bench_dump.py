@@ -101,25 +101,41 @@ def main() -> int:
     working_kib = maxrss - interpreter.maxrss_kib
 
     rows = [
-        ["qbitmap dump --json --extents", f"{ours_wall:.3f}", f"{min(m.wall for m in ours_runs):.3f}",
-         f"{maxrss / 1024:.1f}", f"{output_bytes / 2**20:.1f}"],
-        ["qemu-nbd + nbdinfo --json --map", f"{peer_wall:.3f}", f"{min(m.wall for m in peer_runs):.3f}",
-         f"{max(m.maxrss_kib for m in peer_runs) / 1024:.1f}", f"{peer_out.stat().st_size / 2**20:.1f}"],
+        [
+            "qbitmap dump --json --extents",
+            f"{ours_wall:.3f}",
+            f"{min(m.wall for m in ours_runs):.3f}",
+            f"{maxrss / 1024:.1f}",
+            f"{output_bytes / 2**20:.1f}",
+        ],
+        [
+            "qemu-nbd + nbdinfo --json --map",
+            f"{peer_wall:.3f}",
+            f"{min(m.wall for m in peer_runs):.3f}",
+            f"{max(m.maxrss_kib for m in peer_runs) / 1024:.1f}",
+            f"{peer_out.stat().st_size / 2**20:.1f}",
+        ],
     ]
-    print(f"dump: {len(ours_ranges)} dirty ranges of {spec.bitmap!r} on {image.name}, {args.runs} rounds")
+    print(
+        f"dump: {len(ours_ranges)} dirty ranges of {spec.bitmap!r} on {image.name}, "
+        f"{args.runs} rounds"
+    )
     common.print_table(["command", "median s", "best s", "max RSS MiB", "output MiB"], rows)
-    print(f"ratio (median qbitmap / median pipeline): {ratio:.2f}  (target <= 1.00: "
-          f"{'met' if ratio <= 1.0 else 'NOT met'})")
+    print(
+        f"ratio (median qbitmap / median pipeline): {ratio:.2f}  (target <= 1.00: "
+        f"{'met' if ratio <= 1.0 else 'NOT met'})"
+    )
     imports_kib = imports.maxrss_kib - interpreter.maxrss_kib
     working_above_imports_kib = maxrss - imports.maxrss_kib
     print(
-        f"memory: peak {maxrss / 1024:.1f} MiB = bare interpreter {interpreter.maxrss_kib / 1024:.1f}"
+        f"memory: peak {maxrss / 1024:.1f} MiB"
+        f" = bare interpreter {interpreter.maxrss_kib / 1024:.1f}"
         f" + imports (click, construct, numpy, qbitmap) {imports_kib / 1024:.1f}"
         f" + working set {working_above_imports_kib / 1024:.1f} MiB"
     )
     print(
-        f"        budget 4 x {data_bytes / 2**20:.1f} MiB bitmap data + {output_bytes / 2**20:.1f} MiB "
-        f"output = {budget_kib / 1024:.1f} MiB: working set "
+        f"        budget 4 x {data_bytes / 2**20:.1f} MiB bitmap data"
+        f" + {output_bytes / 2**20:.1f} MiB output = {budget_kib / 1024:.1f} MiB: working set "
         f"{'within' if working_above_imports_kib <= budget_kib else 'OVER'}; "
         f"imports + working set {working_kib / 1024:.1f} MiB "
         f"{'within' if working_kib <= budget_kib else 'over'}"

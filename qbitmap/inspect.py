@@ -91,7 +91,9 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
         for i in range(len(ext.data) // 48):
             entry = layout.FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
             kind = FEATURE_KINDS.get(entry.type, str(entry.type))
-            entries.append({"type": kind, "bit": entry.bit, "name": _text(entry.name.split(b"\0", 1)[0])})
+            entries.append(
+                {"type": kind, "bit": entry.bit, "name": _text(entry.name.split(b"\0", 1)[0])}
+            )
         out["features"] = entries
         if len(ext.data) % 48:
             out["trailing"] = ext.data[len(ext.data) - len(ext.data) % 48 :].hex()

@@ -29,7 +29,11 @@ MAN = REPO / "man" / "qbitmap.1"
 
 def run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        list(argv), capture_output=True, text=True, timeout=60, check=False,
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
         env={**os.environ, **(env or {})},
     )
 
@@ -84,7 +88,9 @@ def test_bare_qbitmap_prints_help_and_exits_64() -> None:
     assert "Usage: qbitmap" in proc.stderr
 
 
-def test_internal_errors_are_one_line_unless_debug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_internal_errors_are_one_line_unless_debug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     qemu.require_tools("qemu-img")
     path = qemu.create_image(tmp_path / "x.qcow2", 1 << 20)
 
@@ -109,7 +115,11 @@ def test_broken_pipe_is_not_an_error(tmp_path: Path) -> None:
     qemu.qemu_io_write(path, [(i * 8192, 512) for i in range(20000)], unsafe=True)
     proc = subprocess.run(
         f"{sys.executable} -m qbitmap dump --lines {path} | head -1",
-        shell=True, capture_output=True, text=True, timeout=60, check=False,
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.stdout == "0 512\n"
     assert "Traceback" not in proc.stderr and "error" not in proc.stderr
@@ -124,7 +134,9 @@ def man_source() -> str:
 
 def section(source: str, name: str) -> str:
     """The roff source of section (.SH) or subsection (.SS) *name*."""
-    match = re.search(rf"^\.S[HS] \"?{re.escape(name)}\"?\n(.*?)(?=^\.S[HS] |\Z)", source, re.M | re.S)
+    match = re.search(
+        rf"^\.S[HS] \"?{re.escape(name)}\"?\n(.*?)(?=^\.S[HS] |\Z)", source, re.M | re.S
+    )
     assert match, f"man/qbitmap.1 has no section {name!r}"
     return match.group(1)
 
@@ -175,7 +187,9 @@ def test_man_page_documents_the_json_keys(tmp_path: Path) -> None:
     path = qemu.create_image(tmp_path / "j.qcow2", 1 << 30, backing=None)
     qemu.add_bitmap(path, "b0")
     qemu.qemu_io_write(path, [(0, 512)])
-    result = CliRunner().invoke(cli, ["dump", "--json", "--extents", str(path)], catch_exceptions=False)
+    result = CliRunner().invoke(
+        cli, ["dump", "--json", "--extents", str(path)], catch_exceptions=False
+    )
     report = json.loads(result.stdout)
     text = section(man_source(), "JSON OUTPUT")
     words = set(re.findall(r"\\\(dq(\w+)\\\(dq", text))

@@ -29,7 +29,9 @@ from qbitmap.ui import Ui, allow_fast_exit
     "a third column holds the bitmap name when more than one bitmap is shown.",
 )
 @click.pass_obj
-def dump(ui: Ui, image: Path, names: tuple[str, ...], extents: bool, as_json: bool, lines: bool) -> None:
+def dump(
+    ui: Ui, image: Path, names: tuple[str, ...], extents: bool, as_json: bool, lines: bool
+) -> None:
     """Show the header, extensions and bitmaps of IMAGE, down to dirty ranges.
 
     Reads only and takes no lock, so it works on an image a running QEMU

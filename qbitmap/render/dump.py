@@ -117,7 +117,9 @@ def header_table(info: dict[str, Any]) -> Table:
     table.add_row("file", Text(info["filename"]))
     table.add_row("version", str(header["version"]))
     table.add_row("virtual size", f"{iec(info['virtual_size'])} ({info['virtual_size']} bytes)")
-    table.add_row("cluster size", f"{iec(info['cluster_size'])} (cluster_bits {header['cluster_bits']})")
+    table.add_row(
+        "cluster size", f"{iec(info['cluster_size'])} (cluster_bits {header['cluster_bits']})"
+    )
     if header["version"] >= 3:
         table.add_row("header length", str(header["header_length"]))
         table.add_row("refcount bits", str(1 << min(header["refcount_order"], 64)))
@@ -126,14 +128,17 @@ def header_table(info: dict[str, Any]) -> Table:
         for kind in ("incompatible", "compatible", "autoclear"):
             words = info["features"].get(kind, [])
             raw = header[f"{kind}_features"]
-            table.add_row(f"{kind} features", Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else "")))
+            table.add_row(
+                f"{kind} features", Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else ""))
+            )
     if header["crypt_method"]:
         method = {1: "AES (legacy)", 2: "LUKS"}.get(header["crypt_method"], "unknown")
         table.add_row("encryption", f"{method} (crypt_method {header['crypt_method']})")
     table.add_row("L1 table", f"{header['l1_size']} entries at {hexoff(header['l1_table_offset'])}")
     table.add_row(
         "refcount table",
-        f"{header['refcount_table_clusters']} clusters at {hexoff(header['refcount_table_offset'])}",
+        f"{header['refcount_table_clusters']} clusters"
+        f" at {hexoff(header['refcount_table_offset'])}",
     )
     table.add_row("snapshots", f"{header['nb_snapshots']} at {hexoff(header['snapshots_offset'])}")
     if "backing_file" in info:
@@ -182,7 +187,8 @@ def _extension_summary(ext: dict[str, Any]) -> str:
         )
     if "records" in ext:
         parts = [
-            f"{r['name']!r}: level {r['consistent_level']}/{r['max_level']} (level_bits {r['level_bits']})"
+            f"{r['name']!r}: level {r['consistent_level']}/{r['max_level']}"
+            f" (level_bits {r['level_bits']})"
             for r in ext["records"]
         ]
         return "; ".join(parts) or "no records"

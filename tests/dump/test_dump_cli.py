@@ -71,15 +71,24 @@ def test_json_is_one_object_with_every_field(sample: Path) -> None:
     assert report["extensions"][1]["nb_bitmaps"] == 2 + len(NASTY)
     assert [b["name"] for b in report["bitmaps"]] == ["a", "b", *NASTY]
     for bitmap in report["bitmaps"]:
-        assert {"name", "granularity", "flags", "type", "table_offset", "table_size",
-                "dirty_bytes"} <= set(bitmap)
+        assert {
+            "name",
+            "granularity",
+            "flags",
+            "type",
+            "table_offset",
+            "table_size",
+            "dirty_bytes",
+        } <= set(bitmap)
         assert "extents" not in bitmap
     a, b = report["bitmaps"][:2]
     assert a["flags"] == ["auto"] and b["flags"] == []
     assert a["dirty_bytes"] == sum(n for _, n in A_EXTENTS)
     assert b["granularity"] == MiB and b["dirty_bytes"] == 2 * MiB
     info = qemu.img_bitmaps(sample)
-    assert {x["name"]: x["flags"] for x in report["bitmaps"]} == {n: v["flags"] for n, v in info.items()}
+    assert {x["name"]: x["flags"] for x in report["bitmaps"]} == {
+        n: v["flags"] for n, v in info.items()
+    }
 
 
 def test_json_extents_and_bitmap_selection(sample: Path) -> None:
@@ -106,8 +115,12 @@ def test_names_from_the_image_are_never_markup(sample: Path) -> None:
     plain = dump_process("--extents", sample, env={"COLUMNS": "200"})
     assert plain.exit_code == 0, plain.stderr
     runner = CliRunner()
-    colored = runner.invoke(cli, ["--color", "dump", "--extents", str(sample)],
-                            catch_exceptions=False, env={"COLUMNS": "200"})
+    colored = runner.invoke(
+        cli,
+        ["--color", "dump", "--extents", str(sample)],
+        catch_exceptions=False,
+        env={"COLUMNS": "200"},
+    )
     assert colored.exit_code == 0, colored.stderr
     assert ANSI.search(colored.stdout), "--color must colour"
     for text in (plain.stdout, re.sub(r"\x1b\[[0-9;]*m", "", colored.stdout)):
@@ -191,7 +204,9 @@ def test_truncated_at_many_lengths(sample: Path, tmp_path: Path) -> None:
     for e in qemu.bitmap_directory(sample):
         for base in (e["entry_offset"], e["table_offset"]):
             marks |= {base - 1, base, base + 1, base + 7, base + 8}
-    lengths = sorted(m for m in marks | set(random.Random(1).sample(range(need), 120)) if m <= len(raw))
+    lengths = sorted(
+        m for m in marks | set(random.Random(1).sample(range(need), 120)) if m <= len(raw)
+    )
     path = tmp_path / "cut.qcow2"
     for length in lengths:
         path.write_bytes(raw[:length])
@@ -202,19 +217,25 @@ def test_truncated_at_many_lengths(sample: Path, tmp_path: Path) -> None:
         else:
             assert result.exit_code == 1, (length, need)
             assert result.stdout == ""
-            assert re.fullmatch(r"qbitmap: error: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n", result.stderr), (
-                length, result.stderr)
+            assert re.fullmatch(
+                r"qbitmap: error: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n", result.stderr
+            ), (length, result.stderr)
 
 
-@settings(max_examples=int(os.environ.get("QBITMAP_FUZZ_EXAMPLES", "250")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("QBITMAP_FUZZ_EXAMPLES", "250")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(data=st.data())
 def test_damaged_bytes_never_crash(sample: Path, tmp_path: Path, data: st.DataObject) -> None:
     raw = bytearray(sample.read_bytes())
     directory = qemu.bitmap_directory(sample)
-    hot = [(0, 1024)] + [(e["entry_offset"], 40) for e in directory] + [
-        (e["table_offset"], 8 * e["table_size"]) for e in directory
-    ]
+    hot = (
+        [(0, 1024)]
+        + [(e["entry_offset"], 40) for e in directory]
+        + [(e["table_offset"], 8 * e["table_size"]) for e in directory]
+    )
     for _ in range(data.draw(st.integers(1, 6))):
         start, size = data.draw(st.sampled_from(hot))
         pos = data.draw(st.integers(start, min(start + size, len(raw)) - 1))
@@ -250,7 +271,9 @@ def test_reads_an_image_a_running_qemu_holds(tmp_path: Path) -> None:
         daemon.stop()
     after = dump("--json", "--extents", path)
     assert after.json["bitmaps"][0]["flags"] == ["auto"]
-    assert after.extents("b0") == [(0, 65536), (10 * MiB, 65536)] == qemu.nbd_dirty_extents(path, "b0")
+    assert (
+        after.extents("b0") == [(0, 65536), (10 * MiB, 65536)] == qemu.nbd_dirty_extents(path, "b0")
+    )
 
 
 def test_autoclear_bit_clear_marks_every_bitmap_stale(sample: Path, tmp_path: Path) -> None:

@@ -32,7 +32,9 @@ def _tools() -> None:
     qemu.require_tools("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
 
 
-def random_writes(seed: int, disk: int, count: int, *, max_len: int = 256 * KiB) -> list[tuple[int, int]]:
+def random_writes(
+    seed: int, disk: int, count: int, *, max_len: int = 256 * KiB
+) -> list[tuple[int, int]]:
     """*count* writes at 512-aligned offsets, of 512 B .. *max_len*, inside *disk* bytes."""
     rng = random.Random(seed)
     out = []
@@ -59,7 +61,7 @@ def assert_matches_qemu(path: Path, *, expect_bitmaps: int | None = None) -> dic
         assert ours == qemu.nbd_dirty_extents(path, name), name
         assert bitmap["dirty_bytes"] == sum(n for _, n in ours)
         # Sorted, merged, inside the disk.
-        assert all(a + n < b for (a, n), (b, _) in zip(ours, ours[1:]))
+        assert all(a + n < b for (a, n), (b, _) in zip(ours, ours[1:], strict=False))
         assert all(0 <= a and a + n <= report["virtual_size"] for a, n in ours)
     return report
 
@@ -78,7 +80,9 @@ def test_granularities_512_bytes_to_several_mib(tmp_path: Path) -> None:
     ("cluster_size", "disk", "granularities"),
     [(512, 32 * MiB, (512, 64 * KiB)), (2 * MiB, 4 * GiB, (64 * KiB, 2 * MiB))],
 )
-def test_cluster_sizes(tmp_path: Path, cluster_size: int, disk: int, granularities: tuple[int, ...]) -> None:
+def test_cluster_sizes(
+    tmp_path: Path, cluster_size: int, disk: int, granularities: tuple[int, ...]
+) -> None:
     path = qemu.create_image(tmp_path / "c.qcow2", disk, cluster_size=cluster_size)
     for g in granularities:
         qemu.add_bitmap(path, f"g{g}", granularity=g)
@@ -171,7 +175,9 @@ def test_in_use_bitmap_shows_the_last_clean_close(tmp_path: Path) -> None:
     crashed = dump("--json", "--extents", path)
     assert crashed.exit_code == 0
     for bitmap in crashed.json["bitmaps"]:
-        assert bitmap["flags"] == ["in-use", "auto"] == qemu.img_bitmaps(path)[bitmap["name"]]["flags"]
+        assert (
+            bitmap["flags"] == ["in-use", "auto"] == qemu.img_bitmaps(path)[bitmap["name"]]["flags"]
+        )
         assert bitmap["in_use"] is True and bitmap["stale"] is True
         # The on-disk data is exactly what was stored at the last clean close ...
         assert crashed.extents(bitmap["name"]) == stored[bitmap["name"]]

@@ -82,16 +82,25 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         # QEMU times PBKDF2 to pick an iteration count; on a busy machine that
         # can fail ("Unable to get accurate CPU usage"): try again.
         proc = qemu.qemu_img(
-            "create", "-q", "--object", "secret,id=s0,data=x", "-f", "qcow2",
-            "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=500",
-            luks, str(64 * mib), check=attempt == 3,
+            "create",
+            "-q",
+            "--object",
+            "secret,id=s0,data=x",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=500",
+            luks,
+            str(64 * mib),
+            check=attempt == 3,
         )
         if proc.returncode == 0:
             break
     out["luks"] = luks
 
     out["data-file"] = qemu.create_image(
-        d / "data-file.qcow2", 64 * mib,
+        d / "data-file.qcow2",
+        64 * mib,
         extra_opts=[f"data_file={d / 'data-file.raw'}", "data_file_raw=on"],
     )
     out["zstd"] = _with_bitmaps(
@@ -125,7 +134,9 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out["unknown-ext"] = unknown
 
     out["header104"] = _resize_header(base, d / "h104.qcow2", 104)
-    out["header120"] = _resize_header(base, d / "h120.qcow2", 120, b"\x01\x02\x03\x04\x05\x06\x07\x08")
+    out["header120"] = _resize_header(
+        base, d / "h120.qcow2", 120, b"\x01\x02\x03\x04\x05\x06\x07\x08"
+    )
 
     for path in out.values():
         path.chmod(0o444)

@@ -156,8 +156,12 @@ def poke64(path: Path, offset: int, value: int) -> None:
 def ours(path: Path, name: str = "b0") -> list[tuple[int, int]]:
     with Image.open(path) as img:
         entry = next(e for e in img.read_directory().entries if e.display_name == name)
-        return list(extents(Geometry(img.virtual_size, entry.granularity, img.cluster_size),
-                            iter_chunks(img, entry)))
+        return list(
+            extents(
+                Geometry(img.virtual_size, entry.granularity, img.cluster_size),
+                iter_chunks(img, entry),
+            )
+        )
 
 
 def test_data_entries_match_qemu(granular: Path) -> None:
@@ -250,7 +254,10 @@ def run_child(*args: str) -> tuple[int, int, str]:
     """Run the CLI in a fresh interpreter; (exit code, peak RSS in KiB, stderr)."""
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
         env={**os.environ, "NO_COLOR": "1"},
     )
     *lines, last = proc.stderr.strip().splitlines()
@@ -282,7 +289,10 @@ def bitmaps_ext_offset(path: Path) -> int:
 LYING = {
     # name: (edits as [(offset-from, field offset, struct format, value)], expected exit code)
     "table size 2^27-1, honest disk size": ([("entry", 8, ">I", (1 << 27) - 1)], 0),
-    "table size 2^27-1 and a 2^60-byte disk": ([("entry", 8, ">I", (1 << 27) - 1), ("file", 24, ">Q", 1 << 60)], 1),
+    "table size 2^27-1 and a 2^60-byte disk": (
+        [("entry", 8, ">I", (1 << 27) - 1), ("file", 24, ">Q", 1 << 60)],
+        1,
+    ),
     "2^60-byte disk, 1-entry table": ([("file", 24, ">Q", 1 << 60)], 0),
     "directory size 60 MiB": ([("ext", 8, ">Q", 60 << 20)], 1),
     "directory size 2^40": ([("ext", 8, ">Q", 1 << 40)], 1),
@@ -293,7 +303,9 @@ LYING = {
 
 
 @pytest.mark.parametrize("case", list(LYING))
-def test_lying_sizes_are_read_in_bounded_memory(lying_base: Path, tmp_path: Path, case: str) -> None:
+def test_lying_sizes_are_read_in_bounded_memory(
+    lying_base: Path, tmp_path: Path, case: str
+) -> None:
     path = sparse_copy(lying_base, tmp_path / "lying.qcow2")
     entry_offset = qemu.bitmap_directory(path)[0]["entry_offset"]
     bases = {"file": 0, "ext": bitmaps_ext_offset(path), "entry": entry_offset}

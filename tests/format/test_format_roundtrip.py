@@ -27,11 +27,30 @@ from qbitmap.format import (  # noqa: E402
 )
 
 ALL = [
-    "v2", "v2-backing", "v3-backing", "luks", "data-file", "zstd", "extended-l2", "bitmaps",
-    "cluster512", "cluster2m", "unknown-ext", "header104", "header120",
+    "v2",
+    "v2-backing",
+    "v3-backing",
+    "luks",
+    "data-file",
+    "zstd",
+    "extended-l2",
+    "bitmaps",
+    "cluster512",
+    "cluster2m",
+    "unknown-ext",
+    "header104",
+    "header120",
 ]
 UNKNOWN_MAGIC = 0x5142_7E57  # the extension conftest.images adds to "unknown-ext"
-WITH_BITMAPS = ["v3-backing", "zstd", "extended-l2", "bitmaps", "cluster512", "cluster2m", "unknown-ext"]
+WITH_BITMAPS = [
+    "v3-backing",
+    "zstd",
+    "extended-l2",
+    "bitmaps",
+    "cluster512",
+    "cluster2m",
+    "unknown-ext",
+]
 
 
 def cluster0(path: Path) -> bytes:
@@ -223,7 +242,9 @@ def test_bitmap_table_entries_roundtrip(images: dict[str, Path], name: str) -> N
             table = img.read_bitmap_table(entry)
             assert len(table) == entry.bitmap_table_size
             for i, word in enumerate(table.tolist()):
-                blob = raw[entry.bitmap_table_offset + 8 * i : entry.bitmap_table_offset + 8 * i + 8]
+                blob = raw[
+                    entry.bitmap_table_offset + 8 * i : entry.bitmap_table_offset + 8 * i + 8
+                ]
                 assert int.from_bytes(blob, "big") == word
                 parsed = layout.BitmapTableEntry.parse(blob)
                 assert layout.BitmapTableEntry.build(parsed) == blob
