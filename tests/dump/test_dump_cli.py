@@ -287,3 +287,23 @@ def test_autoclear_bit_clear_marks_every_bitmap_stale(sample: Path, tmp_path: Pa
     assert result.exit_code == 0
     assert all(b["stale"] and not b["in_use"] for b in result.json["bitmaps"])
     assert "autoclear bit 0" in result.stderr
+
+
+def test_feature_names_come_from_the_image_table(sample: Path, tmp_path: Path) -> None:
+    path = tmp_path / "names.qcow2"
+    shutil.copyfile(sample, path)
+    path.chmod(0o644)
+    (table,) = [(o, d) for o, m, d in qemu.header_extensions(path) if m == 0x6803F857]
+    offset, data = table
+    entries = [data[i : i + 48] for i in range(0, len(data), 48)]
+    index = next(i for i, e in enumerate(entries) if e[:2] == b"\x02\x00")  # autoclear bit 0
+    with open(path, "r+b") as f:
+        f.seek(offset + 8 + 48 * index + 2)
+        f.write(b"persistent dirty bitmaps".ljust(46, b"\0"))
+        f.seek(88)  # autoclear_features: also set bit 5, which no table names
+        f.write(struct.pack(">Q", 1 | 1 << 5))
+    result = dump("--json", path)
+    assert result.exit_code == 0
+    assert result.json["features"]["autoclear"] == ["persistent dirty bitmaps", "unknown bit 5"]
+    human = dump(path)
+    assert "0x21: persistent dirty bitmaps, unknown bit 5" in human.stdout
