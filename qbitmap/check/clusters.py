@@ -20,6 +20,7 @@ clusters only a given bitmap owns.
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -216,8 +217,9 @@ class ReferenceMap:
 
 
 class _Builder:
-    def __init__(self, image: Image) -> None:
+    def __init__(self, image: Image, *, use_mmap: bool = True) -> None:
         self.image = image
+        self.use_mmap = use_mmap
         self.cs = image.cluster_size
         self.cb = image.cluster_bits
         self.refs = _Refs()
@@ -362,6 +364,61 @@ class _Builder:
         for off, c in zip(uniq.tolist(), counts.tolist(), strict=True):
             self.l2_weights[off] = self.l2_weights.get(off, 0) + c
 
+    def _cluster_runs(self, offsets: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """For sorted cluster *offsets* (all inside the file): ``(i, j, words)`` per run.
+
+        ``words`` holds clusters ``offsets[i:j]`` (contiguous in the file) as
+        uint64 in file byte order (big-endian bytes viewed natively): a word is
+        zero exactly when the big-endian value is, and only the few non-zero
+        words need byte-swapping.  The file is mapped a window at a time so no
+        copy is made and memory stays bounded (a window is unmapped once the
+        caller drops its arrays).  Mapping is only safe while nobody truncates
+        the file, so a live image is read with ``pread`` instead.
+        """
+        cs = self.cs
+        n = len(offsets)
+        if not n:
+            return
+        per = max(1, READ_BATCH // cs)
+        breaks = np.flatnonzero(np.diff(offsets) != cs) + 1
+        bounds = [0, *breaks.tolist(), n]
+        gran = mmap.ALLOCATIONGRANULARITY
+        for r in range(len(bounds) - 1):
+            for i in range(bounds[r], bounds[r + 1], per):
+                j = min(bounds[r + 1], i + per)
+                start = int(offsets[i])
+                length = (j - i) * cs
+                if self.use_mmap:
+                    # The mapping lives as long as the array (and views of it) do.
+                    base = start - start % gran
+                    window = mmap.mmap(
+                        self.image.fd, start - base + length, offset=base, prot=mmap.PROT_READ
+                    )
+                    yield i, j, np.frombuffer(window, dtype=np.uint64, count=length // 8, offset=start - base)
+                    del window
+                else:
+                    data = self.image.read(start, length, what="metadata clusters")
+                    yield i, j, np.frombuffer(data, dtype=np.uint64)
+
+    def _nonzero_words(self, offsets: np.ndarray, step: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(i, positions, values)`` of the non-zero words (every *step*-th) of each run.
+
+        Most L2 entries are zero: one vectorised comparison finds the others,
+        and only those are byte-swapped and looked at.
+        """
+        mask = np.empty(max(1, READ_BATCH // 8), dtype=bool)  # reused: no fresh pages per window
+        for i, _j, words in self._cluster_runs(offsets):
+            if step != 1:
+                words = words[0::step]
+            n = len(words)
+            if n > len(mask):
+                mask = np.empty(n, dtype=bool)
+            np.not_equal(words, 0, out=mask[:n])
+            hits = np.flatnonzero(mask[:n])
+            values = words[hits].byteswap()
+            del words
+            yield i, hits, values
+
     def l2_tables(self) -> None:
         if not self.l2_weights:
             return
@@ -370,44 +427,37 @@ class _Builder:
         self.refs.add(offsets >> self.cb, Kind.L2, weights)
         order = np.argsort(offsets)
         offsets, weights = offsets[order], weights[order]
-        cs, cb = self.cs, self.cb
-        per_batch = max(1, READ_BATCH // cs)
+        cb = self.cb
+        per_table = self.l2_entries
         compressed_shift = 62 - (cb - 8)
         csize_mask = np.uint64((1 << (cb - 8)) - 1)
         coffset_mask = np.uint64((1 << compressed_shift) - 1)
-        n = len(offsets)
-        i = 0
-        while i < n:
-            j = i + 1
-            while j < n and j - i < per_batch and offsets[j] == offsets[j - 1] + cs:
-                j += 1
-            start = int(offsets[i])
-            raw = np.frombuffer(self.image.read(start, (j - i) * cs, what="L2 tables"), ">u8")
-            words = raw.astype(np.uint64).reshape(j - i, -1)
-            if self.extended_l2:
-                words = words[:, 0::2]
-            w = np.repeat(weights[i:j], words.shape[1])
-            words = words.reshape(-1)
-            compressed = (words >> np.uint64(62)) & np.uint64(1) == 1
-            std = words[~compressed]
-            std_w = w[~compressed]
+        for i, hits, values in self._nonzero_words(offsets, 2 if self.extended_l2 else 1):
+            if not len(hits):
+                continue
+            w = weights[i + hits // per_table]
+            compressed = (values >> np.uint64(62)) & np.uint64(1) == 1
+            if not compressed.any():
+                host = values & np.uint64(layout.L2E_OFFSET_MASK)
+                keep = host != 0
+                if not self.external_data and keep.any():
+                    self.refs.add((host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, w[keep])
+                continue
+            std, std_w = values[~compressed], w[~compressed]
             host = std & np.uint64(layout.L2E_OFFSET_MASK)
             keep = host != 0
             if not self.external_data:
                 self.refs.add((host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, std_w[keep])
-            if compressed.any():
-                cw = words[compressed]
-                cwt = w[compressed]
-                coff = cw & coffset_mask
-                nsec = ((cw >> np.uint64(compressed_shift)) & csize_mask) + np.uint64(1)
-                first_byte = (coff & ~np.uint64(511)).astype(np.int64)
-                last_byte = first_byte + nsec.astype(np.int64) * 512 - 1
-                first = first_byte >> cb
-                span = (last_byte >> cb) - first + 1
-                for k in range(int(span.max())):
-                    sel = span > k
-                    self.refs.add(first[sel] + k, Kind.COMPRESSED, cwt[sel])
-            i = j
+            cw, cwt = values[compressed], w[compressed]
+            coff = cw & coffset_mask
+            nsec = ((cw >> np.uint64(compressed_shift)) & csize_mask) + np.uint64(1)
+            first_byte = (coff & ~np.uint64(511)).astype(np.int64)
+            last_byte = first_byte + nsec.astype(np.int64) * 512 - 1
+            first = first_byte >> cb
+            span = (last_byte >> cb) - first + 1
+            for k in range(int(span.max())):
+                sel = span > k
+                self.refs.add(first[sel] + k, Kind.COMPRESSED, cwt[sel])
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -584,6 +634,7 @@ def build(
     directory: tuple[int, int, int] | None = None,
     entries: list[BitmapEntry] | None = None,
     tables: dict[int, np.ndarray] | None = None,
+    use_mmap: bool = True,
 ) -> tuple[ReferenceMap, np.ndarray | None]:
     """Build the reference map and read the refcounts of the file's clusters.
 
@@ -591,7 +642,7 @@ def build(
     would load, *entries* its entries and *tables* their tables; leave them
     out for a map of the image without bitmaps.
     """
-    b = _Builder(image)
+    b = _Builder(image, use_mmap=use_mmap)
     header = image.header
     b.refs.add(np.array([0], dtype=np.int64), Kind.HEADER)
     refcounts = b.refcount_structure()
@@ -628,7 +679,7 @@ def build(
     return refmap, refcounts
 
 
-def reference_map(image: Image) -> ReferenceMap:
+def reference_map(image: Image, *, use_mmap: bool = True) -> ReferenceMap:
     """Every reference in *image*, bitmaps included when QEMU would load them.
 
     Never raises for corruption: structures that cannot be walked are left out
@@ -639,11 +690,11 @@ def reference_map(image: Image) -> ReferenceMap:
 
     ext = image.bitmaps_extension if _bitmaps_extension_usable(image) else None
     if ext is None or not directory_readable(image, ext):
-        return build(image)[0]
+        return build(image, use_mmap=use_mmap)[0]
     entries = scan_directory(image, ext).entries
     tables = read_tables(image, entries)
     directory = (ext.bitmap_directory_offset, ext.bitmap_directory_size, ext.offset + 16)
-    return build(image, directory=directory, entries=entries, tables=tables)[0]
+    return build(image, directory=directory, entries=entries, tables=tables, use_mmap=use_mmap)[0]
 
 
 def _bitmaps_extension_usable(image: Image) -> bool:
@@ -877,7 +928,9 @@ def check(ctx: Context) -> Iterator[Finding]:
     directory = None
     if ext is not None and ctx.honored and ctx.directory_readable:
         directory = (ext.bitmap_directory_offset, ext.bitmap_directory_size, ext.offset + 16)
-    refmap, refcounts = build(image, directory=directory, entries=ctx.entries, tables=ctx.tables)
+    refmap, refcounts = build(
+        image, directory=directory, entries=ctx.entries, tables=ctx.tables, use_mmap=not ctx.live
+    )
     ctx.refmap, ctx.refcounts = refmap, refcounts
     yield from refmap.findings
     dirty = image.header.version >= 3 and bool(

@@ -224,9 +224,9 @@ def test_fuzz_mutated_images(base, mutations, as_json):
 )
 @given(base=st.sampled_from(["base", "small"]), mutations=st.lists(MUTATION, min_size=1, max_size=4))
 def test_fuzz_agrees_with_qemu(base, mutations):
-    qemu.require_tools("qemu-img")
     """Whatever the damage: QEMU refuses the image => check exits 1 or 2, and
     check calls the bitmaps usable (0, 3, 4) => QEMU opens the image."""
+    qemu.require_tools("qemu-img")
     data = _mutate(_base_bytes(base), mutations)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "fuzz.qcow2"
