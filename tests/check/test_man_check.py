@@ -1,0 +1,100 @@
+"""man/qbitmap-check.1 stays in step with the code: finding codes, options, exit codes, JSON."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qbitmap.check import CODES, CheckReport, Finding
+from qbitmap.commands.check import check as check_command
+
+PAGE = Path(__file__).resolve().parents[2] / "man" / "qbitmap-check.1"
+
+
+def _plain(roff: str) -> str:
+    """The roff source with the escapes this page uses turned into plain characters."""
+    return roff.replace("\\-", "-").replace("\\(em", "-").replace("\\(en", "-")
+
+
+def _section(text: str, name: str) -> str:
+    match = re.search(rf"^\.SH \"?{name}\"?\n(.*?)(?=^\.SH |\Z)", text, re.M | re.S)
+    assert match, f"no section {name}"
+    return match.group(1)
+
+
+def _listed_codes(text: str) -> dict[str, str]:
+    """code -> severity word, from the ``.TP/.B code/(severity) ...`` items of FINDINGS."""
+    findings = _section(text, "FINDINGS")
+    items = re.findall(r"^\.TP\n\.B ([a-z0-9-]+)\n\(([a-z-]+)\)", findings, re.M)
+    return dict(items)
+
+
+def test_every_finding_code_is_documented_with_its_severity():
+    listed = _listed_codes(_plain(PAGE.read_text()))
+    assert set(listed) == set(CODES), {
+        "missing from the page": sorted(set(CODES) - set(listed)),
+        "not in the code": sorted(set(listed) - set(CODES)),
+    }
+    for code, (severity, _description) in CODES.items():
+        assert listed[code] == severity.label, code
+
+
+def test_the_registry_is_what_findings_use():
+    """A finding's severity can only come from CODES, so the page cannot be fooled."""
+    report = CheckReport("x", [Finding(code, "m") for code in CODES])
+    assert {f.code for f in report.findings} == set(CODES)
+    with pytest.raises(ValueError):
+        Finding("undocumented-code", "m")
+
+
+def test_every_option_is_documented():
+    text = _plain(PAGE.read_text())
+    options = _section(text, "OPTIONS") + _section(text, "SYNOPSIS")
+    names = [n for p in check_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+    names += ["-h", "--help"]
+    assert names
+    for name in names:
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", options), name
+
+
+def test_exit_codes_and_json_fields_are_documented():
+    text = _plain(PAGE.read_text())
+    exits = _section(text, "EXIT STATUS")
+    for code in ("0", "1", "2", "3", "4", "64"):
+        assert re.search(rf"^\.B {code}$", exits, re.M), code
+    json_part = _section(text, "JSON OUTPUT")
+    for field in (
+        "filename", "findings", "code", "severity", "bitmap", "offset", "field", "message",
+        "bitmaps", "name", "status", "levels", "exit_code", "consistent_level", "max_level",
+        "level_bits", "recovery_granularity", "recovery_dirty_bytes",
+    ):
+        assert re.search(rf"\b{field}\b", json_part), field
+
+
+def test_page_renders_without_warnings():
+    if shutil.which("groff") is None:
+        if os.environ.get("CI"):
+            pytest.fail("groff is needed to render the man page")
+        pytest.skip("groff not installed")
+    proc = subprocess.run(
+        ["groff", "-man", "-ww", "-Tutf8", str(PAGE)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    if shutil.which("man"):
+        shown = subprocess.run(
+            ["man", "-l", str(PAGE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "MANPAGER": "cat", "PAGER": "cat", "MANWIDTH": "100"},
+        )
+        assert shown.returncode == 0, shown.stderr
+        plain = re.sub(".\x08", "", shown.stdout).replace("\u2010", "-")
+        assert "bitmap-cluster-overlap" in plain
+        assert "EXIT STATUS" in plain
