@@ -68,7 +68,7 @@ def dump(
         write_lines(sys.stdout.buffer, report)
         sys.stdout.buffer.flush()
     else:
-        from qbitmap.render.dump import human
+        from qbitmap.render.dump import write_human
 
-        ui.print(human(report))
+        write_human(ui, report)
     allow_fast_exit()

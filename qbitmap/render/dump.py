@@ -228,23 +228,49 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
     return table
 
 
-def extents_table(name: str, starts: np.ndarray, lengths: np.ndarray) -> Table:
-    from rich import box
-    from rich.table import Table
+def extents_title(name: str, count: int) -> Text:
     from rich.text import Text
 
-    table = Table(
-        title=Text(f"Dirty extents of {name!r}"), title_justify="left", box=box.SIMPLE_HEAD
+    ranges = "range" if count == 1 else "ranges"
+    return Text.assemble(
+        ("Dirty extents of ", "bold"), (repr(name), "bold"), f" ({count} {ranges})"
     )
-    table.add_column("start", justify="right", no_wrap=True)
-    table.add_column("length", justify="right", no_wrap=True)
-    table.add_column("end", justify="right", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-        table.add_row(str(start), str(length), str(start + length), iec(length))
+
+
+def extent_text(starts: np.ndarray, lengths: np.ndarray) -> Iterator[str]:
+    """The extents as an aligned plain-text table (start, length, end, size), in blocks.
+
+    Plain text, not a rich Table: a bitmap can have hundreds of thousands of
+    ranges, which rich would take minutes to lay out.  Only numbers and
+    units appear here, so there is nothing to escape.
+    """
     if not len(starts):
-        table.add_row("-", "-", "-", "clean")
-    return table
+        yield "  (clean: no dirty ranges)\n\n"
+        return
+    ends = starts + lengths
+    widths = (
+        max(5, len(str(int(starts[-1])))),
+        max(6, len(str(int(lengths.max())))),
+        max(3, len(str(int(ends[-1])))),
+        10,
+    )
+    head = "  ".join(
+        f"{t:>{w}}" for t, w in zip(("start", "length", "end", "size"), widths, strict=True)
+    )
+    yield f"  {head}\n  {'-' * len(head)}\n"
+    row = "  %{}d  %{}d  %{}d  %{}s\n".format(*widths)
+    for pos in range(0, len(starts), BLOCK):
+        s = starts[pos : pos + BLOCK].tolist()
+        n = lengths[pos : pos + BLOCK].tolist()
+        e = ends[pos : pos + BLOCK].tolist()
+        sizes = list(map(iec, n))
+        flat: list[object] = [0] * (4 * len(s))
+        flat[0::4] = s
+        flat[1::4] = n
+        flat[2::4] = e
+        flat[3::4] = sizes
+        yield (row * len(s)) % tuple(flat)
+    yield "\n"
 
 
 def stale_warning(name: str, in_use: bool) -> Text:
@@ -264,7 +290,7 @@ def stale_warning(name: str, in_use: bool) -> Text:
 
 
 def human(report: DumpReport) -> RenderableType:
-    """The whole dump as one rich renderable."""
+    """Header, extensions, bitmaps and stale warnings as one rich renderable (no extents)."""
     from rich.console import Group
     from rich.text import Text
 
@@ -281,7 +307,15 @@ def human(report: DumpReport) -> RenderableType:
     for bm in info["bitmaps"]:
         if bm["stale"]:
             parts.append(stale_warning(bm["name"], bm["in_use"]))
-    for bm, ext in zip(info["bitmaps"], report.extents, strict=True):
-        if ext is not None:
-            parts.append(extents_table(bm["name"], *ext))
     return Group(*parts)
+
+
+def write_human(ui: Any, report: DumpReport) -> None:
+    """Print the dump for people through *ui* (a qbitmap.ui.Ui): tables, then extents."""
+    ui.print(human(report))
+    for bm, ext in zip(report.info["bitmaps"], report.extents, strict=True):
+        if ext is None:
+            continue
+        ui.print(extents_title(bm["name"], len(ext[0])))
+        for block in extent_text(*ext):
+            ui.write(block)

@@ -307,3 +307,18 @@ def test_feature_names_come_from_the_image_table(sample: Path, tmp_path: Path) -
     assert result.json["features"]["autoclear"] == ["persistent dirty bitmaps", "unknown bit 5"]
     human = dump(path)
     assert "0x21: persistent dirty bitmaps, unknown bit 5" in human.stdout
+
+
+def test_human_extents_are_aligned_rows(sample: Path) -> None:
+    result = dump("--extents", "-b", "a", "-b", "[/nope]", sample)
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "Dirty extents of 'a' (4 ranges)" in text
+    assert "Dirty extents of '[/nope]' (2 ranges)" in text
+    block = text.split("Dirty extents of 'a' (4 ranges)\n", 1)[1].split("\n\n", 1)[0]
+    header, rule, *rows = block.splitlines()
+    assert header.split() == ["start", "length", "end", "size"] and set(rule.strip()) == {"-"}
+    assert len({len(line) for line in [header, rule, *rows]}) == 1  # aligned
+    parsed = [(int(r.split()[0]), int(r.split()[1]), int(r.split()[2])) for r in rows]
+    assert parsed == [(s, n, s + n) for s, n in A_EXTENTS]
+    assert rows[1].endswith("256 KiB")
