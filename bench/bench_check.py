@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 
 def main() -> int:
@@ -75,10 +75,18 @@ def main() -> int:
     )
 
     rows = [
-        ["qbitmap check", f"{ours_wall:.3f}", f"{min(m.wall for m in ours_runs):.3f}",
-         f"{ours_rss / 1024:.1f}"],
-        ["qemu-img check", f"{peer_wall:.3f}", f"{min(m.wall for m in peer_runs):.3f}",
-         f"{peer_rss / 1024:.1f}"],
+        [
+            "qbitmap check",
+            f"{ours_wall:.3f}",
+            f"{min(m.wall for m in ours_runs):.3f}",
+            f"{ours_rss / 1024:.1f}",
+        ],
+        [
+            "qemu-img check",
+            f"{peer_wall:.3f}",
+            f"{min(m.wall for m in peer_runs):.3f}",
+            f"{peer_rss / 1024:.1f}",
+        ],
     ]
     print(f"check: {image.name} ({image.stat().st_size / 2**20:.0f} MiB file), {args.runs} rounds")
     common.print_table(["command", "median s", "best s", "max RSS MiB"], rows)

@@ -60,7 +60,9 @@ class BitmapStatus:
             level_bits=a.level_bits,
             recovery_granularity=None if self.recovery is None else self.recovery.granularity,
             recovery_dirty_bytes=None if self.recovery is None else self.recovery.dirty_bytes,
-            on_disk_dirty_bytes=None if self.recovery is None else self.recovery.on_disk_dirty_bytes,
+            on_disk_dirty_bytes=None
+            if self.recovery is None
+            else self.recovery.on_disk_dirty_bytes,
         )
         return out
 
@@ -91,7 +93,8 @@ class CheckReport:
             "filename": self.filename,
             "findings": [f.to_dict() for f in self.findings],
             "bitmaps": [
-                {"name": b.name, "status": b.status, "levels": b.levels_dict()} for b in self.bitmaps
+                {"name": b.name, "status": b.status, "levels": b.levels_dict()}
+                for b in self.bitmaps
             ],
             "exit_code": self.exit_code,
         }

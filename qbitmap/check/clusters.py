@@ -110,7 +110,11 @@ class _Refs:
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not self.clusters:
             return _EMPTY_I64, np.zeros(0, np.uint8), _EMPTY_I64
-        return np.concatenate(self.clusters), np.concatenate(self.kinds), np.concatenate(self.weights)
+        return (
+            np.concatenate(self.clusters),
+            np.concatenate(self.kinds),
+            np.concatenate(self.weights),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +173,9 @@ class ReferenceMap:
         if not len(self.bm_clusters):
             return np.zeros(len(clusters), dtype=np.int64)
         order = np.sort(self.bm_clusters)
-        return np.searchsorted(order, clusters, side="right") - np.searchsorted(order, clusters, side="left")
+        return np.searchsorted(order, clusters, side="right") - np.searchsorted(
+            order, clusters, side="left"
+        )
 
     def reference_counts(self, clusters: np.ndarray) -> np.ndarray:
         """All references to each of *clusters*, as QEMU's check would count them."""
@@ -186,7 +192,9 @@ class ReferenceMap:
 
     def _bm_ref(self, i: int) -> BitmapRef:
         return BitmapRef(
-            int(self.bm_clusters[i]), Kind(int(self.bm_kinds[i])), int(self.bm_index[i]),
+            int(self.bm_clusters[i]),
+            Kind(int(self.bm_kinds[i])),
+            int(self.bm_index[i]),
             int(self.bm_source[i]),
         )
 
@@ -201,7 +209,7 @@ class ReferenceMap:
         uniq = uniq[counts == 1]
         if not len(uniq):
             return uniq
-        alone = (self.reference_counts(uniq) == 1)
+        alone = self.reference_counts(uniq) == 1
         return uniq[alone]
 
     def referenced_mask(self) -> np.ndarray:
@@ -259,18 +267,22 @@ class _Builder:
             reason = f"the refcount table of {nclus} clusters exceeds QEMU's limit of 8 MiB"
             where, fld = 56, "refcount_table_clusters"
         elif off % cs or off == 0:
-            reason = f"refcount_table_offset {off:#x} is not a non-zero multiple of the cluster size"
-            where, fld = 48, "refcount_table_offset"
-        elif not self.inside(off, nclus * cs):
             reason = (
-                f"the refcount table ({nclus} clusters at {off:#x}) extends past the end of the file"
+                f"refcount_table_offset {off:#x} is not a non-zero multiple of the cluster size"
             )
             where, fld = 48, "refcount_table_offset"
+        elif not self.inside(off, nclus * cs):
+            reason = f"the refcount table ({nclus} clusters at {off:#x}) extends past the end of the file"
+            where, fld = 48, "refcount_table_offset"
         if reason is not None:
-            self.problem("refcount-table-invalid", f"{reason}: refcounts cannot be read", where, fld)
+            self.problem(
+                "refcount-table-invalid", f"{reason}: refcounts cannot be read", where, fld
+            )
             return None
         self.refs.add_range(off, nclus * cs, Kind.REFCOUNT_TABLE, self.cb)
-        table = np.frombuffer(image.read(off, nclus * cs, what="refcount table"), ">u8").astype(np.uint64)
+        table = np.frombuffer(image.read(off, nclus * cs, what="refcount table"), ">u8").astype(
+            np.uint64
+        )
         epb = cs * 8 >> order
         file_clusters = -(-image.file_size // cs)
         blocks_needed = -(-file_clusters // epb)
@@ -293,9 +305,14 @@ class _Builder:
         good = nz[~bad]
         good_offsets = offsets[~bad].astype(np.int64)
         self.refs.add(good_offsets >> self.cb, Kind.REFCOUNT_BLOCK)
-        dtype = {0: np.uint8, 1: np.uint8, 2: np.uint8, 3: np.uint8, 4: np.uint16, 5: np.uint32}.get(
-            order, np.uint64
-        )
+        dtype = {
+            0: np.uint8,
+            1: np.uint8,
+            2: np.uint8,
+            3: np.uint8,
+            4: np.uint16,
+            5: np.uint32,
+        }.get(order, np.uint64)
         counts = np.zeros(blocks_needed * epb, dtype=dtype)
         wanted = good < blocks_needed
         for t, block in self._read_clusters(good[wanted], good_offsets[wanted]):
@@ -332,7 +349,9 @@ class _Builder:
             return
         reason = None
         if nbytes > QCOW_MAX_L1_SIZE:
-            reason = f"{label} has {size} entries, more than QEMU's limit of {QCOW_MAX_L1_SIZE // 8}"
+            reason = (
+                f"{label} has {size} entries, more than QEMU's limit of {QCOW_MAX_L1_SIZE // 8}"
+            )
         elif offset % cs or offset == 0:
             reason = f"{label} offset {offset:#x} is not a non-zero multiple of the cluster size"
         elif not self.inside(offset, nbytes):
@@ -394,13 +413,21 @@ class _Builder:
                     window = mmap.mmap(
                         self.image.fd, start - base + length, offset=base, prot=mmap.PROT_READ
                     )
-                    yield i, j, np.frombuffer(window, dtype=np.uint64, count=length // 8, offset=start - base)
+                    yield (
+                        i,
+                        j,
+                        np.frombuffer(
+                            window, dtype=np.uint64, count=length // 8, offset=start - base
+                        ),
+                    )
                     del window
                 else:
                     data = self.image.read(start, length, what="metadata clusters")
                     yield i, j, np.frombuffer(data, dtype=np.uint64)
 
-    def _nonzero_words(self, offsets: np.ndarray, step: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def _nonzero_words(
+        self, offsets: np.ndarray, step: int
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """``(i, positions, values)`` of the non-zero words (every *step*-th) of each run.
 
         Most L2 entries are zero: one vectorised comparison finds the others,
@@ -441,13 +468,17 @@ class _Builder:
                 host = values & np.uint64(layout.L2E_OFFSET_MASK)
                 keep = host != 0
                 if not self.external_data and keep.any():
-                    self.refs.add((host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, w[keep])
+                    self.refs.add(
+                        (host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, w[keep]
+                    )
                 continue
             std, std_w = values[~compressed], w[~compressed]
             host = std & np.uint64(layout.L2E_OFFSET_MASK)
             keep = host != 0
             if not self.external_data:
-                self.refs.add((host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, std_w[keep])
+                self.refs.add(
+                    (host[keep] >> np.uint64(cb)).astype(np.int64), Kind.DATA, std_w[keep]
+                )
             cw, cwt = values[compressed], w[compressed]
             coff = cw & coffset_mask
             nsec = ((cw >> np.uint64(compressed_shift)) & csize_mask) + np.uint64(1)
@@ -525,7 +556,9 @@ class _Builder:
             pos = full
         self.refs.add_range(offset, pos, Kind.SNAPSHOT_TABLE, self.cb)
         for n, (l1_off, l1_size, where) in enumerate(l1s):
-            self.l1_table(l1_off, l1_size, active=False, where=where, label=f"the L1 table of snapshot {n}")
+            self.l1_table(
+                l1_off, l1_size, active=False, where=where, label=f"the L1 table of snapshot {n}"
+            )
 
     def _grow(self, offset: int, buf: bytes, need: int, limit: int) -> bytes:
         if need > limit:
@@ -609,22 +642,39 @@ def _bitmap_refs(
     if directory is not None:
         off, size, source = directory
         if size > 0:
-            add(np.arange(off >> cb, ((off + size - 1) >> cb) + 1), Kind.BITMAP_DIRECTORY, -1, source)
+            add(
+                np.arange(off >> cb, ((off + size - 1) >> cb) + 1),
+                Kind.BITMAP_DIRECTORY,
+                -1,
+                source,
+            )
     for entry in entries:
         off, n = entry.bitmap_table_offset, entry.bitmap_table_size
         if off == 0 or off % cs or n == 0 or n * 8 > image.file_size:
             continue
-        add(np.arange(off >> cb, ((off + n * 8 - 1) >> cb) + 1), Kind.BITMAP_TABLE, entry.index, entry.offset)
+        add(
+            np.arange(off >> cb, ((off + n * 8 - 1) >> cb) + 1),
+            Kind.BITMAP_TABLE,
+            entry.index,
+            entry.offset,
+        )
         table = tables.get(entry.index)
         if table is None:
             continue
         idx, offsets = valid_data_entries(table, cs)
-        add((offsets >> np.uint64(cb)).astype(np.int64), Kind.BITMAP_DATA, entry.index,
-            off + 8 * idx.astype(np.int64))
+        add(
+            (offsets >> np.uint64(cb)).astype(np.int64),
+            Kind.BITMAP_DATA,
+            entry.index,
+            off + 8 * idx.astype(np.int64),
+        )
     if not parts_c:
         return _EMPTY_I64, np.zeros(0, np.uint8), np.zeros(0, np.int32), _EMPTY_I64
     return (
-        np.concatenate(parts_c), np.concatenate(parts_k), np.concatenate(parts_i), np.concatenate(parts_s)
+        np.concatenate(parts_c),
+        np.concatenate(parts_k),
+        np.concatenate(parts_i),
+        np.concatenate(parts_s),
     )
 
 
@@ -655,7 +705,9 @@ def build(
             36,
             "l1_size",
         )
-    b.l1_table(header.l1_table_offset, header.l1_size, active=True, where=40, label="the active L1 table")
+    b.l1_table(
+        header.l1_table_offset, header.l1_size, active=True, where=40, label="the active L1 table"
+    )
     b.snapshots()
     b.l2_tables()
     b.crypto()
@@ -709,7 +761,11 @@ def _bitmaps_extension_usable(image: Image) -> bool:
 
 
 def _kind_word(kind: Kind) -> str:
-    return {Kind.BITMAP_DIRECTORY: "directory", Kind.BITMAP_TABLE: "table", Kind.BITMAP_DATA: "data"}[kind]
+    return {
+        Kind.BITMAP_DIRECTORY: "directory",
+        Kind.BITMAP_TABLE: "table",
+        Kind.BITMAP_DATA: "data",
+    }[kind]
 
 
 def _plural(n: int, word: str) -> str:
@@ -726,7 +782,9 @@ def _owner_text(refmap: ReferenceMap, ref: BitmapRef, names: dict[int, str]) -> 
         elif other.bitmap == ref.bitmap and other.kind == ref.kind:
             others.append(f"another {_kind_word(other.kind)} reference of the same bitmap")
         else:
-            others.append(f"the {_kind_word(other.kind)} of bitmap {names.get(other.bitmap, '?')!r}")
+            others.append(
+                f"the {_kind_word(other.kind)} of bitmap {names.get(other.bitmap, '?')!r}"
+            )
     seen: list[str] = []
     for o in others:
         if o not in seen:
@@ -774,21 +832,29 @@ def bitmap_cluster_findings(
             ref = refmap._bm_ref(first)
             cluster_off = ref.cluster << refmap.cluster_bits
             n = len({int(refmap.bm_clusters[r]) for r in rows})
-            owner = "the bitmap directory" if index < 0 else f"bitmap {names.get(index, '?')!r}'s {_kind_word(kind)}"
+            owner = (
+                "the bitmap directory"
+                if index < 0
+                else f"the {_kind_word(kind)} of bitmap {names.get(index, '?')!r}"
+            )
+            one = n == 1
             what = _plural(n, "cluster")
             if code == "bitmap-cluster-overlap":
                 msg = (
-                    f"{what} of {owner} also serve other structures: the one at {cluster_off:#x} is "
+                    f"{what} of {owner} {'is' if one else 'are'} also used elsewhere: the one at "
+                    f"{cluster_off:#x} is "
                     f"also used by {_owner_text(refmap, ref, names)}"
                 )
             elif code == "bitmap-cluster-unallocated":
                 msg = (
-                    f"{what} of {owner} have refcount 0 (the first at {cluster_off:#x}), so QEMU may "
+                    f"{what} of {owner} {'has' if one else 'have'} refcount 0 (the first at "
+                    f"{cluster_off:#x}), so QEMU may "
                     "hand them out for other data"
                 )
             else:
                 msg = (
-                    f"{what} of {owner} have a refcount above their references (the one at "
+                    f"{what} of {owner} {'has a refcount above its' if one else 'have a refcount above their'} "
+                    "references (the one at "
                     f"{cluster_off:#x} has {int(rc[first])}, referenced {int(total[first])} time"
                     f"{'' if int(total[first]) == 1 else 's'}); 'qemu-img check -r leaks' fixes this"
                 )
@@ -808,7 +874,9 @@ def bitmap_cluster_findings(
             )
 
 
-def _ignored_extension(ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray | None) -> Iterator[Finding]:
+def _ignored_extension(
+    ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray | None
+) -> Iterator[Finding]:
     """Autoclear bit 0 clear (or a v2 image): QEMU drops the extension; its clusters leak."""
     from qbitmap.check.directory import directory_readable, scan_directory
     from qbitmap.check.tables import read_tables
@@ -835,7 +903,9 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray
             leaked = len(leaked_clusters)
     ctx.ignored_leaks = leaked_clusters
     v2 = image.header.version < 3
-    names = ", ".join(repr(e.display_name) for e in entries[:5]) + (", ..." if len(entries) > 5 else "")
+    names = ", ".join(repr(e.display_name) for e in entries[:5]) + (
+        ", ..." if len(entries) > 5 else ""
+    )
     held = f" ({names})" if entries else ""
     if v2:
         yield Finding(
@@ -851,7 +921,8 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap, refcounts: np.ndarray
             "bitmaps-extension-ignored",
             f"autoclear bit 0 is clear, so QEMU ignores the bitmaps extension "
             f"({_plural(ext.nb_bitmaps, 'bitmap')}{held}) and drops it on its next write; "
-            f"{_plural(leaked, 'cluster')} of it are leaked ('qemu-img check -r leaks' frees them)",
+            f"{_plural(leaked, 'cluster')} of it {'is' if leaked == 1 else 'are'} leaked "
+            "('qemu-img check -r leaks' frees them)",
             offset=88,
             field="autoclear_features",
             area="bitmaps",
@@ -897,8 +968,8 @@ def image_refcount_findings(
         i = int(low[0])
         yield Finding(
             "image-refcount-too-low",
-            f"{_plural(len(low), 'cluster')} outside the bitmaps are referenced more often than "
-            f"their refcount says (the one at {i << refmap.cluster_bits:#x} has refcount {int(rc[i])} "
+            f"{_plural(len(low), 'cluster')} outside the bitmaps "
+            f"{'is' if len(low) == 1 else 'are'} referenced more often than the refcount says (the one at {i << refmap.cluster_bits:#x} has refcount {int(rc[i])} "
             f"and {int(refs[i])} references, as {_kinds_phrase(refmap, i)}); QEMU could reuse them",
             offset=i << refmap.cluster_bits,
             field="refcount",
@@ -910,7 +981,8 @@ def image_refcount_findings(
         i = int(leaked[0])
         yield Finding(
             "image-clusters-leaked",
-            f"{_plural(len(leaked), 'cluster')} outside the bitmaps have a refcount above their "
+            f"{_plural(len(leaked), 'cluster')} outside the bitmaps "
+            f"{'has a refcount above its' if len(leaked) == 1 else 'have a refcount above their'} "
             f"references (the first at {i << refmap.cluster_bits:#x}); 'qemu-img check -r leaks' "
             "frees them",
             offset=i << refmap.cluster_bits,

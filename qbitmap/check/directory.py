@@ -173,7 +173,11 @@ def scan_directory(image: Image, ext: BitmapsExtension) -> DirectoryScan:
         )
     elif len(scan.entries) != ext.nb_bitmaps:
         more = "more" if len(scan.entries) > ext.nb_bitmaps else "fewer"
-        qemu = "More bitmaps found than specified" if more == "more" else "Less bitmaps found than specified"
+        qemu = (
+            "More bitmaps found than specified"
+            if more == "more"
+            else "Less bitmaps found than specified"
+        )
         scan.findings.append(
             _dir_finding(
                 "bitmap-directory-count-mismatch",
@@ -221,68 +225,103 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
     e = entry.offset
     if entry.extra_data:
         yield _bm(
-            entry, "bitmap-extra-data",
+            entry,
+            "bitmap-extra-data",
             f"bitmap {name!r} has {len(entry.extra_data)} bytes of extra data "
             "(QEMU: 'Bitmap extra data is not supported')",
-            e + 20, "extra_data_size",
+            e + 20,
+            "extra_data_size",
         )
     if entry.bitmap_table_size == 0:
-        yield _bm(entry, "bitmap-table-size-zero", f"bitmap {name!r} has bitmap_table_size 0", e + 8,
-                  "bitmap_table_size")
+        yield _bm(
+            entry,
+            "bitmap-table-size-zero",
+            f"bitmap {name!r} has bitmap_table_size 0",
+            e + 8,
+            "bitmap_table_size",
+        )
     if entry.bitmap_table_offset == 0:
-        yield _bm(entry, "bitmap-table-offset-zero", f"bitmap {name!r} has bitmap_table_offset 0", e,
-                  "bitmap_table_offset")
+        yield _bm(
+            entry,
+            "bitmap-table-offset-zero",
+            f"bitmap {name!r} has bitmap_table_offset 0",
+            e,
+            "bitmap_table_offset",
+        )
     elif entry.bitmap_table_offset % cs:
         yield _bm(
-            entry, "bitmap-table-unaligned",
+            entry,
+            "bitmap-table-unaligned",
             f"bitmap {name!r} has bitmap_table_offset {entry.bitmap_table_offset:#x}, which is not "
             f"a multiple of the cluster size {cs}",
-            e, "bitmap_table_offset",
+            e,
+            "bitmap_table_offset",
         )
     if entry.bitmap_table_size > BME_MAX_TABLE_SIZE:
         yield _bm(
-            entry, "bitmap-table-too-large",
+            entry,
+            "bitmap-table-too-large",
             f"bitmap {name!r} has bitmap_table_size {entry.bitmap_table_size}, QEMU's limit is "
             f"{BME_MAX_TABLE_SIZE}",
-            e + 8, "bitmap_table_size",
+            e + 8,
+            "bitmap_table_size",
         )
     if not geometry_valid(entry):
         yield _bm(
-            entry, "bitmap-granularity-invalid",
+            entry,
+            "bitmap-granularity-invalid",
             f"bitmap {name!r} has granularity_bits {entry.granularity_bits}, QEMU accepts "
             f"{BME_MIN_GRANULARITY_BITS}..{BME_MAX_GRANULARITY_BITS}",
-            e + 17, "granularity_bits",
+            e + 17,
+            "granularity_bits",
         )
     if int(entry.flags) & _RESERVED_FLAGS:
         extra = int(entry.flags) & _RESERVED_FLAGS
-        what = " (extra_data_compatible, which QEMU refuses)" if extra == BitmapFlag.EXTRA_DATA_COMPATIBLE else ""
+        what = (
+            " (extra_data_compatible, which QEMU refuses)"
+            if extra == BitmapFlag.EXTRA_DATA_COMPATIBLE
+            else ""
+        )
         yield _bm(
-            entry, "bitmap-flags-reserved",
+            entry,
+            "bitmap-flags-reserved",
             f"bitmap {name!r} has flags {int(entry.flags):#x}: reserved bits {extra:#x} are set{what}",
-            e + 12, "flags",
+            e + 12,
+            "flags",
         )
     if len(entry.name) > BME_MAX_NAME_SIZE:
         yield _bm(
-            entry, "bitmap-name-too-long",
+            entry,
+            "bitmap-name-too-long",
             f"bitmap {name[:40]!r}... has name_size {len(entry.name)}, QEMU's limit is {BME_MAX_NAME_SIZE}",
-            e + 18, "name_size",
+            e + 18,
+            "name_size",
         )
     if not entry.name:
-        yield _bm(entry, "bitmap-name-empty", f"bitmap entry {entry.index} has an empty name",
-                  e + 18, "name_size")
+        yield _bm(
+            entry,
+            "bitmap-name-empty",
+            f"bitmap entry {entry.index} has an empty name",
+            e + 18,
+            "name_size",
+        )
     if entry.type != 1:
         yield _bm(
-            entry, "bitmap-type-invalid",
+            entry,
+            "bitmap-type-invalid",
             f"bitmap {name!r} has type {entry.type}, only 1 (dirty tracking) is defined",
-            e + 16, "type",
+            e + 16,
+            "type",
         )
     phys = entry.bitmap_table_size * cs
     if phys > BME_MAX_PHYS_SIZE:
         yield _bm(
-            entry, "bitmap-data-too-large",
+            entry,
+            "bitmap-data-too-large",
             f"bitmap {name!r} has {entry.bitmap_table_size} table entries of {cs}-byte clusters, "
             f"more than QEMU's limit of {BME_MAX_PHYS_SIZE} bytes of bitmap data",
-            e + 8, "bitmap_table_size",
+            e + 8,
+            "bitmap_table_size",
         )
     if geometry_valid(entry) and 0 < entry.bitmap_table_size <= BME_MAX_TABLE_SIZE:
         expected = Geometry(image.virtual_size, entry.granularity, cs).table_size
@@ -291,24 +330,30 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             covers = (phys * 8) << entry.granularity_bits
             if entry.in_use:
                 yield _bm(
-                    entry, "bitmap-table-size-stale",
+                    entry,
+                    "bitmap-table-size-stale",
                     f"in-use bitmap {name!r} has {actual} table entries, the disk of "
                     f"{image.virtual_size} bytes needs {expected}: the bitmap predates a resize",
-                    e + 8, "bitmap_table_size",
+                    e + 8,
+                    "bitmap_table_size",
                 )
             elif image.virtual_size > covers:
                 yield _bm(
-                    entry, "bitmap-table-too-small",
+                    entry,
+                    "bitmap-table-too-small",
                     f"bitmap {name!r} has {actual} table entries covering {covers} bytes, the disk "
                     f"has {image.virtual_size} (QEMU: 'doesn't satisfy the constraints')",
-                    e + 8, "bitmap_table_size",
+                    e + 8,
+                    "bitmap_table_size",
                 )
             else:
                 yield _bm(
-                    entry, "bitmap-table-size-mismatch",
+                    entry,
+                    "bitmap-table-size-mismatch",
                     f"bitmap {name!r} has {actual} table entries, QEMU requires exactly {expected} "
                     f"for a disk of {image.virtual_size} bytes at granularity {entry.granularity}",
-                    e + 8, "bitmap_table_size",
+                    e + 8,
+                    "bitmap_table_size",
                 )
 
 
@@ -318,10 +363,12 @@ def name_findings(entries: list[BitmapEntry]) -> Iterator[Finding]:
     for entry in entries:
         if entry.name and seen[entry.name]:
             yield _bm(
-                entry, "bitmap-name-duplicate",
+                entry,
+                "bitmap-name-duplicate",
                 f"bitmap entry {entry.index} repeats the name {entry.display_name!r} "
                 "(QEMU: 'Bitmap already exists')",
-                entry.offset + 24 + len(entry.extra_data), "name",
+                entry.offset + 24 + len(entry.extra_data),
+                "name",
             )
         seen[entry.name] += 1
 

@@ -32,7 +32,10 @@ I, L, U, C, F = Severity.INFO, Severity.LEAK, Severity.IN_USE, Severity.CORRUPT,
 # code -> (severity, what it means).  Codes are stable: never rename one.
 CODES: dict[str, tuple[Severity, str]] = {
     # -- the check itself -------------------------------------------------------------
-    "image-unreadable": (F, "the file could not be opened or is not a qcow2 image qbitmap can read"),
+    "image-unreadable": (
+        F,
+        "the file could not be opened or is not a qcow2 image qbitmap can read",
+    ),
     "image-read-error": (F, "reading the image failed part way through the check"),
     "image-unsupported-feature": (
         F,
@@ -61,7 +64,10 @@ CODES: dict[str, tuple[Severity, str]] = {
         C,
         "a refcount table entry has reserved bits set or points to an unaligned block or one outside the file",
     ),
-    "l1-table-invalid": (C, "the active L1 table is misplaced, too large or too small for the disk"),
+    "l1-table-invalid": (
+        C,
+        "the active L1 table is misplaced, too large or too small for the disk",
+    ),
     "l2-table-invalid": (C, "an L1 entry points to an unaligned L2 table or one outside the file"),
     "snapshot-table-invalid": (C, "the snapshot table or a snapshot's L1 table cannot be read"),
     "encryption-header-invalid": (
@@ -74,11 +80,16 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "image-clusters-leaked": (
         I,
-        "clusters outside the bitmaps have a refcount above their references (leaks; "
-        "'qemu-img check -r leaks' frees them)",
+        (
+            "clusters outside the bitmaps have a refcount above their references (leaks; "
+            "'qemu-img check -r leaks' frees them)"
+        ),
     ),
     # -- the bitmaps extension and the directory -----------------------------------------
-    "bitmaps-extension-length": (C, "the bitmaps extension's length is not 24 (QEMU refuses the image)"),
+    "bitmaps-extension-length": (
+        C,
+        "the bitmaps extension's length is not 24 (QEMU refuses the image)",
+    ),
     "bitmaps-extension-reserved": (C, "the bitmaps extension's reserved field is not zero"),
     "bitmaps-extension-duplicate": (C, "the header has more than one bitmaps extension"),
     "bitmaps-count-zero": (C, "the bitmaps extension says nb_bitmaps is 0"),
@@ -97,7 +108,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "bitmap-ignored": (I, "a bitmap of an ignored bitmaps extension: QEMU treats it as lost"),
     "bitmap-directory-unaligned": (C, "bitmap_directory_offset is not cluster aligned"),
-    "bitmap-directory-too-large": (C, "bitmap_directory_size exceeds QEMU's limit of 67107840 bytes"),
+    "bitmap-directory-too-large": (
+        C,
+        "bitmap_directory_size exceeds QEMU's limit of 67107840 bytes",
+    ),
     "bitmap-directory-empty": (C, "bitmap_directory_size is 0"),
     "bitmap-directory-outside-file": (C, "the bitmap directory extends past the end of the file"),
     "bitmap-directory-broken": (
@@ -137,8 +151,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "bitmap-table-size-stale": (
         I,
-        "an in-use bitmap's table does not match the disk size (resized while open): only "
-        "a full recovery can help",
+        (
+            "an in-use bitmap's table does not match the disk size (resized while open): only "
+            "a full recovery can help"
+        ),
     ),
     # -- one bitmap's table and data -------------------------------------------------------
     "bitmap-table-outside-file": (C, "the bitmap table extends past the end of the file"),
@@ -147,7 +163,10 @@ CODES: dict[str, tuple[Severity, str]] = {
         C,
         "a bitmap table entry has both a data cluster offset and the all-ones bit",
     ),
-    "bitmap-table-entry-unaligned": (C, "a bitmap table entry's data offset is not cluster aligned"),
+    "bitmap-table-entry-unaligned": (
+        C,
+        "a bitmap table entry's data offset is not cluster aligned",
+    ),
     "bitmap-data-outside-file": (C, "a bitmap data cluster starts past the end of the file"),
     "bitmap-bits-past-end": (C, "bits past the end of the disk are set in the last data cluster"),
     # -- clusters of bitmap structures -----------------------------------------------------------
@@ -170,7 +189,10 @@ CODES: dict[str, tuple[Severity, str]] = {
         "the bitmap is in use by the process holding the image: expected while it runs",
     ),
     # -- consistency-level records ---------------------------------------------------------------
-    "levels-extension-invalid": (I, "the consistency-level extension cannot be parsed; no record is used"),
+    "levels-extension-invalid": (
+        I,
+        "the consistency-level extension cannot be parsed; no record is used",
+    ),
     "levels-record-stale": (I, "a consistency-level record exists but may not be trusted"),
     "levels-record-orphan": (I, "a consistency-level record names no bitmap of the image"),
 }

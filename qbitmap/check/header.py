@@ -94,51 +94,74 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
         yield _bad(
             f"backing_file_offset {header.backing_file_offset:#x} lies beyond the first cluster "
             "(QEMU: 'Invalid backing file offset')",
-            8, "backing_file_offset",
+            8,
+            "backing_file_offset",
         )
-    elif header.backing_file_offset and header.backing_file_size > min(1023, cs - header.backing_file_offset):
+    elif header.backing_file_offset and header.backing_file_size > min(
+        1023, cs - header.backing_file_offset
+    ):
         yield _bad(
             f"backing_file_size {header.backing_file_size} does not fit (QEMU: 'Backing file name "
             "too long')",
-            16, "backing_file_size",
+            16,
+            "backing_file_size",
         )
     if header.version >= 3:
         incompat = header.incompatible_features or 0
         ctype = header.compression_type or 0
         if ctype > 1:
-            yield _bad(f"compression_type is {ctype}, QEMU knows 0 (zlib) and 1 (zstd)", 104,
-                       "compression_type")
+            yield _bad(
+                f"compression_type is {ctype}, QEMU knows 0 (zlib) and 1 (zstd)",
+                104,
+                "compression_type",
+            )
         elif bool(ctype) != bool(incompat & IncompatibleFeature.COMPRESSION_TYPE):
             yield _bad(
                 f"compression_type is {ctype} but incompatible feature bit 3 is "
                 f"{'clear' if ctype else 'set'}",
-                104 if ctype else 72, "compression_type" if ctype else "incompatible_features",
+                104 if ctype else 72,
+                "compression_type" if ctype else "incompatible_features",
             )
         if incompat & IncompatibleFeature.EXTENDED_L2 and image.cluster_bits < 14:
             yield _bad(
                 f"extended L2 entries need clusters of at least 16 KiB, these are {cs} bytes "
                 "(QEMU: 'Unsupported subcluster size')",
-                20, "cluster_bits",
+                20,
+                "cluster_bits",
             )
         autoclear = header.autoclear_features or 0
-        if autoclear & AutoclearFeature.RAW_EXTERNAL_DATA and not incompat & IncompatibleFeature.EXTERNAL_DATA_FILE:
+        if (
+            autoclear & AutoclearFeature.RAW_EXTERNAL_DATA
+            and not incompat & IncompatibleFeature.EXTERNAL_DATA_FILE
+        ):
             yield _bad(
                 "autoclear bit 1 (raw external data) is set without an external data file "
                 "(QEMU: 'data-file-raw requires a data file')",
-                88, "autoclear_features",
+                88,
+                "autoclear_features",
             )
     if header.crypt_method > 2:
-        yield _bad(f"crypt_method is {header.crypt_method}, QEMU knows 0, 1 (AES) and 2 (LUKS)", 32,
-                   "crypt_method")
-    l2_entries = cs // (16 if header.version >= 3 and (header.incompatible_features or 0) & 16 else 8)
+        yield _bad(
+            f"crypt_method is {header.crypt_method}, QEMU knows 0, 1 (AES) and 2 (LUKS)",
+            32,
+            "crypt_method",
+        )
+    l2_entries = cs // (
+        16 if header.version >= 3 and (header.incompatible_features or 0) & 16 else 8
+    )
     if -(-header.size // (cs * l2_entries)) > 0x7FFFFFFF:
-        yield _bad(f"the disk size {header.size} needs more L1 entries than QEMU allows "
-                   "(QEMU: 'Image is too big')", 24, "size")
+        yield _bad(
+            f"the disk size {header.size} needs more L1 entries than QEMU allows "
+            "(QEMU: 'Image is too big')",
+            24,
+            "size",
+        )
     for ext in image.extensions:
         if ext.magic == layout.EXT_BACKING_FORMAT and ext.length >= 16:
             yield _bad(
                 f"the backing file format name has {ext.length} bytes, QEMU allows 15",
-                ext.offset + 4, "length",
+                ext.offset + 4,
+                "length",
             )
 
 

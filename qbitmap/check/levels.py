@@ -52,8 +52,7 @@ def recovery_granularity(
         return None
     if c < 0:
         return image.virtual_size
-    group = levels.group_bits(c, m, lb)
-    return min(group * entry.granularity, max(image.virtual_size, entry.granularity))
+    return levels.group_bits(c, m, lb) * entry.granularity
 
 
 def estimate(

@@ -60,38 +60,46 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
     if len(reserved):
         i = int(reserved[0])
         yield _bm(
-            entry, "bitmap-table-entry-reserved",
+            entry,
+            "bitmap-table-entry-reserved",
             f"entry {i} of bitmap {name!r}'s table is {int(table[i]):#018x}: reserved bits "
             f"{int(table[i]) & layout.BITMAP_TABLE_RESERVED_MASK:#x} are set{_more(len(reserved))}",
-            base + 8 * i, "bitmap table entry",
+            base + 8 * i,
+            "bitmap table entry",
         )
     ones = np.flatnonzero((offsets != 0) & ((table & _ONES) != 0))
     if len(ones):
         i = int(ones[0])
         yield _bm(
-            entry, "bitmap-table-entry-ones-with-offset",
+            entry,
+            "bitmap-table-entry-ones-with-offset",
             f"entry {i} of bitmap {name!r}'s table has the all-ones bit and data offset "
             f"{int(offsets[i]):#x} at once{_more(len(ones))}",
-            base + 8 * i, "bitmap table entry",
+            base + 8 * i,
+            "bitmap table entry",
         )
     unaligned = np.flatnonzero((offsets % np.uint64(cs)) != 0)
     if len(unaligned):
         i = int(unaligned[0])
         yield _bm(
-            entry, "bitmap-table-entry-unaligned",
+            entry,
+            "bitmap-table-entry-unaligned",
             f"entry {i} of bitmap {name!r}'s table points at {int(offsets[i]):#x}, which is not a "
             f"multiple of the cluster size {cs}{_more(len(unaligned))}",
-            base + 8 * i, "bitmap table entry",
+            base + 8 * i,
+            "bitmap table entry",
         )
     idx, data_offsets = valid_data_entries(table, cs)
     outside = np.flatnonzero(data_offsets >= np.uint64(image.file_size))
     if len(outside):
         i = int(idx[outside[0]])
         yield _bm(
-            entry, "bitmap-data-outside-file",
+            entry,
+            "bitmap-data-outside-file",
             f"entry {i} of bitmap {name!r}'s table points at data cluster {int(table[i] & _OFFSET):#x}, "
             f"which starts past the end of the file ({image.file_size} bytes){_more(len(outside))}",
-            base + 8 * i, "bitmap table entry",
+            base + 8 * i,
+            "bitmap table entry",
         )
 
 
@@ -105,7 +113,12 @@ def tail_problem(image: Image, entry: BitmapEntry, table: np.ndarray) -> Finding
     last = geo.table_size - 1
     word = int(table[last])
     offset = word & layout.BITMAP_TABLE_OFFSET_MASK
-    if offset == 0 or word & layout.BITMAP_TABLE_RESERVED_MASK or word & 1 or offset % image.cluster_size:
+    if (
+        offset == 0
+        or word & layout.BITMAP_TABLE_RESERVED_MASK
+        or word & 1
+        or offset % image.cluster_size
+    ):
         return None
     if offset >= image.file_size:
         return None
@@ -113,17 +126,21 @@ def tail_problem(image: Image, entry: BitmapEntry, table: np.ndarray) -> Finding
     if used_bits >= geo.bits_per_cluster:
         return None
     # A cluster cut short by the end of the file reads as zeros past it, as in QEMU.
-    data = np.frombuffer(image.pread(offset, image.cluster_size).ljust(image.cluster_size, b"\0"), np.uint8)
+    data = np.frombuffer(
+        image.pread(offset, image.cluster_size).ljust(image.cluster_size, b"\0"), np.uint8
+    )
     first_byte, rem = divmod(used_bits, 8)
     stray = int(np.count_nonzero(data[first_byte + (1 if rem else 0) :]))
     partial = int(data[first_byte]) >> rem if rem else 0
     if not stray and not partial:
         return None
     return _bm(
-        entry, "bitmap-bits-past-end",
+        entry,
+        "bitmap-bits-past-end",
         f"bitmap {entry.display_name!r} has bits set past the end of the disk (bit {geo.nbits} on) "
         f"in its last data cluster at {offset:#x}",
-        offset + first_byte, "bitmap data",
+        offset + first_byte,
+        "bitmap data",
     )
 
 
@@ -153,7 +170,9 @@ def read_tables(image: Image, entries: list[BitmapEntry]) -> dict[int, np.ndarra
     out: dict[int, np.ndarray] = {}
     for entry in entries:
         off, n = entry.bitmap_table_offset, entry.bitmap_table_size
-        if not (off and off % cs == 0 and 0 < n <= BME_MAX_TABLE_SIZE and n * cs <= BME_MAX_PHYS_SIZE):
+        if not (
+            off and off % cs == 0 and 0 < n <= BME_MAX_TABLE_SIZE and n * cs <= BME_MAX_PHYS_SIZE
+        ):
             continue
         if off + n * 8 > image.file_size:
             continue
@@ -170,12 +189,18 @@ def check(ctx: Context) -> Iterator[Finding]:
     for entry in ctx.entries:
         off, n = entry.bitmap_table_offset, entry.bitmap_table_size
         located = off and off % image.cluster_size == 0 and 0 < n <= BME_MAX_TABLE_SIZE
-        if located and n * image.cluster_size <= BME_MAX_PHYS_SIZE and off + n * 8 > image.file_size:
+        if (
+            located
+            and n * image.cluster_size <= BME_MAX_PHYS_SIZE
+            and off + n * 8 > image.file_size
+        ):
             yield _bm(
-                entry, "bitmap-table-outside-file",
+                entry,
+                "bitmap-table-outside-file",
                 f"bitmap {entry.display_name!r}'s table ({n * 8} bytes at {off:#x}) extends past "
                 f"the end of the file ({image.file_size} bytes)",
-                entry.offset, "bitmap_table_offset",
+                entry.offset,
+                "bitmap_table_offset",
             )
     ctx.tables = read_tables(image, ctx.entries)
     for entry in ctx.entries:

@@ -28,6 +28,7 @@ _SEVERITY_STYLE = {
 }
 _STATUS_STYLE = {"consistent": "green", "in-use": "bold yellow", "corrupt": "bold red"}
 
+
 def printable(text: str) -> str:
     """*text* with control characters (newlines, escape sequences) shown as escapes."""
     if text.isprintable():

@@ -16,10 +16,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import corrupt  # noqa: E402
-import qemu  # noqa: E402
+import corrupt
+import qemu
 
-from qbitmap.cli import cli  # noqa: E402
+from qbitmap.cli import cli
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import qemu  # noqa: E402
+import qemu
 
 KiB, MiB = 1024, 1024 * 1024
 BITMAPS_EXT = 0x23852875
@@ -199,7 +199,14 @@ def rewrite_directory(lay: Layout, entries: list[tuple[Entry, bytes, bytes]]) ->
     blob = b""
     for e, extra, name in entries:
         raw = struct.pack(
-            ">QIIBBHI", e.table_offset, e.table_size, e.flags, e.type, e.granularity_bits, len(name), len(extra)
+            ">QIIBBHI",
+            e.table_offset,
+            e.table_size,
+            e.flags,
+            e.type,
+            e.granularity_bits,
+            len(name),
+            len(extra),
         )
         raw += extra + name
         raw += b"\0" * (-len(raw) % 8)
@@ -227,7 +234,9 @@ def _table_entry(lay: Layout, name: str, index: int, value: int) -> None:
 
 
 def _past_eof(lay: Layout) -> int:
-    return (lay.file_size + lay.cluster_size - 1) // lay.cluster_size * lay.cluster_size + 16 * lay.cluster_size
+    return (
+        lay.file_size + lay.cluster_size - 1
+    ) // lay.cluster_size * lay.cluster_size + 16 * lay.cluster_size
 
 
 def _set_incompat(lay: Layout, bit: int) -> None:
@@ -249,7 +258,12 @@ def _levels_ext(records: list[tuple[int, int, int, int, int, bytes]], version: i
     """Data of a consistency-level extension: records (table_offset, level, level_bits, max_level, gbits, name)."""
     out = struct.pack(">II", version, len(records))
     for table_offset, level, level_bits, max_level, gbits, name in records:
-        rec = struct.pack(">QiBBBBHH", table_offset, level, level_bits, max_level, gbits, 0, len(name), 0) + name
+        rec = (
+            struct.pack(
+                ">QiBBBBHH", table_offset, level, level_bits, max_level, gbits, 0, len(name), 0
+            )
+            + name
+        )
         out += rec + b"\0" * (-len(rec) % 8)
     return out
 
@@ -292,7 +306,9 @@ EDITS: dict[str, Edit] = {
     ),
     "table-size-zero": lambda l: _entry_field(l, "b0", 8, ">I", 0),
     "table-offset-zero": lambda l: _entry_field(l, "b0", 0, ">Q", 0),
-    "table-offset-unaligned": lambda l: _entry_field(l, "b0", 0, ">Q", l.entry("b0").table_offset + 512),
+    "table-offset-unaligned": lambda l: _entry_field(
+        l, "b0", 0, ">Q", l.entry("b0").table_offset + 512
+    ),
     "table-size-2^27+1": lambda l: _entry_field(l, "b0", 8, ">I", 0x8000001),
     "table-size-8193": lambda l: _entry_field(l, "b0", 8, ">I", 8193),
     "table-size-2": lambda l: _entry_field(l, "b0", 8, ">I", 2),
@@ -304,29 +320,45 @@ EDITS: dict[str, Edit] = {
     "table-offset-past-eof": lambda l: _entry_field(l, "b0", 0, ">Q", _past_eof(l)),
     "granularity-8": lambda l: _entry_field(l, "b0", 17, ">B", 8),
     "granularity-32": lambda l: _entry_field(l, "b0", 17, ">B", 32),
-    "flag-extra-data-compatible": lambda l: _entry_field(l, "b0", 12, ">I", l.entry("b0").flags | 4),
+    "flag-extra-data-compatible": lambda l: _entry_field(
+        l, "b0", 12, ">I", l.entry("b0").flags | 4
+    ),
     "flag-bit-8": lambda l: _entry_field(l, "b0", 12, ">I", l.entry("b0").flags | 0x100),
     "type-2": lambda l: _entry_field(l, "b0", 16, ">B", 2),
-    "name-1024-bytes": lambda l: rewrite_directory(l, [(l.entries[0], b"", b"n" * 1024)] + _entries(l)[1:]),
+    "name-1024-bytes": lambda l: rewrite_directory(
+        l, [(l.entries[0], b"", b"n" * 1024)] + _entries(l)[1:]
+    ),
     "name-empty": lambda l: rewrite_directory(l, [(l.entries[0], b"", b"")] + _entries(l)[1:]),
-    "name-duplicate": lambda l: rewrite_directory(l, _entries(l)[:1] + [(l.entries[1], b"", l.entries[0].name)]),
+    "name-duplicate": lambda l: rewrite_directory(
+        l, _entries(l)[:1] + [(l.entries[1], b"", l.entries[0].name)]
+    ),
     "in-use": lambda l: _entry_field(l, "b0", 12, ">I", l.entry("b0").flags | 1),
     # tables and data
     "table-entry-reserved-bit": lambda l: _table_entry(l, "b0", 0, l.table("b0")[0] | 2),
     "table-entry-ones-with-offset": lambda l: _table_entry(l, "b0", 0, l.table("b0")[0] | 1),
     "table-entry-unaligned": lambda l: _table_entry(l, "b0", 0, l.table("b0")[0] + 512),
     "table-entry-past-eof": lambda l: _table_entry(l, "b0", 0, _past_eof(l)),
-    "bits-past-end": lambda l: write_bytes(l.path, l.data_cluster("b0") + BASE_SIZE // 65536 // 8 + 1, b"\x01"),
+    "bits-past-end": lambda l: write_bytes(
+        l.path, l.data_cluster("b0") + BASE_SIZE // 65536 // 8 + 1, b"\x01"
+    ),
     # refcounts of bitmap clusters
-    "data-refcount-0": lambda l: poke(l.path, l.refcount_entry_offset(l.data_cluster("b0")), ">H", 0),
-    "data-refcount-2": lambda l: poke(l.path, l.refcount_entry_offset(l.data_cluster("b0")), ">H", 2),
-    "table-refcount-0": lambda l: poke(l.path, l.refcount_entry_offset(l.entry("b1").table_offset), ">H", 0),
+    "data-refcount-0": lambda l: poke(
+        l.path, l.refcount_entry_offset(l.data_cluster("b0")), ">H", 0
+    ),
+    "data-refcount-2": lambda l: poke(
+        l.path, l.refcount_entry_offset(l.data_cluster("b0")), ">H", 2
+    ),
+    "table-refcount-0": lambda l: poke(
+        l.path, l.refcount_entry_offset(l.entry("b1").table_offset), ">H", 0
+    ),
     "dir-refcount-0": lambda l: poke(l.path, l.refcount_entry_offset(l.dir_offset), ">H", 0),
     "dir-refcount-3": lambda l: poke(l.path, l.refcount_entry_offset(l.dir_offset), ">H", 3),
     # bitmap clusters shared with something else
     "data-on-l1": lambda l: _table_entry(l, "b0", 0, l.l1_offset),
     "data-on-l2": lambda l: _table_entry(l, "b0", 0, l.l2_offset),
-    "data-on-snapshot-l2": lambda l: _table_entry(l, "b0", 0, l.u64(l.snapshot_l1) & 0x00FFFFFFFFFFFE00),
+    "data-on-snapshot-l2": lambda l: _table_entry(
+        l, "b0", 0, l.u64(l.snapshot_l1) & 0x00FFFFFFFFFFFE00
+    ),
     "data-on-refcount-table": lambda l: _table_entry(l, "b0", 0, l.refcount_table_offset),
     "data-on-refcount-block": lambda l: _table_entry(l, "b0", 0, l.refcount_block),
     "data-on-snapshot-table": lambda l: _table_entry(l, "b0", 0, l.snapshots_offset),
@@ -346,12 +378,16 @@ EDITS: dict[str, Edit] = {
     "ext-area-overrun": lambda l: poke(l.path, l.ext_offset + 4, ">I", 0x10000),
     "refcount-table-unaligned": lambda l: poke(l.path, 48, ">Q", l.refcount_table_offset + 512),
     "refcount-order-7": lambda l: poke(l.path, 96, ">I", 7),
-    "refcount-block-reserved-bit": lambda l: poke(l.path, l.refcount_table_offset, ">Q", l.refcount_block | 1),
+    "refcount-block-reserved-bit": lambda l: poke(
+        l.path, l.refcount_table_offset, ">Q", l.refcount_block | 1
+    ),
     "l1-size-zero": lambda l: poke(l.path, 36, ">I", 0),
     "l1-offset-unaligned": lambda l: poke(l.path, 40, ">Q", l.l1_offset + 8),
     "l2-past-eof": lambda l: poke(l.path, l.l1_offset, ">Q", (1 << 63) | _past_eof(l)),
     "l2-on-l1": lambda l: poke(l.path, l.l1_offset, ">Q", (1 << 63) | l.l1_offset),
-    "guest-data-refcount-0": lambda l: poke(l.path, l.refcount_entry_offset(l.guest_cluster(3 * MiB)), ">H", 0),
+    "guest-data-refcount-0": lambda l: poke(
+        l.path, l.refcount_entry_offset(l.guest_cluster(3 * MiB)), ">H", 0
+    ),
     "snapshots-offset-unaligned": lambda l: poke(l.path, 64, ">Q", l.snapshots_offset + 8),
     "crypt-method-luks": lambda l: poke(l.path, 32, ">I", 2),
     "leaked-cluster": _leak_one_cluster,
@@ -362,7 +398,9 @@ EDITS: dict[str, Edit] = {
     "levels-stale": lambda l: qemu.append_header_extension(
         l.path, LEVELS_EXT, _levels_ext([(l.entry("b0").table_offset, 0, 6, 1, 16, b"b0")])
     ),
-    "levels-version-2": lambda l: qemu.append_header_extension(l.path, LEVELS_EXT, _levels_ext([], version=2)),
+    "levels-version-2": lambda l: qemu.append_header_extension(
+        l.path, LEVELS_EXT, _levels_ext([], version=2)
+    ),
 }
 
 

@@ -9,11 +9,10 @@ the two "cannot check at all" cases); when check calls the bitmaps usable
 
 from __future__ import annotations
 
-import pytest
-from conftest import run_check
-
 import corrupt
+import pytest
 import qemu
+from conftest import run_check
 
 # edit -> (finding code that must be reported, exit status)
 CATALOGUE: dict[str, tuple[str, int]] = {
@@ -180,7 +179,11 @@ def test_refcount_findings_agree_with_qemu_check(base_image, tmp_path):
 
 def test_overlap_message_names_the_other_owner(base_image, tmp_path):
     image = corrupt.apply(base_image, tmp_path / "x.qcow2", "data-on-l2")
-    finding = next(f for f in run_check("--json", image).json["findings"] if f["code"] == "bitmap-cluster-overlap")
+    finding = next(
+        f
+        for f in run_check("--json", image).json["findings"]
+        if f["code"] == "bitmap-cluster-overlap"
+    )
     assert finding["bitmap"] == "b0"
     assert "an L2 table" in finding["message"]
     lay = corrupt.layout(image)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import qemu
 from conftest import run_check
 
-import qemu
 from qbitmap.check import check_image, reference_map
 from qbitmap.check.clusters import build
 from qbitmap.format import Image
@@ -71,9 +71,17 @@ def make(kind: str, tmp_path):
         # loaded machine, sometimes gives up ("Unable to get accurate CPU usage").
         for attempt in range(5):
             proc = qemu.qemu_img(
-                "create", "-q", "--object", SECRET, "-f", "qcow2",
-                "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                path, "64M", check=False,
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                path,
+                "64M",
+                check=False,
             )
             if proc.returncode == 0:
                 break
@@ -165,7 +173,9 @@ def test_clean_image(kind, tmp_path):
         # Without the bitmaps, exactly the bitmap clusters are missing.
         bitmap_clusters = np.unique(full.bm_clusters)
         without = refmap.reference_counts(clusters)
-        assert np.array_equal(np.flatnonzero(without != refcounts.astype(np.int64)), bitmap_clusters)
+        assert np.array_equal(
+            np.flatnonzero(without != refcounts.astype(np.int64)), bitmap_clusters
+        )
 
 
 def test_exclusive_clusters(tmp_path):
@@ -176,7 +186,7 @@ def test_exclusive_clusters(tmp_path):
         refmap = reference_map(img)
         report = check_image(img, held_locks=())
         entries = {b.name: b.entry for b in report.bitmaps}
-        for name, entry in entries.items():
+        for entry in entries.values():
             own = refmap.exclusive_clusters(entry.index)
             mine = refmap.bitmap_clusters(entry.index)
             assert np.array_equal(own, mine)

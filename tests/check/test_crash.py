@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from conftest import run_check
-
 import qemu
+from conftest import run_check
 
 MiB = 1024 * 1024
 
@@ -36,7 +35,9 @@ def test_sigkill_leaves_in_use_bitmap_that_qemu_check_does_not_see(tmp_path):
     assert "qbitmap recover --mode full" in in_use[0]["message"]
     assert "no consistency-level record" in in_use[0]["message"]
     assert "image-in-use-live" not in run.codes()
-    assert run.json["bitmaps"] == [{"name": "b0", "status": "in-use", "levels": {"status": "absent"}}]
+    assert run.json["bitmaps"] == [
+        {"name": "b0", "status": "in-use", "levels": {"status": "absent"}}
+    ]
 
     # The gap: QEMU's own check calls the image clean.
     code, report = qemu.img_check(img)

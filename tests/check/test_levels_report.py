@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import shutil
 
+import corrupt
 import pytest
+import qemu
 from conftest import run_check
 
-import corrupt
-import qemu
 from qbitmap.check import check_image
 from qbitmap.format import Image
 
@@ -24,8 +24,17 @@ KiB = 1024
 LEVELS_AUTOCLEAR = 1 << 63
 
 
-def _with_record(base_image, tmp_path, *, level, max_level=1, level_bits=6, in_use=True, bit63=True,
-                 table_offset=None):
+def _with_record(
+    base_image,
+    tmp_path,
+    *,
+    level,
+    max_level=1,
+    level_bits=6,
+    in_use=True,
+    bit63=True,
+    table_offset=None,
+):
     img = tmp_path / "x.qcow2"
     if in_use:
         corrupt.apply(base_image, img, "in-use")
@@ -34,7 +43,16 @@ def _with_record(base_image, tmp_path, *, level, max_level=1, level_bits=6, in_u
     lay = corrupt.layout(img)
     entry = lay.entry("b0")
     data = corrupt._levels_ext(
-        [(entry.table_offset if table_offset is None else table_offset, level, level_bits, max_level, 16, b"b0")]
+        [
+            (
+                entry.table_offset if table_offset is None else table_offset,
+                level,
+                level_bits,
+                max_level,
+                16,
+                b"b0",
+            )
+        ]
     )
     qemu.append_header_extension(img, corrupt.LEVELS_EXT, data)
     if bit63:

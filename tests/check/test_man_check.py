@@ -22,7 +22,7 @@ def _plain(roff: str) -> str:
 
 
 def _section(text: str, name: str) -> str:
-    match = re.search(rf"^\.SH \"?{name}\"?\n(.*?)(?=^\.SH |\Z)", text, re.M | re.S)
+    match = re.search(rf"^\.SH \"?{name}\"?\n(.*?)(?=^\.SH |\Z)", text, re.MULTILINE | re.DOTALL)
     assert match, f"no section {name}"
     return match.group(1)
 
@@ -30,7 +30,7 @@ def _section(text: str, name: str) -> str:
 def _listed_codes(text: str) -> dict[str, str]:
     """code -> severity word, from the ``.TP/.B code/(severity) ...`` items of FINDINGS."""
     findings = _section(text, "FINDINGS")
-    items = re.findall(r"^\.TP\n\.B ([a-z0-9-]+)\n\(([a-z-]+)\)", findings, re.M)
+    items = re.findall(r"^\.TP\n\.B ([a-z0-9-]+)\n\(([a-z-]+)\)", findings, re.MULTILINE)
     return dict(items)
 
 
@@ -55,7 +55,9 @@ def test_the_registry_is_what_findings_use():
 def test_every_option_is_documented():
     text = _plain(PAGE.read_text())
     options = _section(text, "OPTIONS") + _section(text, "SYNOPSIS")
-    names = [n for p in check_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+    names = [
+        n for p in check_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")
+    ]
     names += ["-h", "--help"]
     assert names
     for name in names:
@@ -66,12 +68,27 @@ def test_exit_codes_and_json_fields_are_documented():
     text = _plain(PAGE.read_text())
     exits = _section(text, "EXIT STATUS")
     for code in ("0", "1", "2", "3", "4", "64"):
-        assert re.search(rf"^\.B {code}$", exits, re.M), code
+        assert re.search(rf"^\.B {code}$", exits, re.MULTILINE), code
     json_part = _section(text, "JSON OUTPUT")
     for field in (
-        "filename", "findings", "code", "severity", "bitmap", "offset", "field", "message",
-        "bitmaps", "name", "status", "levels", "exit_code", "consistent_level", "max_level",
-        "level_bits", "recovery_granularity", "recovery_dirty_bytes",
+        "filename",
+        "findings",
+        "code",
+        "severity",
+        "bitmap",
+        "offset",
+        "field",
+        "message",
+        "bitmaps",
+        "name",
+        "status",
+        "levels",
+        "exit_code",
+        "consistent_level",
+        "max_level",
+        "level_bits",
+        "recovery_granularity",
+        "recovery_dirty_bytes",
     ):
         assert re.search(rf"\b{field}\b", json_part), field
 
@@ -82,7 +99,11 @@ def test_page_renders_without_warnings():
             pytest.fail("groff is needed to render the man page")
         pytest.skip("groff not installed")
     proc = subprocess.run(
-        ["groff", "-man", "-ww", "-Tutf8", str(PAGE)], capture_output=True, text=True, timeout=60
+        ["groff", "-man", "-ww", "-Tutf8", str(PAGE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0
     assert proc.stderr == ""
@@ -92,6 +113,7 @@ def test_page_renders_without_warnings():
             capture_output=True,
             text=True,
             timeout=60,
+            check=False,
             env={**os.environ, "MANPAGER": "cat", "PAGER": "cat", "MANWIDTH": "100"},
         )
         assert shown.returncode == 0, shown.stderr
