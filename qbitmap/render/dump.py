@@ -109,6 +109,12 @@ def _kv_table(title: str) -> Table:
     return table
 
 
+def _count(n: int, word: str) -> str:
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word[:-1] + 'ies' if word.endswith('y') else word + 's'}"
+
+
 def header_table(info: dict[str, Any]) -> Table:
     from rich.text import Text
 
@@ -134,13 +140,19 @@ def header_table(info: dict[str, Any]) -> Table:
     if header["crypt_method"]:
         method = {1: "AES (legacy)", 2: "LUKS"}.get(header["crypt_method"], "unknown")
         table.add_row("encryption", f"{method} (crypt_method {header['crypt_method']})")
-    table.add_row("L1 table", f"{header['l1_size']} entries at {hexoff(header['l1_table_offset'])}")
+    table.add_row(
+        "L1 table", f"{_count(header['l1_size'], 'entry')} at {hexoff(header['l1_table_offset'])}"
+    )
     table.add_row(
         "refcount table",
-        f"{header['refcount_table_clusters']} clusters"
+        f"{_count(header['refcount_table_clusters'], 'cluster')}"
         f" at {hexoff(header['refcount_table_offset'])}",
     )
-    table.add_row("snapshots", f"{header['nb_snapshots']} at {hexoff(header['snapshots_offset'])}")
+    snapshots = header["nb_snapshots"]
+    table.add_row(
+        "internal snapshots",
+        f"{snapshots} at {hexoff(header['snapshots_offset'])}" if snapshots else "none",
+    )
     if "backing_file" in info:
         table.add_row("backing file", Text(info["backing_file"]))
     return table
@@ -151,7 +163,9 @@ def extensions_table(extensions: list[dict[str, Any]]) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Header extensions", title_justify="left", box=box.SIMPLE_HEAD)
+    table = Table(
+        title="Header extensions", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+    )
     table.add_column("offset", justify="right", no_wrap=True)
     table.add_column("magic", no_wrap=True)
     table.add_column("name")
@@ -177,7 +191,8 @@ def _extension_summary(ext: dict[str, Any]) -> str:
         return f"{len(kinds)} feature names ({counts})" if kinds else "empty"
     if "nb_bitmaps" in ext:
         return (
-            f"{ext['nb_bitmaps']} bitmaps, directory of {ext['bitmap_directory_size']} bytes "
+            f"{_count(ext['nb_bitmaps'], 'bitmap')}, directory of "
+            f"{ext['bitmap_directory_size']} bytes "
             f"at {hexoff(ext['bitmap_directory_offset'])}"
         )
     if "crypto_header_offset" in ext:
