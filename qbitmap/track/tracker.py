@@ -19,6 +19,7 @@ the tests), so the crash tests exercise this very code.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,10 @@ from typing import Protocol, Self
 
 import numpy as np
 
+from qbitmap import levels
 from qbitmap.errors import QbitmapError
+from qbitmap.store.disk import Disk
+from qbitmap.track.backend import ImageBackend
 from qbitmap.track.policy import FlushPolicy
 from qbitmap.track.state import LevelState, bit_range
 
@@ -116,6 +120,57 @@ class Tracker:
                 target=self._flusher, name="qbitmap-tracker-flush", daemon=True
             )
             self._thread.start()
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        bitmap: str | bytes,
+        *,
+        level_bits: int = levels.DEFAULT_LEVEL_BITS,
+        policy: FlushPolicy | None = None,
+        clock: Clock | None = None,
+        background: bool | None = None,
+        disk_wrapper: Callable[[Disk], Disk] | None = None,
+    ) -> Tracker:
+        """Open *bitmap* of the qcow2 image *path* for tracking (a context manager too).
+
+        The bitmap must exist and be consistent (not in use); its contents
+        are where ``T`` starts.  QEMU's lock bytes are held until
+        :meth:`close`.  On return the record (``c = max_level``), autoclear
+        bit 63 and ``in_use`` are on disk.
+
+        Args:
+            path: the qcow2 image.
+            bitmap: the bitmap's name.
+            level_bits: ``log2`` of the fan-out, 1..16 (6 is QEMU's HBitmap).
+            policy: when to flush before close (default: on close only).
+            clock: a monotonic clock in seconds (tests inject a fake one).
+            background: run a thread that applies time-based policies; by
+                default on when the policy has one and *clock* is the real clock.
+            disk_wrapper: wraps the image's Disk (tests inject crashes).
+
+        Raises:
+            ImageBusyError: another process holds the image.
+            UsageError: no such bitmap, or *level_bits* out of range.
+            RefusedError: the bitmap is in use or its metadata is unsound.
+        """
+        backend = ImageBackend.open(path, bitmap, level_bits=level_bits, disk_wrapper=disk_wrapper)
+        try:
+            geo = backend.geometry
+            state = LevelState(backend.initial_bits, geo.nbits, level_bits, geo.cluster_size)
+        except BaseException:
+            backend.abandon()
+            raise
+        return cls(
+            backend,
+            state,
+            granularity=geo.granularity,
+            virtual_size=geo.virtual_size,
+            policy=policy,
+            clock=clock,
+            background=background,
+        )
 
     # -- properties ----------------------------------------------------------------
 
