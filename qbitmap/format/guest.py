@@ -1,0 +1,499 @@
+"""Guest data of a disk image: an allocation map first, bytes only on request.
+
+A :class:`GuestDisk` is a raw file or a qcow2 image with its backing chain.
+:meth:`GuestDisk.segments` describes a guest byte range as runs of
+
+* ``zero``: reads as zeros (qcow2 zero clusters/subclusters, holes of a raw
+  file, anything past the end of the chain's last layer);
+* ``data``: plain bytes at ``host`` in the file identified by ``source``;
+* ``compressed``: one compressed qcow2 cluster (deflate or zstd);
+
+already resolved through the backing chain, so that two disks sharing a
+backing file produce the *same* ``(source, host)`` for the shared ranges and
+a comparison can skip them without reading.  :meth:`GuestDisk.read_segment`
+reads (part of) one segment.
+
+qcow2 details follow docs/interop/qcow2.rst "Cluster mapping", "Extended L2
+Entries", "Compressed Clusters Descriptor" and QEMU's
+``qcow2_get_cluster_type``/``qcow2_parse_compressed_l2_entry``
+(shared/reference/qcow2-digest.md 5.3-5.6):
+
+* standard L2 entries: bit 62 compressed, else bit 0 zero, else offset 0
+  unallocated (read the backing file), else data;
+* extended L2 (incompatible bit 4): 32 subclusters per cluster, second word
+  bit x "allocated", bit 32+x "reads as zeros", neither = backing;
+* compressed: raw deflate (``zlib`` with wbits -15), or zstd
+  (compression_type 1) through the optional ``zstandard`` package;
+* the backing file name is relative to the image's directory; its format
+  comes from the backing-format extension or, without one, from the magic.
+
+Refused (UnsupportedImageError): encryption, external data files, backing
+names that are not plain file names (``json:``, protocol URLs), chains
+deeper than 64.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from qbitmap.errors import ImageFormatError, ImageIOError, UnsupportedImageError
+from qbitmap.format import layout
+from qbitmap.format.image import QCOW_MAX_L1_SIZE, Image
+from qbitmap.format.model import IncompatibleFeature
+
+MAX_CHAIN_DEPTH = 64
+
+KIND_BACKING = 0
+KIND_ZERO = 1
+KIND_DATA = 2
+KIND_COMPRESSED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """Guest bytes ``[start, start + length)`` of one kind.
+
+    ``source`` identifies the file the bytes live in (``(st_dev, st_ino)``);
+    for ``data`` the bytes are at ``host .. host + length`` of that file; for
+    ``compressed`` ``host`` is the L2 entry and ``skip`` the offset inside
+    the decompressed cluster.  ``layer`` is the object that can read them.
+    """
+
+    start: int
+    length: int
+    kind: str  # "zero" | "data" | "compressed"
+    source: tuple[int, int] | None = None
+    host: int = 0
+    skip: int = 0
+    layer: _Layer | None = None
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def same_bytes_as(self, other: Segment) -> bool:
+        """True if both segments are known to hold identical bytes without reading."""
+        if self.kind == "zero" and other.kind == "zero":
+            return True
+        if self.kind != other.kind or self.source is None or self.source != other.source:
+            return False
+        return self.host == other.host and self.skip == other.skip
+
+    def cut(self, start: int, end: int) -> Segment:
+        """The part of this segment inside ``[start, end)``."""
+        delta = start - self.start
+        if self.kind == "data":
+            return Segment(start, end - start, "data", self.source, self.host + delta, 0, self.layer)
+        if self.kind == "compressed":
+            return Segment(start, end - start, "compressed", self.source, self.host, self.skip + delta, self.layer)
+        return Segment(start, end - start, self.kind, self.source, self.host, self.skip, self.layer)
+
+
+class _Layer(Protocol):
+    size: int
+    source: tuple[int, int]
+
+    def segments(self, start: int, end: int) -> Iterator[Segment]: ...
+
+    def read_segment(self, seg: Segment, out: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ReadStats:
+    """Bytes actually read from files (tests and the benchmark check it)."""
+
+    bytes_read: int = 0
+    decompressed_clusters: int = 0
+
+
+def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: Path) -> None:
+    done = 0
+    total = len(out)
+    while done < total:
+        try:
+            n = os.preadv(fd, [out[done:]], offset + done)
+        except OSError as exc:
+            raise ImageIOError(f"{path}: read at {offset + done:#x} failed: {exc.strerror}") from exc
+        if n == 0:
+            out[done:] = bytes(total - done)  # past EOF reads as zeros
+            break
+        done += n
+    stats.bytes_read += done
+
+
+class RawLayer:
+    """A raw file: data where the file has data, zeros in holes and past EOF."""
+
+    def __init__(self, path: Path, stats: ReadStats) -> None:
+        self.path = path
+        self.stats = stats
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        else:
+            self.size = st.st_size
+        self.source = (st.st_dev, st.st_ino)
+
+    def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:
+                yield pos, end, False  # ENXIO: only a hole from here
+                return
+            if data > pos:
+                yield pos, min(data, end), False
+                pos = data
+                if pos >= end:
+                    return
+            try:
+                hole = os.lseek(self.fd, pos, os.SEEK_HOLE)
+            except OSError:
+                hole = end
+            hole = min(hole, end)
+            yield pos, hole, True
+            pos = hole
+
+    def segments(self, start: int, end: int) -> Iterator[Segment]:
+        stop = min(end, self.size)
+        if start < stop:
+            for a, b, is_data in self._extents(start, stop):
+                if is_data:
+                    yield Segment(a, b - a, "data", self.source, a, 0, self)
+                else:
+                    yield Segment(a, b - a, "zero")
+        if end > max(start, stop):
+            lo = max(start, stop)
+            yield Segment(lo, end - lo, "zero")
+
+    def read_segment(self, seg: Segment, out: memoryview) -> None:
+        _pread_into(self.fd, out, seg.host, self.stats, self.path)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Qcow2Layer:
+    """One qcow2 image; unallocated ranges are delegated to its backing layer."""
+
+    def __init__(self, path: Path, stats: ReadStats, depth: int = 0) -> None:
+        self.path = path
+        self.stats = stats
+        self.image = Image.open(path)
+        self.backing: _Layer | None = None
+        try:
+            self._setup(depth)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, depth: int) -> None:
+        image = self.image
+        header = image.header
+        if header.crypt_method:
+            raise UnsupportedImageError(f"{self.path}: encrypted images are not supported for guest reads")
+        incompatible = header.incompatible
+        if incompatible & IncompatibleFeature.EXTERNAL_DATA_FILE:
+            raise UnsupportedImageError(f"{self.path}: images with an external data file are not supported")
+        st = os.fstat(image.fd)
+        self.source = (st.st_dev, st.st_ino)
+        self.size = image.virtual_size
+        self.cluster_size = image.cluster_size
+        self.cluster_bits = image.cluster_bits
+        self.extended = bool(incompatible & IncompatibleFeature.EXTENDED_L2)
+        self.entry_words = 2 if self.extended else 1
+        self.l2_entries = self.cluster_size // (8 * self.entry_words)
+        self.compression_type = header.compression_type or 0
+        if header.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            raise ImageFormatError(f"l1_size {header.l1_size} is too large", offset=36, field="l1_size")
+        raw = image.read(header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset")
+        self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self._l2_cache: dict[int, np.ndarray] = {}
+        self._cluster_cache: tuple[int, bytes] | None = None
+        if header.backing_file_offset:
+            if depth >= MAX_CHAIN_DEPTH:
+                raise UnsupportedImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+            raw_name = image.read(
+                header.backing_file_offset, header.backing_file_size, what="backing file name",
+                field="backing_file_offset",
+            )
+            name = raw_name.decode("utf-8", "surrogateescape")
+            if ":" in name.split("/", 1)[0] and not Path(name).exists():
+                raise UnsupportedImageError(f"{self.path}: backing file {name!r} is not a plain file name")
+            backing_path = Path(name) if os.path.isabs(name) else self.path.parent / name
+            fmt_ext = image.extension(layout.EXT_BACKING_FORMAT)
+            fmt = fmt_ext.data.decode("ascii", "replace") if fmt_ext is not None else None
+            self.backing = open_layer(backing_path, self.stats, fmt=fmt, depth=depth + 1)
+
+    # -- mapping ------------------------------------------------------------------
+
+    def _l2(self, l1_index: int) -> np.ndarray | None:
+        if l1_index in self._l2_cache:
+            return self._l2_cache[l1_index]
+        if l1_index >= len(self.l1):
+            return None
+        offset = int(self.l1[l1_index]) & layout.L1E_OFFSET_MASK
+        if offset == 0:
+            return None
+        raw = self.image.read(offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry")
+        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        if len(self._l2_cache) > 4096:
+            self._l2_cache.clear()
+        self._l2_cache[l1_index] = table
+        return table
+
+    def _units(self, l2: np.ndarray, first: int, count: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """(unit size, kind per unit, host per unit) for L2 entries [first, first+count)."""
+        cs = self.cluster_size
+        if not self.extended:
+            words = l2[first : first + count]
+            compressed = (words >> np.uint64(62)) & np.uint64(1)
+            zero = words & np.uint64(1)
+            host = words & np.uint64(layout.L2E_OFFSET_MASK)
+            kind = np.full(count, KIND_DATA, dtype=np.int8)
+            kind[host == 0] = KIND_BACKING
+            kind[zero.astype(bool)] = KIND_ZERO
+            kind[compressed.astype(bool)] = KIND_COMPRESSED
+            host = np.where(compressed.astype(bool), words & np.uint64((1 << 62) - 1), host)
+            return cs, kind, host
+        pairs = l2.reshape(-1, 2)[first : first + count]
+        words = pairs[:, 0]
+        bitmap = pairs[:, 1]
+        sub = cs // 32
+        shifts = np.arange(32, dtype=np.uint64)
+        alloc = (bitmap[:, None] >> shifts[None, :]) & np.uint64(1)
+        zero = (bitmap[:, None] >> (shifts[None, :] + np.uint64(32))) & np.uint64(1)
+        base = words & np.uint64(layout.L2E_OFFSET_MASK)
+        compressed = ((words >> np.uint64(62)) & np.uint64(1)).astype(bool)
+        kind = np.full((count, 32), KIND_BACKING, dtype=np.int8)
+        kind[alloc.astype(bool)] = KIND_DATA
+        kind[zero.astype(bool)] = KIND_ZERO
+        host = base[:, None] + shifts[None, :] * np.uint64(sub)
+        kind[compressed, :] = KIND_COMPRESSED
+        comp_host = np.repeat((words & np.uint64((1 << 62) - 1))[:, None], 32, axis=1)
+        host = np.where(compressed[:, None], comp_host, host)
+        return sub, kind.reshape(-1), host.reshape(-1)
+
+    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """(start, end, kind, host, skip) runs of this layer alone (before backing)."""
+        cs = self.cluster_size
+        span = cs * self.l2_entries
+        pos = start
+        while pos < end:
+            l1_index = pos // span
+            table_end = min(end, (l1_index + 1) * span)
+            l2 = self._l2(l1_index)
+            if l2 is None:
+                yield pos, table_end, KIND_BACKING, 0, 0
+                pos = table_end
+                continue
+            first = (pos % span) // cs
+            last = (table_end - 1) % span // cs
+            count = last - first + 1
+            unit, kind, host = self._units(l2, first, count)
+            base = l1_index * span + first * cs
+            n = len(kind)
+            if n == 0:
+                pos = table_end
+                continue
+            # Run boundaries: kind changes, data not contiguous, every compressed unit.
+            brk = np.ones(n, dtype=bool)
+            if n > 1:
+                same_kind = kind[1:] == kind[:-1]
+                contiguous = host[1:] == host[:-1] + np.uint64(unit)
+                cont = same_kind & (
+                    (kind[1:] == KIND_ZERO)
+                    | (kind[1:] == KIND_BACKING)
+                    | ((kind[1:] == KIND_DATA) & contiguous)
+                )
+                brk[1:] = ~cont
+            starts = np.flatnonzero(brk)
+            ends = np.append(starts[1:], n)
+            for s_i, e_i in zip(starts.tolist(), ends.tolist(), strict=True):
+                a = max(pos, base + s_i * unit)
+                b = min(table_end, base + e_i * unit)
+                if a >= b:
+                    continue
+                k = int(kind[s_i])
+                h = int(host[s_i])
+                skip = 0
+                if k == KIND_DATA:
+                    h += a - (base + s_i * unit)
+                elif k == KIND_COMPRESSED:
+                    # unit may be a subcluster: offset inside the decompressed cluster
+                    cluster_start = (base + s_i * unit) // cs * cs
+                    skip = a - cluster_start
+                yield a, b, k, h, skip
+            pos = table_end
+
+    def segments(self, start: int, end: int) -> Iterator[Segment]:
+        stop = min(end, self.size)
+        if start < stop:
+            for a, b, kind, host, skip in self._own_runs(start, stop):
+                if kind == KIND_ZERO:
+                    yield Segment(a, b - a, "zero")
+                elif kind == KIND_DATA:
+                    yield Segment(a, b - a, "data", self.source, host, 0, self)
+                elif kind == KIND_COMPRESSED:
+                    yield Segment(a, b - a, "compressed", self.source, host, skip, self)
+                elif self.backing is None:
+                    yield Segment(a, b - a, "zero")
+                else:
+                    yield from self.backing.segments(a, b)
+        if end > max(start, stop):
+            lo = max(start, stop)
+            yield Segment(lo, end - lo, "zero")
+
+    # -- reading -------------------------------------------------------------------
+
+    def _decompress(self, entry: int) -> bytes:
+        if self._cluster_cache is not None and self._cluster_cache[0] == entry:
+            return self._cluster_cache[1]
+        cs = self.cluster_size
+        shift = 62 - (self.cluster_bits - 8)
+        offset = entry & ((1 << shift) - 1)
+        sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
+        size = sectors * 512 - (offset & 511)
+        data = self.image.pread(offset, size)
+        self.stats.bytes_read += len(data)
+        try:
+            if self.compression_type == 0:
+                out = zlib.decompressobj(-15).decompress(data, cs)
+            elif self.compression_type == 1:
+                out = _zstd_decompress(data, cs, self.path)
+            else:
+                raise UnsupportedImageError(f"{self.path}: unknown compression type {self.compression_type}")
+        except zlib.error as exc:
+            raise ImageFormatError(f"compressed cluster does not decompress: {exc}", offset=offset) from exc
+        if len(out) < cs:
+            raise ImageFormatError(
+                f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset=offset
+            )
+        out = out[:cs]
+        self.stats.decompressed_clusters += 1
+        self._cluster_cache = (entry, out)
+        return out
+
+    def read_segment(self, seg: Segment, out: memoryview) -> None:
+        if seg.kind == "data":
+            _pread_into(self.image.fd, out, seg.host, self.stats, self.path)
+        elif seg.kind == "compressed":
+            cluster = self._decompress(seg.host)
+            out[:] = cluster[seg.skip : seg.skip + len(out)]
+        else:
+            out[:] = bytes(len(out))
+
+    def close(self) -> None:
+        if self.backing is not None:
+            self.backing.close()
+            self.backing = None
+        self.image.close()
+
+
+def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
+    try:
+        import zstandard
+    except ImportError as exc:  # pragma: no cover - zstandard is a dependency
+        raise UnsupportedImageError(f"{path}: zstd-compressed clusters need the 'zstandard' package") from exc
+    try:
+        obj = zstandard.ZstdDecompressor().decompressobj()
+        return obj.decompress(data)[:size]
+    except zstandard.ZstdError as exc:
+        raise ImageFormatError(f"zstd cluster does not decompress: {exc}", offset=None) from exc
+
+
+def open_layer(path: Path, stats: ReadStats, *, fmt: str | None = None, depth: int = 0) -> _Layer:
+    """Open *path* as a qcow2 or raw layer (*fmt*, or probed from the magic)."""
+    if fmt is None:
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as exc:
+            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        fmt = "qcow2" if magic == layout.MAGIC else "raw"
+    if fmt == "qcow2":
+        return Qcow2Layer(path, stats, depth)
+    if fmt in ("raw", "file", "host_device"):
+        return RawLayer(path, stats)
+    raise UnsupportedImageError(f"{path}: image format {fmt!r} is not supported (qcow2 or raw)")
+
+
+class GuestDisk:
+    """The guest view of a raw file or a qcow2 image with its backing chain.
+
+    Use as a context manager.  ``size`` is the guest size (the top layer's).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fmt: str | None = None) -> None:
+        self.path = Path(path)
+        self.stats = ReadStats()
+        self.top = open_layer(self.path, self.stats, fmt=fmt)
+        self.size = self.top.size
+
+    def segments(self, start: int = 0, end: int | None = None) -> Iterator[Segment]:
+        """Runs covering ``[start, end)`` exactly; past ``size`` everything is zero."""
+        end = self.size if end is None else end
+        pending: Segment | None = None
+        for seg in self.top.segments(start, end):
+            if seg.length <= 0:
+                continue
+            if pending is not None and _mergeable(pending, seg):
+                pending = Segment(pending.start, pending.length + seg.length, pending.kind,
+                                  pending.source, pending.host, pending.skip, pending.layer)
+                continue
+            if pending is not None:
+                yield pending
+            pending = seg
+        if pending is not None:
+            yield pending
+
+    def read_segment(self, seg: Segment, out: memoryview) -> None:
+        """Fill *out* (``seg.length`` bytes) with the guest bytes of *seg*."""
+        if seg.kind == "zero" or seg.layer is None:
+            out[:] = bytes(len(out))
+        else:
+            seg.layer.read_segment(seg, out)
+
+    def read(self, start: int, length: int) -> bytes:
+        """Guest bytes ``[start, start + length)`` (for tests and small reads)."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        for seg in self.segments(start, start + length):
+            self.read_segment(seg, view[seg.start - start : seg.end - start])
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.top.close()
+
+    def __enter__(self) -> GuestDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _mergeable(a: Segment, b: Segment) -> bool:
+    if a.end != b.start or a.kind != b.kind:
+        return False
+    if a.kind == "zero":
+        return True
+    if a.kind == "data":
+        return a.source == b.source and a.layer is b.layer and a.host + a.length == b.host
+    return False

@@ -1,0 +1,83 @@
+"""Rendering of ``qbitmap recover``: a summary table and the write plan, or JSON."""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from qbitmap.recover import RecoverReport
+from qbitmap.render import hexoff, iec
+
+_HEADLINE = {
+    "recovered": "recovered",
+    "nothing-to-do": "nothing to do",
+    "dry-run": "dry run: nothing was written",
+}
+
+
+def write_json(stream: IO[str], report: RecoverReport) -> None:
+    json.dump(report.as_dict(), stream, indent=2)
+    stream.write("\n")
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else iec(value)
+
+
+def bitmaps_table(report: RecoverReport) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
+    for col, justify in (("bitmap", "left"), ("action", "left"), ("mode", "left"),
+                         ("dirty before", "right"), ("dirty after", "right"),
+                         ("table", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for b in report.bitmaps:
+        note = b.reason or ""
+        if b.mode == "level" and b.consistent_level is not None:
+            note = f"consistent_level {b.consistent_level}"
+        table.add_row(
+            Text(b.name),
+            b.action,
+            b.mode or "-",
+            _size(b.dirty_bytes_before),
+            _size(b.dirty_bytes_after),
+            f"{hexoff(b.old_table_offset)} -> {hexoff(b.new_table_offset)}" if b.new_table_offset else "-",
+            Text(note),
+        )
+    return table
+
+
+def steps_table(steps: list[dict[str, Any]]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title="Writes, in order", title_justify="left")
+    table.add_column("phase")
+    table.add_column("action")
+    table.add_column("offset", justify="right")
+    table.add_column("length", justify="right")
+    table.add_column("what")
+    for s in steps:
+        table.add_row(
+            s["phase"], s["action"], hexoff(s["offset"]),
+            "-" if s["length"] is None else str(s["length"]), Text(s["what"]),
+        )
+    return table
+
+
+def human(report: RecoverReport) -> RenderableType:
+    parts: list[RenderableType] = [Text(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}")]
+    if report.bitmaps:
+        parts.append(bitmaps_table(report))
+    if report.reference:
+        r = report.reference
+        parts.append(Text(
+            f"reference {r['path']}: compared {iec(r['compared_bytes'])}, skipped "
+            f"{iec(r['skipped_bytes'])} by allocation maps, {r['differing_granules']} granules differ"
+        ))
+    if report.leaked_clusters_reclaimed:
+        parts.append(Text(f"leaked clusters freed: {report.leaked_clusters_reclaimed}"))
+    if report.dry_run and report.steps:
+        parts.append(steps_table(report.steps))
+    return Group(*parts)
