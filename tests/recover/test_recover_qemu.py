@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import qemu
-from conftest import (
+from recover_helpers import (
     BASE_WRITES,
     CRASH_WRITES,
     G,

@@ -6,7 +6,7 @@ import random
 import struct
 
 import pytest
-from conftest import check_counts
+from store_helpers import check_counts
 
 from qbitmap.errors import RefusedError, UnsupportedImageError
 from qbitmap.format import Image, Refcounts

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import qemu
-from conftest import sha
+from store_helpers import sha
 
 from qbitmap.errors import ExitCode, ImageBusyError
 from qbitmap.store import WRITER_LOCK_BYTES, ImageLock, WriteSession, foreign_lock_bytes

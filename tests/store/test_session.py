@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import qemu
-from conftest import add_bitmap_with_store, bits_to_extents, check_counts, sha
+from store_helpers import add_bitmap_with_store, bits_to_extents, check_counts, sha
 
 from qbitmap.format import Geometry, Image, layout, read_bits
 from qbitmap.store import CrashingDisk, SimulatedCrash, WriteSession, levels_extension_bytes, new_level_record

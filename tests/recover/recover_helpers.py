@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import qemu
+
+MiB = 1 << 20
+SIZE = 256 * MiB
+G = 65536
+
+# Guest data at the last backup (the bitmaps' clear point).
+BASE_WRITES = [(0, 2 * MiB), (40 * MiB, 3 * MiB), (200 * MiB, 64 * 1024)]
+# Written after the backup and stored by a clean QEMU close: on disk in b0.
+STORED_WRITES = [(10 * MiB, 128 * 1024)]
+# Written by the QEMU that was then killed: missing from the on-disk bitmap.
+CRASH_WRITES = [(512, 4096), (41 * MiB + 12345, 70000), (100 * MiB, MiB), (SIZE - 4096, 4096)]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def granules(writes, granularity: int, size: int = SIZE) -> list[tuple[int, int]]:
+    out = []
+    for off, length in writes:
+        start = off // granularity * granularity
+        end = min(size, -(-(off + length) // granularity) * granularity)
+        out.append((start, end - start))
+    return qemu.merge_extents(out)
+
+
+def covers(extents, required) -> bool:
+    """Every range of *required* lies inside the union of *extents*."""
+    merged = qemu.merge_extents(extents)
+    for start, length in qemu.merge_extents(required):
+        if not any(s <= start and start + length <= s + n for s, n in merged):
+            return False
+    return True
+
+
+@dataclass
+class Crashed:
+    image: Path
+    backup: Path  # qcow2 copy of the guest data at the clear point
+    backup_raw: Path
+    tmp: Path
+
+    @property
+    def all_writes(self):
+        return STORED_WRITES + CRASH_WRITES
+
+
+def _build(dest: Path) -> Crashed:
+    image = qemu.create_image(dest / "disk.qcow2", SIZE)
+    qemu.qemu_io_write(image, BASE_WRITES, pattern=0x11)
+    backup = dest / "backup.qcow2"
+    qemu.qemu_img("convert", "-O", "qcow2", image, backup)
+    backup_raw = dest / "backup.raw"
+    qemu.qemu_img("convert", "-O", "raw", image, backup_raw)
+    qemu.add_bitmap(image, "b0")
+    qemu.add_bitmap(image, "b1", granularity=4096)
+    qemu.qemu_io_write(image, STORED_WRITES, pattern=0x22)  # stored at the clean close
+    qemu.crash_image(image, CRASH_WRITES, bitmaps=("b0", "b1"))
+    return Crashed(image, backup, backup_raw, dest)
+
+
+@pytest.fixture(scope="session")
+def crashed_template(tmp_path_factory) -> Crashed:
+    return _build(tmp_path_factory.mktemp("crashed"))
+
+
+@pytest.fixture
+def crashed(crashed_template: Crashed, tmp_path: Path) -> Crashed:
+    """A fresh copy of an image whose QEMU was SIGKILLed (b0 and b1 in use)."""
+    image = tmp_path / "disk.qcow2"
+    shutil.copyfile(crashed_template.image, image)
+    return Crashed(image, crashed_template.backup, crashed_template.backup_raw, tmp_path)
+
+
+def assert_qemu_accepts(image: Path, names=("b0", "b1")) -> None:
+    """qemu-img check clean (no leaks), no in-use flag, and QEMU can use the bitmaps."""
+    rc, report = qemu.img_check(image)
+    assert rc == 0 and report.get("leaks", 0) == 0 and report.get("corruptions", 0) == 0, report
+    bitmaps = qemu.img_bitmaps(image)
+    for name in names:
+        assert "in-use" not in bitmaps[name]["flags"], bitmaps
+    out = image.parent / "converted.qcow2"
+    qemu.qemu_img("convert", "-O", "qcow2", "--bitmaps", image, out)
+    assert set(qemu.img_bitmaps(out)) >= set(names)
+    out.unlink()
+
+
+def run_cli(*args: str):
+    from click.testing import CliRunner
+
+    from qbitmap.cli import cli
+
+    return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
