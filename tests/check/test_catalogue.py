@@ -12,7 +12,7 @@ from __future__ import annotations
 import corrupt
 import pytest
 import qemu
-from conftest import run_check
+from checkrun import run_check
 
 # edit -> (finding code that must be reported, exit status)
 CATALOGUE: dict[str, tuple[str, int]] = {

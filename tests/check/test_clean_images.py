@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import qemu
-from conftest import run_check
+from checkrun import run_check
 
 from qbitmap.check import check_image, reference_map
 from qbitmap.check.clusters import build

@@ -10,8 +10,8 @@ import sys
 import corrupt
 import pytest
 import qemu
+from checkrun import run_check
 from click.testing import CliRunner
-from conftest import run_check
 
 from qbitmap.check import CODES, CheckReport, Finding, Severity, check_image, check_path
 from qbitmap.cli import cli

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import qemu
-from conftest import run_check
+from checkrun import run_check
 
 MiB = 1024 * 1024
 

@@ -14,7 +14,7 @@ import shutil
 import corrupt
 import pytest
 import qemu
-from conftest import run_check
+from checkrun import run_check
 
 from qbitmap.check import check_image
 from qbitmap.format import Image
