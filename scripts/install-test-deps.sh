@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, idempotently (re-runs are fast):
-#   1. Debian packages with the QEMU tools the tests drive for real:
+#   1. Debian packages with the QEMU tools the tests drive for real (and strace,
+#      which kills recover at chosen syscalls in tests/recover):
 #      qemu-utils (qemu-img, qemu-io, qemu-nbd), qemu-system-common
 #      (qemu-storage-daemon), libnbd-bin (nbdinfo), man-db (man page checks);
 #   2. a virtualenv .venv in the repository;
@@ -11,7 +12,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-debs=(qemu-utils qemu-system-common libnbd-bin man-db)
+debs=(qemu-utils qemu-system-common libnbd-bin man-db strace)
 missing=()
 for p in "${debs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then
