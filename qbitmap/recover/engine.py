@@ -92,7 +92,7 @@ class RecoverReport:
 
     filename: str
     dry_run: bool
-    status: str = "nothing-to-do"  # "recovered" | "nothing-to-do" | "dry-run" | "refused"
+    status: str = "nothing-to-do"  # "recovered" | "leaks-reclaimed" | "nothing-to-do" | "dry-run"
     bitmaps: list[BitmapResult] = field(default_factory=list)
     reference: dict[str, Any] | None = None
     leaked_clusters_reclaimed: int = 0
@@ -198,7 +198,12 @@ def recover(
             report.status = "nothing-to-do"
             return report
         plan.apply()
-        report.status = "dry-run" if options.dry_run else "recovered"
+        if options.dry_run:
+            report.status = "dry-run"
+        elif plan.targets or plan.drop or plan.drop_everything:
+            report.status = "recovered"
+        else:
+            report.status = "leaks-reclaimed"
         report.steps = [step.as_dict() for step in session.journal]
         report.clusters_allocated = sum(e.count for e in session.allocator.allocated)
         report.clusters_freed = sum(e.count for e in session.allocator.freed)

@@ -16,6 +16,7 @@ from qbitmap.render import hexoff, iec
 _HEADLINE = {
     "recovered": "recovered",
     "nothing-to-do": "nothing to do",
+    "leaks-reclaimed": "no bitmap to recover; leaked clusters freed",
     "dry-run": "dry run: nothing was written",
 }
 

@@ -1,0 +1,111 @@
+"""recover refuses corrupt images (exit 2) and, with --drop-broken, removes broken bitmaps."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import qemu
+from recover_helpers import SIZE, assert_qemu_accepts, run_cli, sha
+
+
+def _poke_table_entry(path, name, index, mask):
+    entry = next(e for e in qemu.bitmap_directory(path) if e["name"] == name)
+    at = entry["table_offset"] + 8 * index
+    with open(path, "r+b") as f:
+        f.seek(at)
+        word = struct.unpack(">Q", f.read(8))[0] | mask
+        f.seek(at)
+        f.write(struct.pack(">Q", word))
+
+
+def _image(tmp_path):
+    image = qemu.create_image(tmp_path / "d.qcow2", SIZE)
+    qemu.add_bitmap(image, "b2")
+    qemu.qemu_io_write(image, [(0, 1 << 20)], pattern=0x44)  # b2 stored with data at close
+    qemu.crash_image(image, [(8 << 20, 4096)], bitmaps=("b0",))
+    # The crashed QEMU flagged b2 in use too; make it the consistent bitmap it was stored as.
+    qemu.edit_bitmap_flags(image, "b2", clear_mask=1)
+    return image
+
+
+def test_corrupt_bitmap_refused_without_drop_broken(tmp_path):
+    image = _image(tmp_path)
+    _poke_table_entry(image, "b2", 0, 0x2)  # a reserved bit: QEMU no longer opens the image
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "--drop-broken" in result.stderr and "b2" in result.stderr
+    assert sha(image) == before
+
+
+def test_drop_broken_removes_it_and_qemu_opens_again(tmp_path):
+    image = _image(tmp_path)
+    _poke_table_entry(image, "b2", 0, 0x2)
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    actions = {b["name"]: b["action"] for b in report["bitmaps"]}
+    assert actions == {"b2": "dropped", "b0": "recovered"}, report
+    dropped = next(b for b in report["bitmaps"] if b["name"] == "b2")
+    # Its table is verifiably its own; the data cluster behind the broken entry is not
+    # counted as referenced (QEMU skips invalid entries too), so it is a leak, reclaimed as one.
+    assert dropped["freed_clusters"] == 1
+    assert report["leaked_clusters_reclaimed"] == 1
+    assert set(qemu.img_bitmaps(image)) == {"b0"}
+    assert_qemu_accepts(image, names=("b0",))
+
+
+def test_image_metadata_corruption_is_refused_even_with_drop_broken(tmp_path):
+    image = _image(tmp_path)
+    # A refcount table entry with reserved bits set: the refcounts cannot be trusted.
+    with open(image, "r+b") as f:
+        f.seek(48)
+        reftable = struct.unpack(">Q", f.read(8))[0]
+        f.seek(reftable)
+        word = struct.unpack(">Q", f.read(8))[0]
+        f.seek(reftable)
+        f.write(struct.pack(">Q", word | 0x1))
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 2, result.output
+    assert "outside the bitmaps" in result.stderr
+    assert sha(image) == before
+
+
+def test_corrupt_bit_refused(tmp_path):
+    image = _image(tmp_path)
+    with open(image, "r+b") as f:
+        f.seek(79)
+        f.write(bytes([2]))
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2 and "corrupt bit" in result.stderr
+
+
+def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
+    import pytest
+
+    from qbitmap.recover import Options, recover
+    from qbitmap.store import CrashingDisk, SimulatedCrash
+
+    image = _image(tmp_path)
+    # Kill the run right after its commit: recovered, old clusters leaked.
+    probe = tmp_path / "p.qcow2"
+    probe.write_bytes(image.read_bytes())
+    holder = {}
+    recover(probe, Options(mode="full"), disk_wrapper=lambda d: holder.setdefault("d", CrashingDisk(d, None)))
+    log = holder["d"].log
+    after_commit = next(i for i, (kind, off, length) in enumerate(log) if kind == "write" and off == 0) + 2
+    with pytest.raises(SimulatedCrash):
+        recover(image, Options(mode="full"), disk_wrapper=lambda d: CrashingDisk(d, after_commit))
+    rc, report = qemu.img_check(image)
+    assert rc == 3 and report["leaks"] > 0
+    assert "in-use" not in qemu.img_bitmaps(image)["b0"]["flags"]
+    result = run_cli("recover", "--json", "--keep-leaks", image)
+    assert json.loads(result.stdout)["status"] == "nothing-to-do"
+    assert qemu.img_check(image)[0] == 3
+    result = run_cli("recover", "--json", image)
+    out = json.loads(result.stdout)
+    assert out["status"] == "leaks-reclaimed" and out["leaked_clusters_reclaimed"] == report["leaks"]
+    assert_qemu_accepts(image, names=("b0",))
