@@ -78,22 +78,17 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _write_some(out["v3-backing"], 64 * mib)
 
     luks = d / "luks.qcow2"
-    for attempt in range(4):
-        # QEMU times PBKDF2 to pick an iteration count; on a busy machine that
-        # can fail ("Unable to get accurate CPU usage"): try again.
+    attempts = 8
+    for attempt in range(attempts):
+        # QEMU times a first PBKDF2 round to pick the iteration count and fails
+        # ("Unable to get accurate CPU usage") when the thread CPU clock did
+        # not tick during it; sha512 makes that round slower, retries do the rest.
         proc = qemu.qemu_img(
-            "create",
-            "-q",
-            "--object",
-            "secret,id=s0,data=x",
-            "-f",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=500",
-            luks,
-            str(64 * mib),
-            check=attempt == 3,
-        )
+            "create", "-q", "--object", "secret,id=s0,data=x", "-f", "qcow2",
+            "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.hash-alg=sha512,"
+            "encrypt.iter-time=100",
+            luks, str(64 * mib), check=attempt == attempts - 1,
+        )  # fmt: skip
         if proc.returncode == 0:
             break
     out["luks"] = luks

@@ -256,3 +256,41 @@ def test_bitmap_table_entries_roundtrip(images: dict[str, Path], name: str) -> N
                     assert offset % img.cluster_size == 0 and not parsed.all_ones
     if name in ("bitmaps", "extended-l2", "cluster512", "cluster2m"):
         assert seen_data, "the writes should have produced data clusters"
+
+
+@pytest.mark.parametrize("back", [None, 0, 1, 8, 9, 100, 300])
+def test_cluster0_rebuilt_when_the_file_is_short(
+    images: dict[str, Path], tmp_path: Path, back: int | None
+) -> None:
+    exts = qemu.header_extensions(images["bitmaps"])
+    last_offset, _, last_data = exts[-1]
+    marker_end = last_offset + 8 + (len(last_data) + 7 & ~7) + 8
+    cut = 4096 if back is None else marker_end - back
+    path = tmp_path / "short.qcow2"
+    raw = images["bitmaps"].read_bytes()[:cut]
+    path.write_bytes(raw)
+    with Image.open(path) as img:
+        area = img.read_header_area()
+        # The extension list is whole only when the file reaches past the end marker.
+        assert (img.extension_error is None) == (cut >= marker_end)
+    assert area.build() == raw
+
+
+def test_cluster0_rebuilt_without_an_end_marker(images: dict[str, Path], tmp_path: Path) -> None:
+    # Extensions that fill the area up to the cluster's end, with no end marker (QEMU accepts it).
+    path = tmp_path / "full.qcow2"
+    raw = bytearray(images["cluster512"].read_bytes())
+    exts = qemu.header_extensions(images["cluster512"])
+    last_offset, _, last_data = exts[-1]
+    end = last_offset + 8 + (len(last_data) + 7 & ~7)
+    filler = 512 - end - 8
+    raw[end : end + 8] = struct.pack(">II", UNKNOWN_MAGIC, filler)
+    raw[end + 8 : 512] = b"\xaa" * filler
+    path.write_bytes(bytes(raw))
+    qemu.img_info(path)
+    with Image.open(path) as img:
+        assert img.extension_error is None and img.end_marker_offset is None
+        assert img.extensions[-1].magic == UNKNOWN_MAGIC
+        area = img.read_header_area()
+    assert area.end_marker is None and area.gap == b""
+    assert area.build() == bytes(raw[:512])
