@@ -207,7 +207,7 @@ def _extension_summary(ext: dict[str, Any]) -> str:
             for r in ext["records"]
         ]
         return "; ".join(parts) or "no records"
-    data = ext.get("data", "")
+    data = str(ext.get("data", ""))
     return data[:48] + ("..." if len(data) > 48 else "")
 
 
