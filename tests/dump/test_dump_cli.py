@@ -322,3 +322,30 @@ def test_human_extents_are_aligned_rows(sample: Path) -> None:
     parsed = [(int(r.split()[0]), int(r.split()[1]), int(r.split()[2])) for r in rows]
     assert parsed == [(s, n, s + n) for s, n in A_EXTENTS]
     assert rows[1].endswith("256 KiB")
+
+
+def test_block_device(sample: Path, tmp_path: Path) -> None:
+    """An image on a block device (LVM, a loop device here) is read like a file."""
+    import subprocess
+
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup to attach a loop device")
+    backing = tmp_path / "loop.img"
+    shutil.copyfile(sample, backing)
+    backing.chmod(0o644)
+    os.truncate(backing, -(-backing.stat().st_size // MiB) * MiB)  # whole sectors
+    attach = subprocess.run(
+        ["losetup", "--find", "--show", "--read-only", str(backing)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if attach.returncode != 0:
+        pytest.skip(f"cannot attach a loop device here: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        on_device = dump("--json", "--extents", device)
+        in_file = dump("--json", "--extents", backing)
+        assert on_device.exit_code == 0, on_device.stderr
+        assert on_device.json["bitmaps"] == in_file.json["bitmaps"]
+        assert on_device.extents("a") == A_EXTENTS
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
