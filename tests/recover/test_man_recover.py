@@ -75,5 +75,5 @@ def test_man_renders():
                           env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}, check=False)
     assert proc.returncode == 0, proc.stderr
     out = re.sub(".\x08", "", proc.stdout)  # overstrike bold/underline
-    assert "CRASH SAFETY" in proc.stdout and "qbitmap-recover" in out.replace("‐", "-")
+    assert "CRASH SAFETY" in out and "qbitmap-recover" in out.replace("‐", "-")
     assert "warning" not in proc.stderr.lower(), proc.stderr
