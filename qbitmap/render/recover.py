@@ -32,10 +32,13 @@ def _size(value: int | None) -> str:
 
 def bitmaps_table(report: RecoverReport) -> Table:
     table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
-    for col, justify in (("bitmap", "left"), ("action", "left"), ("mode", "left"),
-                         ("dirty before", "right"), ("dirty after", "right"),
-                         ("table", "right"), ("note", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table.add_column("bitmap")
+    table.add_column("action", no_wrap=True)
+    table.add_column("mode", no_wrap=True)
+    table.add_column("dirty before", justify="right", no_wrap=True)
+    table.add_column("dirty after", justify="right", no_wrap=True)
+    table.add_column("new table", justify="right", no_wrap=True)
+    table.add_column("note")
     for b in report.bitmaps:
         note = b.reason or ""
         if b.mode == "level" and b.consistent_level is not None:
@@ -46,7 +49,7 @@ def bitmaps_table(report: RecoverReport) -> Table:
             b.mode or "-",
             _size(b.dirty_bytes_before),
             _size(b.dirty_bytes_after),
-            f"{hexoff(b.old_table_offset)} -> {hexoff(b.new_table_offset)}" if b.new_table_offset else "-",
+            hexoff(b.new_table_offset) if b.new_table_offset else "-",
             Text(note),
         )
     return table
