@@ -57,7 +57,9 @@ def _qemu_io(image: Path, writes: list[tuple[int, int, int]]) -> None:
     script = "".join(f"write -q -P {pattern} {off} {length}\n" for off, length, pattern in writes)
     proc = subprocess.run(
         ["qemu-io", "-t", "unsafe", "-f", "qcow2", str(image)],
-        input=script.encode(), capture_output=True, check=False,
+        input=script.encode(),
+        capture_output=True,
+        check=False,
     )
     if proc.returncode or proc.stderr.strip():
         sys.exit(f"bench_recover: qemu-io failed: {proc.stderr.decode()[-400:]}")
@@ -102,7 +104,9 @@ def build_pair() -> tuple[Path, Path, list[tuple[int, int]]]:
         stale.unlink()
     tmp_backup = PAIR_DIR / "backup.tmp"
     tmp_image = PAIR_DIR / "crashed.tmp"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_backup), str(SIZE)], check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(tmp_backup), str(SIZE)], check=True
+    )
     _qemu_io(tmp_backup, base)
     shutil.copyfile(tmp_backup, tmp_image)
     subprocess.run(["qemu-img", "bitmap", "--add", str(tmp_image), "b0"], check=True)
@@ -112,7 +116,10 @@ def build_pair() -> tuple[Path, Path, list[tuple[int, int]]]:
     subprocess.run(["qemu-img", "bitmap", "--remove", str(tmp_image), "b0"], check=True)
     subprocess.run(["qemu-img", "bitmap", "--add", str(tmp_image), "b0"], check=True)
     _set_in_use(tmp_image, b"b0")
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_backup), str(PAIR_DIR / "backup.raw")], check=True)
+    subprocess.run(
+        ["qemu-img", "convert", "-O", "raw", str(tmp_backup), str(PAIR_DIR / "backup.raw")],
+        check=True,
+    )
     os.replace(tmp_backup, backup)
     os.replace(tmp_image, image)
     return image, backup, [(o, n) for o, n, _p in new]
@@ -148,7 +155,8 @@ def main() -> int:
     checks = {
         "recovered": report["status"] == "recovered",
         "granules_exact": ref["differing_granules"] == expected_granules(new_writes),
-        "read_at_most_the_files": ref["image_bytes_read"] + ref["reference_bytes_read"] <= file_bytes,
+        "read_at_most_the_files": ref["image_bytes_read"] + ref["reference_bytes_read"]
+        <= file_bytes,
         "compared_only_data": ref["compared_bytes"] <= data_bytes,
         "skipped_unallocated": ref["skipped_bytes"] >= SIZE - data_bytes,
     }
@@ -182,10 +190,18 @@ def main() -> int:
     common.print_table(
         ["command", "median wall s", "throughput MiB/s", "peak RSS MiB"],
         [
-            ["qbitmap recover --reference", f"{ours_wall:.3f}", f"{file_bytes / MiB / ours_wall:.0f}",
-             f"{max(m.maxrss_kib for m in ours) / 1024:.0f}"],
-            ["cat IMAGE FILE", f"{peer_wall:.3f}", f"{file_bytes / MiB / peer_wall:.0f}",
-             f"{max(m.maxrss_kib for m in peer) / 1024:.0f}"],
+            [
+                "qbitmap recover --reference",
+                f"{ours_wall:.3f}",
+                f"{file_bytes / MiB / ours_wall:.0f}",
+                f"{max(m.maxrss_kib for m in ours) / 1024:.0f}",
+            ],
+            [
+                "cat IMAGE FILE",
+                f"{peer_wall:.3f}",
+                f"{file_bytes / MiB / peer_wall:.0f}",
+                f"{max(m.maxrss_kib for m in peer) / 1024:.0f}",
+            ],
             ["recover --reference FILE.raw", f"{raw_ours_wall:.3f}", "-", "-"],
             ["cat IMAGE FILE.raw (4 GiB)", f"{raw_peer_wall:.3f}", "-", "-"],
         ],
@@ -205,11 +221,18 @@ def main() -> int:
                 "reference_file_size": backup.stat().st_size,
             },
             "runs": args.runs,
-            "qbitmap": {"argv": ours_argv, "median_wall": ours_wall, "walls": [m.wall for m in ours]},
+            "qbitmap": {
+                "argv": ours_argv,
+                "median_wall": ours_wall,
+                "walls": [m.wall for m in ours],
+            },
             "cat": {"argv": cat_argv, "median_wall": peer_wall, "walls": [m.wall for m in peer]},
             "ratio": ratio,
-            "raw_reference": {"qbitmap_median_wall": raw_ours_wall, "cat_median_wall": raw_peer_wall,
-                              "ratio": raw_ratio},
+            "raw_reference": {
+                "qbitmap_median_wall": raw_ours_wall,
+                "cat_median_wall": raw_peer_wall,
+                "ratio": raw_ratio,
+            },
             "target": 0.5,
             "met": ratio >= 0.5,
             "reference_report": ref,

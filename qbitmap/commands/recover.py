@@ -57,7 +57,9 @@ MODE_CHOICES = ("auto", "full", "reference", "level")
     help="Do not free leaked clusters (refcount above zero, nothing references them), e.g. "
     "those a killed recover left behind.",
 )
-@click.option("--dry-run", "-n", is_flag=True, help="Print what would be written where; write nothing.")
+@click.option(
+    "--dry-run", "-n", is_flag=True, help="Print what would be written where; write nothing."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @click.pass_obj
 def recover(

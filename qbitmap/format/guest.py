@@ -41,7 +41,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 
@@ -52,7 +52,9 @@ from qbitmap.format.model import IncompatibleFeature
 
 MAX_CHAIN_DEPTH = 64
 
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; Python 3.11 lacks the name
+MADV_POPULATE_READ = getattr(
+    mmap, "MADV_POPULATE_READ", 22
+)  # Linux value; Python 3.11 lacks the name
 
 KIND_BACKING = 0
 KIND_ZERO = 1
@@ -94,9 +96,19 @@ class Segment:
         """The part of this segment inside ``[start, end)``."""
         delta = start - self.start
         if self.kind == "data":
-            return Segment(start, end - start, "data", self.source, self.host + delta, 0, self.layer)
+            return Segment(
+                start, end - start, "data", self.source, self.host + delta, 0, self.layer
+            )
         if self.kind == "compressed":
-            return Segment(start, end - start, "compressed", self.source, self.host, self.skip + delta, self.layer)
+            return Segment(
+                start,
+                end - start,
+                "compressed",
+                self.source,
+                self.host,
+                self.skip + delta,
+                self.layer,
+            )
         return Segment(start, end - start, self.kind, self.source, self.host, self.skip, self.layer)
 
 
@@ -126,7 +138,9 @@ def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: P
         try:
             n = os.preadv(fd, [out[done:]], offset + done)
         except OSError as exc:
-            raise ImageIOError(f"{path}: read at {offset + done:#x} failed: {exc.strerror}") from exc
+            raise ImageIOError(
+                f"{path}: read at {offset + done:#x} failed: {exc.strerror}"
+            ) from exc
         if n == 0:
             out[done:] = bytes(total - done)  # past EOF reads as zeros
             break
@@ -275,10 +289,14 @@ class Qcow2Layer:
         image = self.image
         header = image.header
         if header.crypt_method:
-            raise UnsupportedImageError(f"{self.path}: encrypted images are not supported for guest reads")
+            raise UnsupportedImageError(
+                f"{self.path}: encrypted images are not supported for guest reads"
+            )
         incompatible = header.incompatible
         if incompatible & IncompatibleFeature.EXTERNAL_DATA_FILE:
-            raise UnsupportedImageError(f"{self.path}: images with an external data file are not supported")
+            raise UnsupportedImageError(
+                f"{self.path}: images with an external data file are not supported"
+            )
         st = os.fstat(image.fd)
         self.source = (st.st_dev, st.st_ino)
         self.size = image.virtual_size
@@ -289,22 +307,32 @@ class Qcow2Layer:
         self.l2_entries = self.cluster_size // (8 * self.entry_words)
         self.compression_type = header.compression_type or 0
         if header.l1_size * 8 > QCOW_MAX_L1_SIZE:
-            raise ImageFormatError(f"l1_size {header.l1_size} is too large", offset=36, field="l1_size")
-        raw = image.read(header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset")
+            raise ImageFormatError(
+                f"l1_size {header.l1_size} is too large", offset=36, field="l1_size"
+            )
+        raw = image.read(
+            header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset"
+        )
         self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         self._l2_cache: dict[int, np.ndarray] = {}
         self._mapped: _Mapped | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         if header.backing_file_offset:
             if depth >= MAX_CHAIN_DEPTH:
-                raise UnsupportedImageError(f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}")
+                raise UnsupportedImageError(
+                    f"{self.path}: backing chain deeper than {MAX_CHAIN_DEPTH}"
+                )
             raw_name = image.read(
-                header.backing_file_offset, header.backing_file_size, what="backing file name",
+                header.backing_file_offset,
+                header.backing_file_size,
+                what="backing file name",
                 field="backing_file_offset",
             )
             name = raw_name.decode("utf-8", "surrogateescape")
             if ":" in name.split("/", 1)[0] and not Path(name).exists():
-                raise UnsupportedImageError(f"{self.path}: backing file {name!r} is not a plain file name")
+                raise UnsupportedImageError(
+                    f"{self.path}: backing file {name!r} is not a plain file name"
+                )
             backing_path = Path(name) if os.path.isabs(name) else self.path.parent / name
             fmt_ext = image.extension(layout.EXT_BACKING_FORMAT)
             fmt = fmt_ext.data.decode("ascii", "replace") if fmt_ext is not None else None
@@ -320,7 +348,9 @@ class Qcow2Layer:
         offset = int(self.l1[l1_index]) & layout.L1E_OFFSET_MASK
         if offset == 0:
             return None
-        raw = self.image.read(offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry")
+        raw = self.image.read(
+            offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry"
+        )
         table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         if len(self._l2_cache) > 4096:
             self._l2_cache.clear()
@@ -447,9 +477,13 @@ class Qcow2Layer:
             elif self.compression_type == 1:
                 out = _zstd_decompress(data, cs, self.path)
             else:
-                raise UnsupportedImageError(f"{self.path}: unknown compression type {self.compression_type}")
+                raise UnsupportedImageError(
+                    f"{self.path}: unknown compression type {self.compression_type}"
+                )
         except zlib.error as exc:
-            raise ImageFormatError(f"compressed cluster does not decompress: {exc}", offset=offset) from exc
+            raise ImageFormatError(
+                f"compressed cluster does not decompress: {exc}", offset=offset
+            ) from exc
         if len(out) < cs:
             raise ImageFormatError(
                 f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset=offset
@@ -500,7 +534,9 @@ def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
     try:
         import zstandard
     except ImportError as exc:  # pragma: no cover - zstandard is a dependency
-        raise UnsupportedImageError(f"{path}: zstd-compressed clusters need the 'zstandard' package") from exc
+        raise UnsupportedImageError(
+            f"{path}: zstd-compressed clusters need the 'zstandard' package"
+        ) from exc
     try:
         obj = zstandard.ZstdDecompressor().decompressobj()
         return obj.decompress(data)[:size]
@@ -544,8 +580,15 @@ class GuestDisk:
             if seg.length <= 0:
                 continue
             if pending is not None and _mergeable(pending, seg):
-                pending = Segment(pending.start, pending.length + seg.length, pending.kind,
-                                  pending.source, pending.host, pending.skip, pending.layer)
+                pending = Segment(
+                    pending.start,
+                    pending.length + seg.length,
+                    pending.kind,
+                    pending.source,
+                    pending.host,
+                    pending.skip,
+                    pending.layer,
+                )
                 continue
             if pending is not None:
                 yield pending
@@ -576,7 +619,9 @@ class GuestDisk:
         for seg in segments:
             if seg.kind != "data" or seg.layer is None:
                 continue
-            by_layer.setdefault(id(seg.layer), (seg.layer, []))[1].append((seg.host, seg.host + seg.length))
+            by_layer.setdefault(id(seg.layer), (seg.layer, []))[1].append(
+                (seg.host, seg.host + seg.length)
+            )
         for layer, ranges in by_layer.values():
             ranges.sort()
             start, end = ranges[0]
@@ -599,7 +644,7 @@ class GuestDisk:
     def close(self) -> None:
         self.top.close()
 
-    def __enter__(self) -> GuestDisk:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

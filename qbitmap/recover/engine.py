@@ -213,8 +213,14 @@ def recover(
 class _Plan:
     """The work of one run, computed before the first write."""
 
-    def __init__(self, session: WriteSession, check: Any, options: Options, report: RecoverReport,
-                 warn: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        session: WriteSession,
+        check: Any,
+        options: Options,
+        report: RecoverReport,
+        warn: Callable[[str], None],
+    ) -> None:
         self.session = session
         self.image = session.image
         self.check = check
@@ -253,16 +259,22 @@ class _Plan:
             if status is not None and status.status == "corrupt":
                 self.drop.add(entry.index)
                 reasons = [
-                    f.message for f in self.check.findings if f.bitmap_index == entry.index and _corrupt(f)
+                    f.message
+                    for f in self.check.findings
+                    if f.bitmap_index == entry.index and _corrupt(f)
                 ]
                 self.results[entry.index] = BitmapResult(
-                    entry.display_name, "dropped", reason=reasons[0] if reasons else "corrupt metadata"
+                    entry.display_name,
+                    "dropped",
+                    reason=reasons[0] if reasons else "corrupt metadata",
                 )
                 continue
             if not entry.in_use:
                 if wanted:
                     self.results[entry.index] = BitmapResult(
-                        entry.display_name, "skipped", reason="not in use: nothing to recover",
+                        entry.display_name,
+                        "skipped",
+                        reason="not in use: nothing to recover",
                         granularity=entry.granularity,
                     )
                 continue
@@ -274,8 +286,10 @@ class _Plan:
         trusted = assessment is not None and assessment.trusted
         name = entry.display_name
         if mode == "level" and not trusted:
-            why = "no consistency-level record" if assessment is None or assessment.status == "absent" else (
-                f"its consistency-level record is stale ({assessment.reason})"
+            why = (
+                "no consistency-level record"
+                if assessment is None or assessment.status == "absent"
+                else (f"its consistency-level record is stale ({assessment.reason})")
             )
             raise NoModeError(
                 f"bitmap {name!r}: --mode level needs a trusted consistency-level record, and there is "
@@ -287,8 +301,10 @@ class _Plan:
             return "level"
         if self.options.reference is not None:
             return "reference"
-        why = "has no consistency-level record" if assessment is None or assessment.status == "absent" else (
-            f"has a stale consistency-level record ({assessment.reason})"
+        why = (
+            "has no consistency-level record"
+            if assessment is None or assessment.status == "absent"
+            else (f"has a stale consistency-level record ({assessment.reason})")
         )
         raise NoModeError(
             f"bitmap {name!r} {why}; choose how to recover it: --reference FILE (the guest data "
@@ -339,9 +355,15 @@ class _Plan:
                 bits = on_disk | reduce_bits(diff, fine_nbits, factor, geo.nbits)
             else:
                 a = self.assessments[entry.name]
-                assert a.consistent_level is not None and a.max_level is not None and a.level_bits is not None
+                assert (
+                    a.consistent_level is not None
+                    and a.max_level is not None
+                    and a.level_bits is not None
+                )
                 level = a.consistent_level
-                bits = levels.recover(on_disk, geo.nbits, a.consistent_level, a.max_level, a.level_bits)
+                bits = levels.recover(
+                    on_disk, geo.nbits, a.consistent_level, a.max_level, a.level_bits
+                )
             rem = geo.nbits % 8
             if rem and len(bits):
                 bits[-1] &= (1 << rem) - 1
@@ -369,7 +391,7 @@ class _Plan:
         alloc = self.session.allocator
         epb = alloc.entries_per_block
         for table_index in range(len(alloc.table)):
-            values = alloc._block(table_index)  # noqa: SLF001 - same package family
+            values = alloc._block(table_index)
             if values is None:
                 continue
             used = np.flatnonzero(values).astype(np.int64)
@@ -401,7 +423,9 @@ class _Plan:
                     continue
                 if entry.index in self.targets:
                     geo = geometry_of(self.image, entry)
-                    written = session.write_bitmap(geo, self.new_bits[entry.index], name=entry.display_name)
+                    written = session.write_bitmap(
+                        geo, self.new_bits[entry.index], name=entry.display_name
+                    )
                     self.results[entry.index].new_table_offset = written.table_offset
                     entry = dataclasses.replace(
                         entry,
@@ -415,7 +439,9 @@ class _Plan:
             autoclear_clear = 0
             if new_entries:
                 extent, size = session.write_directory(new_entries)
-                changes[layout.EXT_BITMAPS] = bitmaps_extension_bytes(len(new_entries), extent.offset, size)
+                changes[layout.EXT_BITMAPS] = bitmaps_extension_bytes(
+                    len(new_entries), extent.offset, size
+                )
                 autoclear_set |= 1
             else:
                 changes[layout.EXT_BITMAPS] = None
@@ -435,8 +461,14 @@ class _Plan:
         if (self.targets or self.drop or self.drop_everything) and self.directory.error is None:
             ext = self.image.bitmaps_extension
             if ext is not None and ext.bitmap_directory_size:
-                freed.append((directory_extent(ext.bitmap_directory_offset, ext.bitmap_directory_size, cs),
-                              "old bitmap directory"))
+                freed.append(
+                    (
+                        directory_extent(
+                            ext.bitmap_directory_offset, ext.bitmap_directory_size, cs
+                        ),
+                        "old bitmap directory",
+                    )
+                )
         for index in self.targets:
             entry = by_index[index]
             extents = entry_extents(entry, old_tables[index], cs)
@@ -448,11 +480,16 @@ class _Plan:
             refmap = reference_map(self.image)
             for index in self.drop:
                 entry = by_index[index]
-                mine = refmap.exclusive_clusters(index) if refmap.complete else np.empty(0, np.int64)
+                mine = (
+                    refmap.exclusive_clusters(index) if refmap.complete else np.empty(0, np.int64)
+                )
                 alloc = session.allocator
                 own = [int(c) for c in mine.tolist() if alloc.refcount(int(c)) > 0]
                 self.results[index].freed_clusters = len(own)
-                freed.extend((Extent(c * cs, 1), f"clusters of dropped bitmap {entry.display_name!r}") for c in own)
+                freed.extend(
+                    (Extent(c * cs, 1), f"clusters of dropped bitmap {entry.display_name!r}")
+                    for c in own
+                )
         for cluster, count in self.leaks:
             for _ in range(count):
                 freed.append((Extent(cluster * cs, 1), "leaked cluster"))

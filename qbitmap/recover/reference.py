@@ -153,9 +153,10 @@ def diff_bits(
     nbits = -(-virtual_size // granularity)
     bits = np.zeros(-(-nbits // 8), dtype=np.uint8)
     stats = DiffStats(virtual_size=virtual_size)
-    with GuestDisk(image_path, fmt=image_format) as image, GuestDisk(
-        reference_path, fmt=reference_format
-    ) as reference:
+    with (
+        GuestDisk(image_path, fmt=image_format) as image,
+        GuestDisk(reference_path, fmt=reference_format) as reference,
+    ):
         stats.reference_size = reference.size
         work = list(pieces(image, reference, virtual_size, stats))
         total = sum(p.end - p.start for p in work)
@@ -183,9 +184,14 @@ def diff_bits(
             piece, pos, end = task
             bufs = getattr(local, "bufs", None)
             if bufs is None:
-                bufs = local.bufs = (np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8))
+                bufs = local.bufs = (
+                    np.empty(CHUNK_BYTES, np.uint8),
+                    np.empty(CHUNK_BYTES, np.uint8),
+                )
             n = end - pos
-            return _compare(image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity)
+            return _compare(
+                image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity
+            )
 
         found: list[np.ndarray] = []
         with ctx as progress:  # type: ignore[attr-defined]
@@ -237,13 +243,13 @@ def _compare(
     if not a_zero:
         view = image.view_segment(a)
         if view is None:
-            image.read_segment(a, memoryview(buf_a))
+            image.read_segment(a, buf_a.data)
         else:
             buf_a = view
     if not b_zero:
         view = reference.view_segment(b)
         if view is None:
-            reference.read_segment(b, memoryview(buf_b))
+            reference.read_segment(b, buf_b.data)
         else:
             buf_b = view
     words = start % 8 == 0 and n % 8 == 0

@@ -32,7 +32,7 @@ def _size(value: int | None) -> str:
 
 def bitmaps_table(report: RecoverReport) -> Table:
     table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
-    table.add_column("bitmap")
+    table.add_column("bitmap", min_width=8)
     table.add_column("action", no_wrap=True)
     table.add_column("mode", no_wrap=True)
     table.add_column("dirty before", justify="right", no_wrap=True)
@@ -64,22 +64,29 @@ def steps_table(steps: list[dict[str, Any]]) -> Table:
     table.add_column("what")
     for s in steps:
         table.add_row(
-            s["phase"], s["action"], hexoff(s["offset"]),
-            "-" if s["length"] is None else str(s["length"]), Text(s["what"]),
+            s["phase"],
+            s["action"],
+            hexoff(s["offset"]),
+            "-" if s["length"] is None else str(s["length"]),
+            Text(s["what"]),
         )
     return table
 
 
 def human(report: RecoverReport) -> RenderableType:
-    parts: list[RenderableType] = [Text(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}")]
+    parts: list[RenderableType] = [
+        Text(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}")
+    ]
     if report.bitmaps:
         parts.append(bitmaps_table(report))
     if report.reference:
         r = report.reference
-        parts.append(Text(
-            f"reference {r['path']}: compared {iec(r['compared_bytes'])}, skipped "
-            f"{iec(r['skipped_bytes'])} by allocation maps, {r['differing_granules']} granules differ"
-        ))
+        parts.append(
+            Text(
+                f"reference {r['path']}: compared {iec(r['compared_bytes'])}, skipped "
+                f"{iec(r['skipped_bytes'])} by allocation maps, {r['differing_granules']} granules differ"
+            )
+        )
     if report.leaked_clusters_reclaimed:
         parts.append(Text(f"leaked clusters freed: {report.leaked_clusters_reclaimed}"))
     if report.dry_run and report.steps:

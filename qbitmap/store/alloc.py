@@ -353,7 +353,9 @@ class Allocator:
                 owner = counter[t]
                 if t in linked or (owner in placement and owner != t and owner not in linked):
                     continue
-                self.disk.pwrite(self.refcount_table_offset + 8 * t, struct.pack(">Q", cluster * cs))
+                self.disk.pwrite(
+                    self.refcount_table_offset + 8 * t, struct.pack(">Q", cluster * cs)
+                )
                 self.disk.flush()
                 self.table[t] = cluster * cs
                 self._raw[t] = raws[t]

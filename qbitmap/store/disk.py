@@ -103,7 +103,7 @@ class FileDisk:
         return os.fstat(self.fd).st_size
 
 
-class SimulatedCrash(BaseException):  # noqa: N818 - it is not an error of the code under test
+class SimulatedCrash(BaseException):
     """Raised by :class:`CrashingDisk` in place of the write or flush that "crashed".
 
     A BaseException, so ``except Exception`` clean-up paths do not run, as

@@ -35,6 +35,7 @@ import fcntl
 import os
 import struct
 from types import TracebackType
+from typing import Self
 
 from qbitmap.errors import ImageBusyError, ImageIOError
 
@@ -127,7 +128,7 @@ class ImageLock:
         self.path = path
         self.held: tuple[int, ...] = ()
 
-    def acquire(self) -> ImageLock:
+    def acquire(self) -> Self:
         held = foreign_lock_bytes(self.fd)
         if held:
             raise ImageBusyError(busy_message(self.path, held))
@@ -161,7 +162,7 @@ class ImageLock:
         self._unlock(self.held)
         self.held = ()
 
-    def __enter__(self) -> ImageLock:
+    def __enter__(self) -> Self:
         return self.acquire()
 
     def __exit__(

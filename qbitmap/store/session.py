@@ -251,13 +251,17 @@ class WriteSession:
 
     # -- journal ---------------------------------------------------------------
 
-    def _log(self, phase: str, action: str, offset: int | None, length: int | None, what: str) -> None:
+    def _log(
+        self, phase: str, action: str, offset: int | None, length: int | None, what: str
+    ) -> None:
         self.journal.append(Step(phase, action, offset, length, what))
 
     def _log_structure_changes(self, what: str) -> None:
         alloc = self.allocator
         for offset in alloc.blocks_created[self._seen_blocks :]:
-            self._log("refcount", "refblock", offset, self.cluster_size, f"new refcount block ({what})")
+            self._log(
+                "refcount", "refblock", offset, self.cluster_size, f"new refcount block ({what})"
+            )
         self._seen_blocks = len(alloc.blocks_created)
         for old_off, old_n, new_off, new_n in alloc.table_moves[self._seen_moves :]:
             self._log(
@@ -303,7 +307,9 @@ class WriteSession:
         ``consistent_level``).  Writes and flushes before returning.
         """
         if len(data) not in (1, 2, 4, 8) or offset % len(data):
-            raise ValueError(f"in-place field writes must be 1/2/4/8 aligned bytes, not {len(data)} at {offset:#x}")
+            raise ValueError(
+                f"in-place field writes must be 1/2/4/8 aligned bytes, not {len(data)} at {offset:#x}"
+            )
         self.disk.pwrite(offset, data)
         self._log("field", "write", offset, len(data), what)
         self.disk.flush()
@@ -420,7 +426,9 @@ class WriteSession:
         header = dataclasses.replace(
             header,
             backing_file_offset=backing_offset,
-            backing_file_size=len(self.backing_name) if self.backing_name else header.backing_file_size,
+            backing_file_size=len(self.backing_name)
+            if self.backing_name
+            else header.backing_file_size,
         )
         head = header.build()
         if len(head) != start:
@@ -480,7 +488,9 @@ class WriteSession:
         ext = self.extension(layout.EXT_BITMAPS)
         if ext is None or len(ext.data) != 24:
             return None
-        return BitmapsExtension.from_container(layout.BitmapsExtension.parse(ext.data), offset=ext.data_offset)
+        return BitmapsExtension.from_container(
+            layout.BitmapsExtension.parse(ext.data), offset=ext.data_offset
+        )
 
 
 def bitmaps_extension_bytes(nb_bitmaps: int, directory_offset: int, directory_size: int) -> bytes:
@@ -497,9 +507,13 @@ def bitmaps_extension_bytes(nb_bitmaps: int, directory_offset: int, directory_si
     )
 
 
-def levels_extension_bytes(records: Sequence[LevelRecord], *, version: int = layout.LEVELS_VERSION) -> bytes:
+def levels_extension_bytes(
+    records: Sequence[LevelRecord], *, version: int = layout.LEVELS_VERSION
+) -> bytes:
     """The data of a consistency-level extension holding *records* (built verbatim)."""
-    head = bytes(layout.LevelsExtensionHeader.build({"version": version, "nb_records": len(records)}))
+    head = bytes(
+        layout.LevelsExtensionHeader.build({"version": version, "nb_records": len(records)})
+    )
     return head + b"".join(record.build() for record in records)
 
 

@@ -33,7 +33,16 @@ def scribble(path, seed, *, n=12, size=32 * MiB):
 
 @pytest.mark.parametrize(
     "variant",
-    ["plain", "extended_l2", "backing", "backing_raw", "short_backing", "deflate", "zstd", "zstd_extended_l2"],
+    [
+        "plain",
+        "extended_l2",
+        "backing",
+        "backing_raw",
+        "short_backing",
+        "deflate",
+        "zstd",
+        "zstd_extended_l2",
+    ],
 )
 def test_guest_bytes_match_qemu(tmp_path, variant):
     size = 32 * MiB
@@ -45,9 +54,14 @@ def test_guest_bytes_match_qemu(tmp_path, variant):
             raw = tmp_path / "base.raw"
             qemu.qemu_img("convert", "-O", "raw", base, raw)
             base = raw
-        path = qemu.create_image(tmp_path / "top.qcow2", size, backing=base,
-                                 backing_fmt="raw" if variant == "backing_raw" else "qcow2",
-                                 extended_l2=True, cluster_size=65536)
+        path = qemu.create_image(
+            tmp_path / "top.qcow2",
+            size,
+            backing=base,
+            backing_fmt="raw" if variant == "backing_raw" else "qcow2",
+            extended_l2=True,
+            cluster_size=65536,
+        )
         scribble(path, 2)
     else:
         src = qemu.create_image(tmp_path / "src.qcow2", size, extended_l2=variant == "extended_l2")
@@ -93,7 +107,9 @@ def test_shared_backing_is_skipped_without_reading(tmp_path):
     a = qemu.create_image(tmp_path / "a.qcow2", None, backing=base)
     b = qemu.create_image(tmp_path / "b.qcow2", None, backing=base)
     qemu.qemu_io_write(a, [(5 * MiB, 4096)], pattern=0x22)
-    qemu.qemu_io_write(b, [(30 * MiB, 4096)], pattern=0x00)  # zeros written as data: equal to unallocated
+    qemu.qemu_io_write(
+        b, [(30 * MiB, 4096)], pattern=0x00
+    )  # zeros written as data: equal to unallocated
     bits, stats = diff_bits(a, b, virtual_size=64 * MiB, granularity=65536)
     assert np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist() == [5 * MiB // 65536]
     # Only the two written clusters were compared (reading a's cluster and the base data under

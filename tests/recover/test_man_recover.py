@@ -34,7 +34,9 @@ def _has(word: str, text: str) -> bool:
 def test_every_option_is_documented():
     text = _plain(PAGE.read_text())
     synopsis_and_options = _section(text, "SYNOPSIS") + _section(text, "OPTIONS")
-    names = [n for p in recover_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")]
+    names = [
+        n for p in recover_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")
+    ]
     names += ["-h", "--help"]
     assert len(names) >= 10
     for name in names:
@@ -60,7 +62,9 @@ def test_exit_codes_are_documented():
 def test_json_fields_are_documented():
     json_part = _section(_plain(PAGE.read_text()), "JSON OUTPUT")
     report = RecoverReport("x", dry_run=False).as_dict()
-    fields = set(report) | set(BitmapResult("n", "recovered").as_dict()) | set(DiffStats().as_dict())
+    fields = (
+        set(report) | set(BitmapResult("n", "recovered").as_dict()) | set(DiffStats().as_dict())
+    )
     fields |= set(Step("p", "a", 0, 0, "w").as_dict()) | {"path"}
     for field in sorted(fields):
         assert _has(field, json_part), field
@@ -71,8 +75,13 @@ def test_json_fields_are_documented():
 def test_man_renders():
     if shutil.which("man") is None:
         return
-    proc = subprocess.run(["man", "-l", "-Tutf8", str(PAGE)], capture_output=True, text=True,
-                          env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"}, check=False)
+    proc = subprocess.run(
+        ["man", "-l", "-Tutf8", str(PAGE)],
+        capture_output=True,
+        text=True,
+        env={"MANWIDTH": "80", "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     out = re.sub(".\x08", "", proc.stdout)  # overstrike bold/underline
     assert "CRASH SAFETY" in out and "qbitmap-recover" in out.replace("‐", "-")

@@ -6,10 +6,11 @@ import random
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import qemu
-from recover_helpers import CRASH_WRITES, G, STORED_WRITES, assert_qemu_accepts, covers, granules
+from recover_helpers import CRASH_WRITES, STORED_WRITES, G, assert_qemu_accepts, covers, granules
 
 from qbitmap.recover import Options, recover
 from qbitmap.store import CrashingDisk, SimulatedCrash
@@ -68,7 +69,7 @@ def test_crash_at_every_write_and_flush(crashed, mode, lose_unflushed):
     for crash_at in range(total):
         image = crashed.tmp / "c.qcow2"
         shutil.copyfile(crashed.image, image)
-        wrapper = lambda d, n=crash_at: CrashingDisk(  # noqa: E731
+        wrapper = lambda d, n=crash_at: CrashingDisk(
             d, n, lose_unflushed=lose_unflushed, rng=random.Random(n)
         )
         with pytest.raises(SimulatedCrash):
@@ -88,19 +89,45 @@ def test_dry_run_and_rerun_after_recovery_have_nothing_to_do(crashed):
 
 def _strace_kill(image, backup, syscall, n):
     argv = [
-        "strace", "-f", "-qq", "-o", "/dev/null",
-        "-e", f"inject={syscall}:signal=SIGKILL:when={n}",
-        sys.executable, "-m", "qbitmap", "recover", "--reference", str(backup), str(image),
+        "strace",
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        f"inject={syscall}:signal=SIGKILL:when={n}",
+        sys.executable,
+        "-m",
+        "qbitmap",
+        "recover",
+        "--reference",
+        str(backup),
+        str(image),
     ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _count_syscalls(image, backup) -> dict[str, int]:
-    argv = ["strace", "-f", "-qq", "-c", "-o", str(image) + ".count", "-e", "trace=pwrite64,fsync",
-            sys.executable, "-m", "qbitmap", "recover", "--reference", str(backup), str(image)]
+    argv = [
+        "strace",
+        "-f",
+        "-qq",
+        "-c",
+        "-o",
+        str(image) + ".count",
+        "-e",
+        "trace=pwrite64,fsync",
+        sys.executable,
+        "-m",
+        "qbitmap",
+        "recover",
+        "--reference",
+        str(backup),
+        str(image),
+    ]
     subprocess.run(argv, check=True, capture_output=True, timeout=120)
     counts = {}
-    for line in open(str(image) + ".count"):
+    for line in Path(str(image) + ".count").read_text().splitlines():
         parts = line.split()
         if parts and parts[-1] in ("pwrite64", "fsync"):
             counts[parts[-1]] = int(parts[3])
@@ -108,13 +135,17 @@ def _count_syscalls(image, backup) -> dict[str, int]:
 
 
 def test_real_kills_with_strace(crashed):
-    qemu.require_tools("strace")  # fails in CI when missing; scripts/install-test-deps.sh installs it
+    qemu.require_tools(
+        "strace"
+    )  # fails in CI when missing; scripts/install-test-deps.sh installs it
     probe = crashed.tmp / "probe.qcow2"
     shutil.copyfile(crashed.image, probe)
     counts = _count_syscalls(probe, crashed.backup)
     assert counts.get("pwrite64", 0) >= 5 and counts.get("fsync", 0) >= 3, counts
-    plan = [("pwrite64", n) for n in sorted({1, 2, counts["pwrite64"] // 2, counts["pwrite64"] - 1,
-                                             counts["pwrite64"]})]
+    plan = [
+        ("pwrite64", n)
+        for n in sorted({1, 2, counts["pwrite64"] // 2, counts["pwrite64"] - 1, counts["pwrite64"]})
+    ]
     plan += [("fsync", n) for n in range(1, counts["fsync"] + 1)]
     states = set()
     for syscall, n in plan:

@@ -11,9 +11,9 @@ import qemu
 from recover_helpers import (
     BASE_WRITES,
     CRASH_WRITES,
-    G,
     SIZE,
     STORED_WRITES,
+    G,
     assert_qemu_accepts,
     covers,
     granules,
@@ -31,7 +31,10 @@ def test_reference_mode_is_exact(crashed, ref):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["status"] == "recovered"
-    assert {b["name"]: b["mode"] for b in report["bitmaps"]} == {"b0": "reference", "b1": "reference"}
+    assert {b["name"]: b["mode"] for b in report["bitmaps"]} == {
+        "b0": "reference",
+        "b1": "reference",
+    }
     assert_qemu_accepts(crashed.image)
     writes = STORED_WRITES + CRASH_WRITES
     assert qemu.nbd_dirty_extents(crashed.image, "b0") == granules(writes, G)
@@ -67,7 +70,9 @@ def test_one_bitmap_selected_the_other_stays_in_use(crashed):
     assert "in-use" in bitmaps["b0"]["flags"] and "in-use" not in bitmaps["b1"]["flags"]
     rc, report = qemu.img_check(crashed.image)
     assert rc == 0, report
-    assert qemu.nbd_dirty_extents(crashed.image, "b1") == granules(STORED_WRITES + CRASH_WRITES, 4096)
+    assert qemu.nbd_dirty_extents(crashed.image, "b1") == granules(
+        STORED_WRITES + CRASH_WRITES, 4096
+    )
 
 
 def test_auto_without_a_choice_refuses_and_lists_the_choices(crashed):
@@ -114,7 +119,10 @@ def test_busy_image_exit_75_and_no_byte_changed(crashed):
 
 def test_usage_errors_exit_64(crashed):
     assert run_cli("recover", "--mode", "reference", crashed.image).exit_code == 64
-    assert run_cli("recover", "--mode", "full", "--reference", crashed.backup, crashed.image).exit_code == 64
+    assert (
+        run_cli("recover", "--mode", "full", "--reference", crashed.backup, crashed.image).exit_code
+        == 64
+    )
     assert run_cli("recover", "--mode", "full", "-b", "nope", crashed.image).exit_code == 64
 
 

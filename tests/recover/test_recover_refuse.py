@@ -94,9 +94,15 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     probe = tmp_path / "p.qcow2"
     probe.write_bytes(image.read_bytes())
     holder = {}
-    recover(probe, Options(mode="full"), disk_wrapper=lambda d: holder.setdefault("d", CrashingDisk(d, None)))
+    recover(
+        probe,
+        Options(mode="full"),
+        disk_wrapper=lambda d: holder.setdefault("d", CrashingDisk(d, None)),
+    )
     log = holder["d"].log
-    after_commit = next(i for i, (kind, off, length) in enumerate(log) if kind == "write" and off == 0) + 2
+    after_commit = (
+        next(i for i, (kind, off, length) in enumerate(log) if kind == "write" and off == 0) + 2
+    )
     with pytest.raises(SimulatedCrash):
         recover(image, Options(mode="full"), disk_wrapper=lambda d: CrashingDisk(d, after_commit))
     rc, report = qemu.img_check(image)
@@ -107,5 +113,7 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     assert qemu.img_check(image)[0] == 3
     result = run_cli("recover", "--json", image)
     out = json.loads(result.stdout)
-    assert out["status"] == "leaks-reclaimed" and out["leaked_clusters_reclaimed"] == report["leaks"]
+    assert (
+        out["status"] == "leaks-reclaimed" and out["leaked_clusters_reclaimed"] == report["leaks"]
+    )
     assert_qemu_accepts(image, names=("b0",))

@@ -54,7 +54,7 @@ def test_refcount_blocks_created_and_table_grown(img, refcount_bits):
         assert s.allocator.blocks_created
         assert s.allocator.table_moves, "the refcount table should have grown"
         assert s.header.refcount_table_clusters > 1
-    rc, corruptions, leaks = check_counts(path)
+    _rc, corruptions, leaks = check_counts(path)
     assert (corruptions, leaks) == (0, allocated)
     with Image.open(path) as image:
         assert image.header.refcount_table_clusters > 1  # the 12-byte switch reached the file
@@ -120,11 +120,14 @@ def test_unknown_autoclear_bits_are_cleared_before_writing(img):
 @pytest.mark.parametrize("lose_unflushed", [False, True])
 def test_crash_at_every_step_of_growth_leaves_only_leaks(img, tmp_path, lose_unflushed):
     template = img("64M", cluster_size=512, refcount_bits=64, name="t.qcow2")
+
     # Count the operations of a run that creates blocks and grows the table.
     def run(path, crash_at):
         with WriteSession.open(
-            path, disk_wrapper=lambda d: CrashingDisk(
-                d, crash_at, lose_unflushed=lose_unflushed, rng=random.Random(crash_at))
+            path,
+            disk_wrapper=lambda d: CrashingDisk(
+                d, crash_at, lose_unflushed=lose_unflushed, rng=random.Random(crash_at)
+            ),
         ) as s:
             for _ in range(5):
                 s.allocate(512 * 1000, what="x")

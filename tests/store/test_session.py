@@ -10,12 +10,20 @@ import qemu
 from store_helpers import add_bitmap_with_store, bits_to_extents, check_counts, sha
 
 from qbitmap.format import Geometry, Image, layout, read_bits
-from qbitmap.store import CrashingDisk, SimulatedCrash, WriteSession, levels_extension_bytes, new_level_record
+from qbitmap.store import (
+    CrashingDisk,
+    SimulatedCrash,
+    WriteSession,
+    levels_extension_bytes,
+    new_level_record,
+)
 
 
 def random_bits(geo: Geometry, seed: int, *, full_clusters: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    bits = (rng.random(geo.nbytes) < 0.02).astype(np.uint8) * rng.integers(1, 256, geo.nbytes, dtype=np.uint8)
+    bits = (rng.random(geo.nbytes) < 0.02).astype(np.uint8) * rng.integers(
+        1, 256, geo.nbytes, dtype=np.uint8
+    )
     if full_clusters and geo.table_size > 2:
         bits[: geo.cluster_size] = 0xFF  # a full cluster of ones: all-ones table entry
         bits[geo.cluster_size : 2 * geo.cluster_size] = 0  # an empty cluster: entry 0
@@ -64,10 +72,17 @@ def test_header_rewrite_keeps_backing_file_and_unknown_extensions(img, tmp_path)
     qemu.qemu_img("rebase", "-u", "-b", base, "-F", "qcow2", path)  # QEMU keeps the extension
     before = qemu.img_info(path)
     with WriteSession.open(path) as s:
-        record = new_level_record(b"b0", bitmap_table_offset=0x10000, consistent_level=1,
-                                  level_bits=6, max_level=1, granularity_bits=16)
-        s.commit_header(extensions={layout.EXT_LEVELS: levels_extension_bytes([record])},
-                        autoclear_set=1 << 63)
+        record = new_level_record(
+            b"b0",
+            bitmap_table_offset=0x10000,
+            consistent_level=1,
+            level_bits=6,
+            max_level=1,
+            granularity_bits=16,
+        )
+        s.commit_header(
+            extensions={layout.EXT_LEVELS: levels_extension_bytes([record])}, autoclear_set=1 << 63
+        )
     after = qemu.img_info(path)
     assert after["backing-filename"] == before["backing-filename"]
     assert after["backing-filename-format"] == "qcow2"
@@ -80,7 +95,9 @@ def test_header_rewrite_keeps_backing_file_and_unknown_extensions(img, tmp_path)
         # A 4-byte in-place update of consistent_level.
     with WriteSession.open(path) as s:
         rec = s.image.read_levels().records[0]
-        s.write_field(rec.consistent_level_offset, (-1).to_bytes(4, "big", signed=True), what="level")
+        s.write_field(
+            rec.consistent_level_offset, (-1).to_bytes(4, "big", signed=True), what="level"
+        )
         s.commit_header(extensions={layout.EXT_LEVELS: None}, autoclear_clear=1 << 63)
     magics = [m for _o, m, _d in qemu.header_extensions(path)]
     assert layout.EXT_LEVELS not in magics and 0x12345678 in magics
@@ -126,9 +143,13 @@ def test_crash_at_every_operation_of_a_bitmap_store(img, tmp_path, lose_unflushe
         path.write_bytes(template.read_bytes())
         with pytest.raises(SimulatedCrash):
             add_bitmap_with_store(
-                path, "b1", bits, granularity_bits=9,
+                path,
+                "b1",
+                bits,
+                granularity_bits=9,
                 disk_wrapper=lambda d, n=crash_at: CrashingDisk(
-                    d, n, lose_unflushed=lose_unflushed, rng=random.Random(n)),
+                    d, n, lose_unflushed=lose_unflushed, rng=random.Random(n)
+                ),
             )
         rc, corruptions, _leaks = check_counts(path)
         assert corruptions == 0 and rc in (0, 3), crash_at
