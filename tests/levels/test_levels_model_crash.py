@@ -15,20 +15,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from levels_helpers import FakeClock
 from levels_model import Crash, ModelBackend, bits_from_ranges, missing_bits
 
 from qbitmap import levels
 from qbitmap.track import FlushPolicy
 from qbitmap.track.state import LevelState
 from qbitmap.track.tracker import Tracker
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def run_trial(

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import qemu
+from levels_helpers import covers, granules, level_recovery
 
 from qbitmap import levels
 from qbitmap.format import Image, read_bits
@@ -45,33 +46,11 @@ def recover(path: Path, *args: str) -> tuple[int, dict | None, str]:
     return proc.returncode, report, proc.stderr
 
 
-def granules(writes, granularity=65536, size=SIZE):
-    out = []
-    for off, length in writes:
-        start = off // granularity * granularity
-        out.append((start, min(size, -(-(off + length) // granularity) * granularity) - start))
-    return qemu.merge_extents(out)
-
-
-def covers(extents, required) -> bool:
-    merged = qemu.merge_extents(extents)
-    return all(
-        any(s <= start and start + length <= s + n for s, n in merged)
-        for start, length in qemu.merge_extents(required)
-    )
-
-
-def expected_level_recovery(path: Path, name: bytes = b"b0") -> np.ndarray:
+def expected_level_recovery(path: Path) -> np.ndarray:
     """The spec's rule applied to the crashed image, computed before recover runs."""
-    with Image.open(path) as img:
-        entries = img.read_directory().entries
-        entry = next(e for e in entries if e.name == name)
-        a = levels.assess(img, entries)[name]
-        assert entry.in_use and a.trusted, a.reason
-        nbits = -(-img.virtual_size // entry.granularity)
-        return levels.recover(
-            read_bits(img, entry), nbits, a.consistent_level, a.max_level, a.level_bits
-        )
+    bits, how = level_recovery(path)
+    assert how != "consistent"
+    return bits
 
 
 def bits_after(path: Path, name: bytes = b"b0") -> np.ndarray:
@@ -86,7 +65,7 @@ def assert_recovered(path: Path, accepted, expected: np.ndarray) -> None:
     rc, report = qemu.img_check(path)
     assert rc == 0, report
     assert qemu.img_bitmaps(path)["b0"]["flags"] == ["auto"]
-    assert covers(qemu.nbd_dirty_extents(path, "b0"), granules(accepted))
+    assert covers(qemu.nbd_dirty_extents(path, "b0"), granules(accepted, 65536, SIZE))
     with Image.open(path) as img:
         assert img.read_levels() is None
         assert not (img.header.autoclear_features or 0) >> 63
@@ -168,9 +147,8 @@ def test_auto_picks_the_trusted_record_and_max_level_keeps_d_exact(template, tmp
     assert report["bitmaps"][0]["mode"] == "level"
     assert_recovered(path, SCRIPT, truth)
     # Nothing was widened: QEMU's dirty map is exactly the writes (and the old bits).
-    assert qemu.nbd_dirty_extents(path, "b0") == granules(
-        SCRIPT + [(300 * MiB, 8 * KiB), (1500 * MiB, MiB)]
-    )
+    old = [(300 * MiB, 8 * KiB), (1500 * MiB, MiB)]
+    assert qemu.nbd_dirty_extents(path, "b0") == granules(SCRIPT + old, 65536, SIZE)
 
 
 def test_a_stale_record_is_refused_and_nothing_changes(template, tmp_path):
@@ -211,16 +189,18 @@ def test_recovering_one_bitmap_keeps_the_others_record(tmp_path):
         assert [r.name for r in img.read_levels().records] == [b"b1"]
         assert img.header.autoclear_features >> 63
     assert a[b"b1"].trusted and a[b"b0"].status == "absent"
-    assert covers(qemu.nbd_dirty_extents(path, "b0"), granules([(10 * MiB, 4096)]))
+    assert covers(qemu.nbd_dirty_extents(path, "b0"), granules([(10 * MiB, 4096)], 65536, SIZE))
     rc, _, err = recover(path, "--mode", "level")
     assert rc == 0, err
     with Image.open(path) as img:
         assert img.read_levels() is None and not img.header.autoclear_features >> 63
-    assert covers(qemu.nbd_dirty_extents(path, "b1"), granules([(900 * MiB, 4096)]))
+    assert covers(qemu.nbd_dirty_extents(path, "b1"), granules([(900 * MiB, 4096)], 65536, SIZE))
     # The recovered bitmaps can be tracked again.
     with Tracker.open(path, "b1") as t:
         t.write(0, 1)
-    assert covers(qemu.nbd_dirty_extents(path, "b1"), granules([(0, 1), (900 * MiB, 4096)]))
+    assert covers(
+        qemu.nbd_dirty_extents(path, "b1"), granules([(0, 1), (900 * MiB, 4096)], 65536, SIZE)
+    )
 
 
 @pytest.mark.slow

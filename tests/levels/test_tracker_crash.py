@@ -31,6 +31,7 @@ import pytest
 import qemu
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from levels_helpers import FakeClock, level_recovery
 
 from qbitmap import levels
 from qbitmap.format import Image, read_bits
@@ -61,14 +62,6 @@ class NoFsync:
         return self.inner.size()
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory) -> dict[str, Path]:
     """Small images made by QEMU: (virtual size, cluster size, granularity) vary."""
@@ -96,30 +89,11 @@ def accepted_bits(path: Path, writes: list[tuple[int, int]]) -> tuple[np.ndarray
     with Image.open(path) as img:
         entry = next(e for e in img.read_directory().entries if e.name == b"b0")
         base = read_bits(img, entry)
-        nbits = -(-img.virtual_size // entry.granularity)
         flat = np.unpackbits(base, bitorder="little")
         for off, length in writes:
             first, end = bit_range(off, length, entry.granularity, img.virtual_size)
             flat[first:end] = 1
-        return base, np.packbits(flat, bitorder="little")[: len(base)] if nbits else base
-
-
-def recovered_bits(path: Path) -> tuple[np.ndarray, str]:
-    """What a level recovery makes of the crashed image (or the bitmap, if consistent)."""
-    with Image.open(path) as img:
-        entries = img.read_directory().entries
-        entry = next(e for e in entries if e.name == b"b0")
-        bits = read_bits(img, entry)
-        a = levels.assess(img, entries)[b"b0"]
-        if not entry.in_use:
-            return bits, "consistent"
-        # The Tracker sets in_use only after the record, and removes the
-        # record only after clearing in_use: an in-use bitmap has a record.
-        assert a.trusted, a.reason
-        nbits = -(-img.virtual_size // entry.granularity)
-        return levels.recover(bits, nbits, a.consistent_level, a.max_level, a.level_bits), (
-            f"level {a.consistent_level}/{a.max_level}"
-        )
+        return base, np.packbits(flat, bitorder="little")
 
 
 def assert_covered(required: np.ndarray, recovered: np.ndarray, how: str) -> None:
@@ -208,7 +182,7 @@ def test_fault_injection_fuzz(templates, tmp_path, scenario):
     options = {"level_bits": level_bits, "policy": policy, "lose": lose, "seed": seed}
     accepted, crashed, total = run_crashing(path, script, None, **options)
     assert not crashed
-    recovered, how = recovered_bits(path)
+    recovered, how = level_recovery(path)
     assert how == "consistent"
     assert (recovered == _required(templates[template], accepted)).all()
 
@@ -216,7 +190,7 @@ def test_fault_injection_fuzz(templates, tmp_path, scenario):
     crash_at = int(where * total)
     accepted, crashed, _ = run_crashing(path, script, crash_at, **options)
     assert crashed
-    recovered, how = recovered_bits(path)
+    recovered, how = level_recovery(path)
     event(f"recovered as: {how.split('/')[0]}")
     assert_covered(base, recovered, how)
     assert_covered(_required(templates[template], accepted), recovered, how)
@@ -255,7 +229,7 @@ def test_every_crash_point_then_qemu_check(templates, tmp_path, lose):
             path, SCRIPT, n, level_bits=2, policy=None, lose=lose, seed=n
         )
         assert crashed
-        recovered, how = recovered_bits(path)
+        recovered, how = level_recovery(path)
         levels_seen.add(how)
         assert_covered(_required(templates["small-empty"], accepted), recovered, how)
         rc, report = qemu.img_check(path)
@@ -338,7 +312,7 @@ def test_real_process_crash(templates, tmp_path, trial):
         assert proc.returncode == -signal.SIGKILL
     proc.stderr.close()
     opened, writes = _read_log(log) if log.exists() else (False, [])
-    recovered, how = recovered_bits(path)
+    recovered, how = level_recovery(path)
     assert_covered(_required(templates[template], writes), recovered, how)
     if opened:
         assert how != "consistent"  # the child never closes: in_use stays set

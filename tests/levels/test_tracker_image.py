@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import qemu
+from levels_helpers import granules
 
 from qbitmap import levels
 from qbitmap.errors import ImageBusyError, RefusedError, UsageError
@@ -24,14 +25,6 @@ WRITER = {100, 101, 103, 201, 203}
 @pytest.fixture(autouse=True)
 def _tools():
     qemu.require_tools("qemu-img", "qemu-io", "qemu-nbd", "nbdinfo")
-
-
-def granules(writes, granularity, size):
-    out = []
-    for off, length in writes:
-        first, last = off // granularity, (off + length - 1) // granularity
-        out.append((first * granularity, min((last + 1) * granularity, size) - first * granularity))
-    return qemu.merge_extents(out)
 
 
 def state_of(path, name="b0"):
