@@ -75,9 +75,9 @@ class TrackerStats:
 class Tracker:
     """Tracks guest writes in a persistent bitmap, maintaining a consistency-level record.
 
-    Use :meth:`open` (in ``qbitmap.track``) or construct it around a
-    :class:`Backend`.  Thread-safe: a lock serialises ``write``, ``flush``,
-    ``tick`` and the background flusher.
+    Use :meth:`open` for a qcow2 image, or construct it around any
+    :class:`Backend` (the tests' in-memory model).  Thread-safe: a lock
+    serialises ``write``, ``flush``, ``tick`` and the background flusher.
     """
 
     def __init__(
