@@ -228,7 +228,15 @@ class _Plan:
         self.report = report
         self.warn = warn
         directory = self.image.read_directory()
-        self.entries: list[BitmapEntry] = list(directory.entries) if directory.error is None else []
+        # autoclear bit 0 clear: QEMU ignores the extension (its bitmaps are lost to it, and a
+        # program that did not track writes may have written the image); nothing to recover.
+        self.ignored = (
+            self.image.bitmaps_extension is not None
+            and not (self.image.header.autoclear_features or 0) & 1
+        )
+        self.entries: list[BitmapEntry] = (
+            list(directory.entries) if directory.error is None and not self.ignored else []
+        )
         self.directory = directory
         self.targets: dict[int, str] = {}  # entry index -> mode
         self.results: dict[int, BitmapResult] = {}
@@ -411,6 +419,12 @@ class _Plan:
     def apply(self) -> None:
         session = self.session
         cs = session.cluster_size
+        if self.ignored and self.leaks and not (self.targets or self.drop or self.drop_everything):
+            # The ignored extension's clusters are among the leaks: drop the extension from the
+            # header first, as QEMU does on its next read-write open (qemu-img check -r leaks too).
+            session.commit_header(
+                extensions={layout.EXT_BITMAPS: None}, what="drop the ignored bitmaps extension"
+            )
         by_index = {e.index: e for e in self.entries}
         old_tables = {
             i: self.image.read_bitmap_table(by_index[i]) for i in (*self.targets, *self.drop)

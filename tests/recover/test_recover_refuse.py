@@ -117,3 +117,46 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
         out["status"] == "leaks-reclaimed" and out["leaked_clusters_reclaimed"] == report["leaks"]
     )
     assert_qemu_accepts(image, names=("b0",))
+
+
+def test_ignored_bitmaps_extension_is_not_resurrected_and_its_clusters_are_freed(tmp_path):
+    image = _image(tmp_path)
+    with open(image, "r+b") as f:  # a program without bitmap support cleared autoclear bit 0
+        f.seek(88)
+        word = struct.unpack(">Q", f.read(8))[0]
+        f.seek(88)
+        f.write(struct.pack(">Q", word & ~1))
+    assert qemu.img_bitmaps(image) == {}
+    rc, report = qemu.img_check(image)
+    assert rc == 3 and report["leaks"] > 0
+    result = run_cli("recover", "--json", "--mode", "full", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "leaks-reclaimed" and out["bitmaps"] == []
+    assert out["leaked_clusters_reclaimed"] == report["leaks"]
+    assert 0x23852875 not in [m for _o, m, _d in qemu.header_extensions(image)]
+    assert qemu.img_check(image)[0] == 0
+    assert qemu.img_bitmaps(image) == {}
+
+
+def test_drop_broken_with_a_broken_directory_removes_the_extension(tmp_path):
+    image = _image(tmp_path)
+    # nb_bitmaps says 3, the directory holds 2: QEMU refuses the image.
+    ext_off = next(o for o, m, _d in qemu.header_extensions(image) if m == 0x23852875)
+    with open(image, "r+b") as f:
+        f.seek(ext_off + 8)
+        f.write(struct.pack(">I", 3))
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    assert run_cli("recover", "--mode", "full", image).exit_code == 2
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {b["action"] for b in out["bitmaps"]} == {"dropped"}
+    assert qemu.img_bitmaps(image) == {}
+    rc, report = qemu.img_check(image)
+    assert report.get("corruptions", 0) == 0 and rc in (0, 3)
+    # Nothing could prove who owned the old bitmap clusters; once the extension is gone they
+    # are plain leaks, which the next run frees.
+    again = json.loads(run_cli("recover", "--json", image).stdout)
+    assert again["status"] in ("leaks-reclaimed", "nothing-to-do")
+    assert qemu.img_check(image)[0] == 0
