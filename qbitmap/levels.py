@@ -86,17 +86,21 @@ def widen(bits: np.ndarray, nbits: int, group: int) -> np.ndarray:
     return out
 
 
-def level_bits_of(bits: np.ndarray, nbits: int, level: int, top: int, level_bits: int) -> np.ndarray:
+def level_bits_of(
+    bits: np.ndarray, nbits: int, level: int, top: int, level_bits: int
+) -> np.ndarray:
     """Bit ``j`` of *level*: whether group ``j`` has a set bit, as a bool array."""
     group = group_bits(level, top, level_bits)
     unpacked = np.unpackbits(bits, bitorder="little")[:nbits]
     ngroups = -(-nbits // group)
     padded = np.zeros(ngroups * group, dtype=np.uint8)
     padded[:nbits] = unpacked
-    return padded.reshape(ngroups, group).any(axis=1)
+    return np.asarray(padded.reshape(ngroups, group).any(axis=1))
 
 
-def recover(bits: np.ndarray, nbits: int, consistent_level: int, top: int, level_bits: int) -> np.ndarray:
+def recover(
+    bits: np.ndarray, nbits: int, consistent_level: int, top: int, level_bits: int
+) -> np.ndarray:
     """The spec's recovery rule applied to on-disk bits *bits* ("Recovery")."""
     if consistent_level >= top:
         out = bits.copy()
@@ -129,7 +133,9 @@ class Assessment:
         return self.status == "trusted"
 
 
-def assess(image: Image, entries: tuple[BitmapEntry, ...] | list[BitmapEntry]) -> dict[bytes, Assessment]:
+def assess(
+    image: Image, entries: tuple[BitmapEntry, ...] | list[BitmapEntry]
+) -> dict[bytes, Assessment]:
     """Judge the record of every bitmap in *entries* by the spec's trust rules.
 
     Returns one Assessment per bitmap name; records naming no bitmap are

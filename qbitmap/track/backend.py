@@ -23,10 +23,10 @@ again must not make them look trusted.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class ImageBackend:
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | os.PathLike[str],
         bitmap: str | bytes,
         *,
         level_bits: int,

@@ -167,7 +167,7 @@ def _group_any(values: np.ndarray, group: int) -> np.ndarray:
     groups = -(-len(values) // group)
     padded = np.zeros(groups * group, dtype=bool)
     padded[: len(values)] = values
-    return padded.reshape(groups, group).any(axis=1)
+    return np.asarray(padded.reshape(groups, group).any(axis=1))
 
 
 def _group_any_packed(bits: np.ndarray, nbits: int, group: int, chunk: int = 1 << 20) -> np.ndarray:
@@ -191,7 +191,7 @@ def _group_any_packed(bits: np.ndarray, nbits: int, group: int, chunk: int = 1 <
     step = chunk
     for start in range(0, len(bits), step):
         part = np.unpackbits(bits[start : start + step], bitorder="little").reshape(-1, group)
-        got = part.any(axis=1)
+        got = np.asarray(part.any(axis=1))
         n = min(len(got), ngroups - start * per)
         out[start * per : start * per + n] = got[:n]
     return out
