@@ -138,15 +138,14 @@ def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> Non
 
 
 def _register() -> None:
-    from qbitmap.commands import dump
+    # Command modules import their heavy dependencies lazily, inside the
+    # command bodies, so registering all three costs little at start-up.
+    from qbitmap.commands.check import check
+    from qbitmap.commands.dump import dump
+    from qbitmap.commands.recover import recover
 
-    cli.add_command(dump.dump)
-    for name in ("check", "recover"):
-        try:
-            module = __import__(f"qbitmap.commands.{name}", fromlist=[name])
-        except ModuleNotFoundError:
-            continue
-        cli.add_command(getattr(module, name))
+    for command in (dump, check, recover):
+        cli.add_command(command)
 
 
 _register()
