@@ -8,16 +8,17 @@ printed as those characters.
 from __future__ import annotations
 
 import json
-from typing import IO, Any
-
-from rich import box
-from rich.console import Group, RenderableType
-from rich.padding import Padding
-from rich.table import Table
-from rich.text import Text
+from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.check import BitmapStatus, CheckReport, Severity
 from qbitmap.render import hexoff, iec
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
+    from rich.text import Text
+
+# rich is imported inside the functions that build renderables: ``--json`` never needs it.
 
 _SEVERITY_STYLE = {
     Severity.INFO: "cyan",
@@ -47,6 +48,10 @@ _VERDICT = {
 
 def findings_block(report: CheckReport) -> RenderableType:
     """Each finding as a line of facts, then its message on its own indented line."""
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.text import Text
+
     lines: list[RenderableType] = [Text("Findings", style="bold")]
     for f in report.findings:
         head = Text("  ")
@@ -66,6 +71,8 @@ def findings_block(report: CheckReport) -> RenderableType:
 
 
 def _levels_text(b: BitmapStatus) -> Text:
+    from rich.text import Text
+
     a = b.levels
     if a is None:
         return Text("-")
@@ -81,6 +88,10 @@ def _levels_text(b: BitmapStatus) -> Text:
 
 
 def bitmaps_table(report: CheckReport) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("name")
     table.add_column("status", no_wrap=True)
@@ -100,6 +111,9 @@ def bitmaps_table(report: CheckReport) -> Table:
 
 
 def human(report: CheckReport) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     parts: list[RenderableType] = [Text(f"Image: {printable(report.filename)}")]
     if report.bitmaps:
         parts.append(bitmaps_table(report))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich import box
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
-
-from qbitmap.recover import RecoverReport
 from qbitmap.render import hexoff, iec
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+    from rich.table import Table
+
+    from qbitmap.recover import RecoverReport
+
+# rich is imported inside the functions that build renderables: ``--json`` never needs it.
 
 _HEADLINE = {
     "recovered": "recovered",
@@ -31,6 +33,10 @@ def _size(value: int | None) -> str:
 
 
 def bitmaps_table(report: RecoverReport) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
     table.add_column("bitmap", min_width=8)
     table.add_column("action", no_wrap=True)
@@ -56,6 +62,10 @@ def bitmaps_table(report: RecoverReport) -> Table:
 
 
 def steps_table(steps: list[dict[str, Any]]) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.SIMPLE_HEAD, title="Writes, in order", title_justify="left")
     table.add_column("phase")
     table.add_column("action")
@@ -74,6 +84,9 @@ def steps_table(steps: list[dict[str, Any]]) -> Table:
 
 
 def human(report: RecoverReport) -> RenderableType:
+    from rich.console import Group
+    from rich.text import Text
+
     parts: list[RenderableType] = [
         Text(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}")
     ]
