@@ -29,7 +29,7 @@ import numpy as np
 
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
-from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout
+from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout, unique_sorted
 from qbitmap.format.image import QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE
 from qbitmap.format.refcount import decode_refcount_block
 
@@ -200,7 +200,7 @@ class ReferenceMap:
 
     def bitmap_clusters(self, index: int) -> np.ndarray:
         """Distinct clusters referenced by bitmap *index* (table and data; -1: the directory)."""
-        return np.unique(self.bm_clusters[self.bm_index == index])
+        return unique_sorted(self.bm_clusters[self.bm_index == index])
 
     def exclusive_clusters(self, index: int) -> np.ndarray:
         """Clusters of bitmap *index* that nothing else references and it references once."""
@@ -894,7 +894,7 @@ def _ignored_extension(
         bm = _bitmap_refs(
             image, (ext.bitmap_directory_offset, ext.bitmap_directory_size, 0), entries, tables
         )
-        uniq = np.unique(bm[0])
+        uniq = unique_sorted(bm[0])
         if refcounts is not None:
             uniq = uniq[uniq < len(refcounts)]
             rc = refcounts[uniq].astype(np.int64)

@@ -22,6 +22,7 @@ from qbitmap.format.bitmap import (
     read_bits,
     run_arrays,
     table_entry_problem,
+    unique_sorted,
 )
 from qbitmap.format.image import Directory, Image, LevelsExtension, parse_levels_extension
 from qbitmap.format.model import (
@@ -79,4 +80,5 @@ __all__ = [
     "read_bits",
     "run_arrays",
     "table_entry_problem",
+    "unique_sorted",
 ]

@@ -37,6 +37,22 @@ def popcount(buf: np.ndarray) -> int:
     return int(_POPCOUNT[buf].sum(dtype=np.uint64))
 
 
+def unique_sorted(values: np.ndarray) -> np.ndarray:
+    """The distinct values of a 1-D integer array, ascending (what ``np.unique`` returns).
+
+    Sort-based, as ``np.unique`` was before numpy 2.3: the hash-based path
+    there first asks ``np.ma.is_masked``, which imports all of ``numpy.ma``
+    (several milliseconds at start-up) for a question about plain arrays.
+    """
+    values = np.sort(np.asarray(values).ravel())
+    if len(values) < 2:
+        return values
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
 @dataclass(frozen=True, slots=True)
 class Geometry:
     """Sizes of a bitmap of *granularity* bytes per bit over a *virtual_size* disk."""

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qbitmap.format.bitmap import unique_sorted
 from qbitmap.format.guest import GuestDisk, Segment
 
 CHUNK_BYTES = 4 << 20
@@ -118,12 +119,12 @@ def _granule_flags(diff_words: np.ndarray, start: int, length: int, granularity:
         hit = diff_words.reshape(-1, per).any(axis=1)
         return np.flatnonzero(hit).astype(np.int64) + start // granularity
     pos = np.flatnonzero(diff_words).astype(np.int64)
-    return np.unique((start + pos * 8) // granularity)
+    return unique_sorted((start + pos * 8) // granularity)
 
 
 def _granule_flags_bytes(diff: np.ndarray, start: int, granularity: int) -> np.ndarray:
     pos = np.flatnonzero(diff).astype(np.int64)
-    return np.unique((start + pos) // granularity)
+    return unique_sorted((start + pos) // granularity)
 
 
 def diff_bits(
@@ -210,7 +211,7 @@ def diff_bits(
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
     if found:
-        idx = np.unique(np.concatenate(found))
+        idx = unique_sorted(np.concatenate(found))
         idx = idx[idx < nbits]
         stats.differing_granules = len(idx)
         np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
