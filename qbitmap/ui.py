@@ -23,9 +23,10 @@ _fast_exit = False
 def allow_fast_exit() -> None:
     """Let the process end without interpreter teardown once the command returns.
 
-    For commands that have written and closed everything they opened (``dump``):
-    :func:`qbitmap.cli.main` then flushes stdout/stderr and calls ``os._exit``,
-    saving the milliseconds Python spends freeing numpy and every module.
+    For commands that have written and closed everything they opened (``dump``,
+    ``check``, ``recover``): :func:`qbitmap.cli.main` then flushes stdout/stderr
+    and calls ``os._exit``, saving the milliseconds Python spends freeing numpy
+    and every module.
     Only the console entry point honours it; in-process callers are unaffected.
     """
     global _fast_exit

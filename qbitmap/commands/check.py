@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qbitmap.ui import Ui
+from qbitmap.ui import Ui, allow_fast_exit
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,4 +53,6 @@ def check(ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool
         from qbitmap.render.check import human
 
         ui.print(human(report))
+    # The image is closed and the report written: skip the interpreter's teardown.
+    allow_fast_exit()
     ctx.exit(report.exit_code)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qbitmap.ui import Ui
+from qbitmap.ui import Ui, allow_fast_exit
 
 MODE_CHOICES = ("auto", "full", "reference", "level")
 
@@ -122,4 +122,7 @@ def recover(
         from qbitmap.render.recover import human
 
         ui.print(human(report))
+    # The session is closed (every flush done, locks released) and the report written:
+    # skip the interpreter's teardown.
+    allow_fast_exit()
     click.get_current_context().exit(report.exit_code)
