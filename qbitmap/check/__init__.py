@@ -74,6 +74,10 @@ class CheckReport:
     filename: str
     findings: list[Finding] = field(default_factory=list)
     bitmaps: list[BitmapStatus] = field(default_factory=list)
+    # The reference map the check built (every structure, bitmaps included when QEMU would
+    # load them: what ``clusters.reference_map`` returns), None if the check stopped before;
+    # ``recover`` reuses it instead of walking every L1/L2 table a second time.
+    reference_map: ReferenceMap | None = field(default=None, repr=False, compare=False)
 
     @property
     def exit_code(self) -> int:
@@ -176,7 +180,9 @@ def check_image(
         bitmaps = [b for b in bitmaps if b.name in wanted]
         findings = [f for f in findings if f.area != "bitmap" or f.bitmap in wanted]
     findings.sort(key=Finding.sort_key)
-    return CheckReport(filename=str(image.path), findings=findings, bitmaps=bitmaps)
+    return CheckReport(
+        filename=str(image.path), findings=findings, bitmaps=bitmaps, reference_map=ctx.refmap
+    )
 
 
 def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = None) -> CheckReport:

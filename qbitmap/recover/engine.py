@@ -391,9 +391,13 @@ class _Plan:
         """Clusters with a refcount but no reference at all (freed in the release phase)."""
         if not self.options.reclaim_leaks:
             return
-        from qbitmap.check.clusters import reference_map
+        # The check ran on this locked, not yet written image: its map is the one
+        # reference_map(self.image) would build again.
+        refmap = self.check.reference_map
+        if refmap is None:
+            from qbitmap.check.clusters import reference_map
 
-        refmap = reference_map(self.image)
+            refmap = reference_map(self.image)
         if not refmap.complete:
             return
         alloc = self.session.allocator

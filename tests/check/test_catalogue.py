@@ -188,3 +188,34 @@ def test_overlap_message_names_the_other_owner(base_image, tmp_path):
     assert "an L2 table" in finding["message"]
     lay = corrupt.layout(image)
     assert finding["offset"] == lay.entry("b0").table_offset  # the table entry that points there
+
+
+@pytest.mark.parametrize("edit", sorted(CATALOGUE))
+def test_check_keeps_the_reference_map(edit, base_image, tmp_path):
+    """The map check_image hands back (recover reuses it) is the one reference_map builds."""
+    import numpy as np
+
+    from qbitmap.check import check_image, reference_map
+    from qbitmap.errors import QbitmapError
+    from qbitmap.format import Image
+
+    image = corrupt.apply(base_image, tmp_path / f"{edit}.qcow2", edit)
+    try:
+        img = Image.open(image)
+    except QbitmapError:
+        return  # "magic", "incompat-unknown-bit": nothing to map
+    with img:
+        kept = check_image(img, held_locks=()).reference_map
+        assert kept is not None
+        fresh = reference_map(img)
+        assert kept.complete == fresh.complete
+        for name in (
+            "clusters",
+            "kinds",
+            "weights",
+            "bm_clusters",
+            "bm_kinds",
+            "bm_index",
+            "bm_source",
+        ):
+            assert np.array_equal(getattr(kept, name), getattr(fresh, name)), name

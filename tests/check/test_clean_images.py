@@ -170,6 +170,13 @@ def test_clean_image(kind, tmp_path):
         # Reading with pread (live images) gives the same map as mapping the file.
         copied = reference_map(img, use_mmap=False)
         assert np.array_equal(copied.reference_counts(clusters), full.reference_counts(clusters))
+        # The map check_image keeps (recover reuses it) is the same map.
+        kept = check_image(img, held_locks=()).reference_map
+        assert kept is not None and kept.complete
+        assert np.array_equal(kept.clusters, full.clusters)
+        assert np.array_equal(kept.weights, full.weights)
+        assert np.array_equal(kept.bm_clusters, full.bm_clusters)
+        assert np.array_equal(kept.bm_index, full.bm_index)
         # Without the bitmaps, exactly the bitmap clusters are missing.
         bitmap_clusters = np.unique(full.bm_clusters)
         without = refmap.reference_counts(clusters)
