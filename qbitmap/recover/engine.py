@@ -402,7 +402,9 @@ class _Plan:
             return
         alloc = self.session.allocator
         epb = alloc.entries_per_block
-        for table_index in range(len(alloc.table)):
+        # Entries without a block offset have no refcounts to look at (most of a large table).
+        linked = np.flatnonzero(alloc.table & np.uint64(layout.REFT_OFFSET_MASK))
+        for table_index in linked.tolist():
             values = alloc._block(table_index)
             if values is None:
                 continue
