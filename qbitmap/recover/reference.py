@@ -15,10 +15,10 @@ Bytes past the end of the shorter disk compare as zeros.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -179,34 +179,8 @@ def diff_bits(
                 pos = end
         image.populate([p.a for p in work])
         reference.populate([p.b for p in work])
-        local = threading.local()
-
-        def run(task: tuple[Piece, int, int]) -> np.ndarray:
-            piece, pos, end = task
-            bufs = getattr(local, "bufs", None)
-            if bufs is None:
-                bufs = local.bufs = (
-                    np.empty(CHUNK_BYTES, np.uint8),
-                    np.empty(CHUNK_BYTES, np.uint8),
-                )
-            n = end - pos
-            return _compare(
-                image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity
-            )
-
-        found: list[np.ndarray] = []
         with ctx as progress:  # type: ignore[attr-defined]
-            # Two workers: page-cache copies, page faults and numpy compares
-            # release the GIL, so both cores work (the machine has two).
-            if len(tasks) > 1 and WORKERS > 1:
-                with ThreadPoolExecutor(WORKERS) as pool:
-                    for task, granules in zip(tasks, pool.map(run, tasks), strict=True):
-                        found.append(granules)
-                        progress.advance(task[2] - task[1])
-            else:
-                for task in tasks:
-                    found.append(run(task))
-                    progress.advance(task[2] - task[1])
+            found = _run_tasks(image, reference, tasks, granularity, progress)
         stats.compared_bytes = sum(end - pos for _p, pos, end in tasks)
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
@@ -216,6 +190,69 @@ def diff_bits(
         stats.differing_granules = len(idx)
         np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
     return bits, stats
+
+
+def _run_tasks(
+    image: GuestDisk,
+    reference: GuestDisk,
+    tasks: list[tuple[Piece, int, int]],
+    granularity: int,
+    progress: Progress,
+) -> list[np.ndarray]:
+    """Compare every task's range; the differing granules of each, in task order.
+
+    Two workers (this thread and one more): page faults, page-cache copies and
+    memcmp release the GIL, so both cores work (the machine has two).  Each
+    worker takes the next task from a shared counter and keeps its own
+    buffers; progress is advanced under a lock.  No executor: a task is a few
+    microseconds of Python around a long memcmp, and the first exception stops
+    both workers and is raised here.
+    """
+    results: list[np.ndarray] = [_NO_GRANULES] * len(tasks)
+    take = itertools.count().__next__  # atomic under the GIL
+    lock = threading.Lock()
+    failed: list[BaseException] = []
+
+    def work() -> None:
+        bufs: tuple[np.ndarray, np.ndarray] | None = None
+        while not failed:
+            i = take()
+            if i >= len(tasks):
+                return
+            piece, pos, end = tasks[i]
+            n = end - pos
+            if bufs is None:
+                bufs = (np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8))
+            try:
+                results[i] = _compare(
+                    image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity
+                )
+                with lock:
+                    progress.advance(n)
+            except BaseException as exc:
+                failed.append(exc)
+                return
+
+    helpers = [
+        threading.Thread(target=work, name="qbitmap-compare", daemon=True)
+        for _ in range(min(WORKERS, len(tasks)) - 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    try:
+        work()
+    except BaseException as exc:  # KeyboardInterrupt in this thread: stop the others too
+        failed.append(exc)
+        raise
+    finally:
+        for helper in helpers:
+            helper.join()
+    if failed:
+        raise failed[0]
+    return results
+
+
+_NO_GRANULES = np.empty(0, dtype=np.int64)
 
 
 class _NullCtx:
