@@ -20,10 +20,14 @@ clusters only a given bitmap owns.
 from __future__ import annotations
 
 import enum
+import itertools
 import mmap
+import os
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +42,9 @@ QCOW_MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 # Contiguous metadata clusters (L2 tables, refcount blocks) are read together, this much at a time.
 READ_BATCH = 16 << 20
+# Threads scanning L2 windows (the development and benchmark machines have two cores).
+SCAN_WORKERS = min(2, os.cpu_count() or 1)
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in as read
 
 
 class Kind(enum.IntEnum):
@@ -224,6 +231,61 @@ class ReferenceMap:
 # -- building ---------------------------------------------------------------------------
 
 
+_T = TypeVar("_T")
+_S = TypeVar("_S")
+
+
+def _in_order(
+    fn: Callable[[int, _S], _T], count: int, workers: int, scratch: Callable[[], _S]
+) -> Iterator[_T]:
+    """``fn(k, scratch)`` for ``k`` in ``range(count)``, computed by *workers* threads, in order.
+
+    Each worker owns one ``scratch()`` object.  The first exception (in order)
+    is raised here; leaving the iteration early stops the workers.  With one
+    worker or one item everything runs in this thread.
+    """
+    if workers <= 1 or count <= 1:
+        own = scratch()
+        for k in range(count):
+            yield fn(k, own)
+        return
+    results: list[tuple[bool, object]] = [(False, None)] * count
+    ready = [threading.Event() for _ in range(count)]
+    take = itertools.count().__next__  # atomic under the GIL
+    stop = threading.Event()
+
+    def work() -> None:
+        own = scratch()
+        while not stop.is_set():
+            k = take()
+            if k >= count:
+                return
+            try:
+                results[k] = (True, fn(k, own))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the consuming thread
+                results[k] = (False, exc)
+            ready[k].set()
+
+    threads = [
+        threading.Thread(target=work, name="qbitmap-scan", daemon=True)
+        for _ in range(min(workers, count))
+    ]
+    for t in threads:
+        t.start()
+    try:
+        for k in range(count):
+            ready[k].wait()
+            ok, value = results[k]
+            results[k] = (False, None)
+            if not ok:
+                raise value  # type: ignore[misc]
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 class _Builder:
     def __init__(self, image: Image, *, use_mmap: bool = True) -> None:
         self.image = image
@@ -383,68 +445,77 @@ class _Builder:
         for off, c in zip(uniq.tolist(), counts.tolist(), strict=True):
             self.l2_weights[off] = self.l2_weights.get(off, 0) + c
 
-    def _cluster_runs(self, offsets: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
-        """For sorted cluster *offsets* (all inside the file): ``(i, j, words)`` per run.
+    def _windows(self, offsets: np.ndarray) -> list[tuple[int, int, int, int]]:
+        """For sorted cluster *offsets* (all inside the file): ``(i, j, start, length)`` windows.
 
-        ``words`` holds clusters ``offsets[i:j]`` (contiguous in the file) as
-        uint64 in file byte order (big-endian bytes viewed natively): a word is
-        zero exactly when the big-endian value is, and only the few non-zero
-        words need byte-swapping.  The file is mapped a window at a time so no
-        copy is made and memory stays bounded (a window is unmapped once the
-        caller drops its arrays).  Mapping is only safe while nobody truncates
-        the file, so a live image is read with ``pread`` instead.
+        Clusters ``offsets[i:j]`` lie contiguously in the file at ``start``
+        (``length`` bytes, at most :data:`READ_BATCH`).
         """
         cs = self.cs
         n = len(offsets)
         if not n:
-            return
+            return []
         per = max(1, READ_BATCH // cs)
         breaks = np.flatnonzero(np.diff(offsets) != cs) + 1
         bounds = [0, *breaks.tolist(), n]
-        gran = mmap.ALLOCATIONGRANULARITY
+        out = []
         for r in range(len(bounds) - 1):
             for i in range(bounds[r], bounds[r + 1], per):
                 j = min(bounds[r + 1], i + per)
-                start = int(offsets[i])
-                length = (j - i) * cs
-                if self.use_mmap:
-                    # The mapping lives as long as the array (and views of it) do.
-                    base = start - start % gran
-                    window = mmap.mmap(
-                        self.image.fd, start - base + length, offset=base, prot=mmap.PROT_READ
-                    )
-                    yield (
-                        i,
-                        j,
-                        np.frombuffer(
-                            window, dtype=np.uint64, count=length // 8, offset=start - base
-                        ),
-                    )
-                    del window
-                else:
-                    data = self.image.read(start, length, what="metadata clusters")
-                    yield i, j, np.frombuffer(data, dtype=np.uint64)
+                out.append((i, j, int(offsets[i]), (j - i) * cs))
+        return out
+
+    def _window_words(self, start: int, length: int) -> np.ndarray:
+        """The window's bytes as uint64 in file byte order (big-endian bytes viewed natively).
+
+        A word is zero exactly when the big-endian value is, and only the few
+        non-zero words need byte-swapping.  The file is mapped a window at a
+        time -- its pages mapped in the same call (``MAP_POPULATE``), far
+        cheaper than faulting them in one by one -- so no copy is made and
+        memory stays bounded (the window is unmapped once the caller drops the
+        array and views of it).  Mapping is only safe while nobody truncates
+        the file, so a live image is read with ``pread`` instead.
+        """
+        if not self.use_mmap:
+            data = self.image.read(start, length, what="metadata clusters")
+            return np.frombuffer(data, dtype=np.uint64)
+        gran = mmap.ALLOCATIONGRANULARITY
+        base = start - start % gran
+        window = mmap.mmap(
+            self.image.fd,
+            start - base + length,
+            flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=base,
+        )
+        return np.frombuffer(window, dtype=np.uint64, count=length // 8, offset=start - base)
 
     def _nonzero_words(
         self, offsets: np.ndarray, step: int
     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """``(i, positions, values)`` of the non-zero words (every *step*-th) of each run.
+        """``(i, positions, values)`` of the non-zero words (every *step*-th) of each window.
 
         Most L2 entries are zero: one vectorised comparison finds the others,
-        and only those are byte-swapped and looked at.
+        and only those are byte-swapped and looked at.  Windows are scanned by
+        :data:`SCAN_WORKERS` threads (mapping, comparing and ``pread`` release
+        the GIL, so both cores read) and yielded in file order.
         """
-        mask = np.empty(max(1, READ_BATCH // 8), dtype=bool)  # reused: no fresh pages per window
-        for i, _j, words in self._cluster_runs(offsets):
+        windows = self._windows(offsets)
+
+        def scan(k: int, mask: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+            i, _j, start, length = windows[k]
+            words = self._window_words(start, length)
             if step != 1:
                 words = words[0::step]
             n = len(words)
-            if n > len(mask):
-                mask = np.empty(n, dtype=bool)
             np.not_equal(words, 0, out=mask[:n])
             hits = np.flatnonzero(mask[:n])
-            values = words[hits].byteswap()
+            values = words[hits].byteswap()  # a copy: the window can go
             del words
-            yield i, hits, values
+            return i, hits, values
+
+        mask_words = max(READ_BATCH, self.cs) // 8  # a window is at most this long
+        yield from _in_order(scan, len(windows), SCAN_WORKERS, lambda: np.empty(mask_words, bool))
 
     def l2_tables(self) -> None:
         if not self.l2_weights:

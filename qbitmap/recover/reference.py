@@ -229,7 +229,7 @@ def _run_tasks(
                 )
                 with lock:
                     progress.advance(n)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the calling thread
                 failed.append(exc)
                 return
 
