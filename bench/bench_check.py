@@ -35,6 +35,7 @@ def main() -> int:
 
     spec = common.BIG
     image = common.big_image(common.WORK_DIR, spec)
+    common.compile_bytecode()  # as pip install does; PYTHONDONTWRITEBYTECODE shells would recompile
     ours_argv = common.qbitmap_argv("check", str(image))
     peer_argv = ["qemu-img", "check", str(image)]
 
