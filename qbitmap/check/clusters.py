@@ -44,6 +44,7 @@ QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
 READ_BATCH = 16 << 20
 # Threads scanning L2 windows (the development and benchmark machines have two cores).
 SCAN_WORKERS = min(2, os.cpu_count() or 1)
+PARALLEL_SCAN_BYTES = 8 << 20  # less than this is scanned by the calling thread alone
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # Linux; elsewhere pages fault in as read
 
 
@@ -514,8 +515,12 @@ class _Builder:
             del words
             return i, hits, values
 
-        mask_words = max(READ_BATCH, self.cs) // 8  # a window is at most this long
-        yield from _in_order(scan, len(windows), SCAN_WORKERS, lambda: np.empty(mask_words, bool))
+        lengths = [length for *_rest, length in windows]
+        mask_words = max(lengths, default=0) // 8
+        # Threads pay off only when there is a lot to read (starting them costs about a millisecond).
+        total = sum(lengths)
+        workers = SCAN_WORKERS if total >= PARALLEL_SCAN_BYTES else 1
+        yield from _in_order(scan, len(windows), workers, lambda: np.empty(mask_words, bool))
 
     def l2_tables(self) -> None:
         if not self.l2_weights:

@@ -87,6 +87,14 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extend
         monkeypatch.setattr(clusters, "READ_BATCH", 1)
         one = reference_map(img, use_mmap=False)
         monkeypatch.setattr(clusters, "SCAN_WORKERS", 2)
+        monkeypatch.setattr(clusters, "PARALLEL_SCAN_BYTES", 0)
+        used = []
+
+        def spy(fn, count, workers, scratch):
+            used.append((count, workers))
+            return _in_order(fn, count, workers, scratch)
+
+        monkeypatch.setattr(clusters, "_in_order", spy)
         for batch in (1, 4096, 16 << 20):
             monkeypatch.setattr(clusters, "READ_BATCH", batch)
             for use_mmap in (True, False):
@@ -99,3 +107,4 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extend
                         name,
                     )
         assert len(one.clusters) > 100
+        assert any(count > 1 and workers == 2 for count, workers in used)
