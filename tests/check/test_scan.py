@@ -84,7 +84,7 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extend
     )
     with Image.open(path) as img:
         monkeypatch.setattr(clusters, "SCAN_WORKERS", 1)
-        monkeypatch.setattr(clusters, "READ_BATCH", 1)
+        monkeypatch.setattr(clusters, "SCAN_WINDOW", 1)
         one = reference_map(img, use_mmap=False)
         monkeypatch.setattr(clusters, "SCAN_WORKERS", 2)
         monkeypatch.setattr(clusters, "PARALLEL_SCAN_BYTES", 0)
@@ -96,7 +96,7 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extend
 
         monkeypatch.setattr(clusters, "_in_order", spy)
         for batch in (1, 4096, 16 << 20):
-            monkeypatch.setattr(clusters, "READ_BATCH", batch)
+            monkeypatch.setattr(clusters, "SCAN_WINDOW", batch)
             for use_mmap in (True, False):
                 other = reference_map(img, use_mmap=use_mmap)
                 assert other.complete and one.complete
