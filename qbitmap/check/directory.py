@@ -206,25 +206,13 @@ def table_located(image: Image, entry: BitmapEntry) -> bool:
     )
 
 
-def _bm(entry: BitmapEntry, code: str, message: str, offset: int, fld: str) -> Finding:
-    return Finding(
-        code,
-        message,
-        offset=offset,
-        field=fld,
-        bitmap=entry.display_name,
-        area="bitmap",
-        bitmap_index=entry.index,
-    )
-
-
 def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
     """``check_dir_entry`` and the other per-entry rules, one finding per broken rule."""
     cs = image.cluster_size
     name = entry.display_name
     e = entry.offset
     if entry.extra_data:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-extra-data",
             f"bitmap {name!r} has {len(entry.extra_data)} bytes of extra data "
@@ -233,7 +221,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "extra_data_size",
         )
     if entry.bitmap_table_size == 0:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-size-zero",
             f"bitmap {name!r} has bitmap_table_size 0",
@@ -241,7 +229,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "bitmap_table_size",
         )
     if entry.bitmap_table_offset == 0:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-offset-zero",
             f"bitmap {name!r} has bitmap_table_offset 0",
@@ -249,7 +237,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "bitmap_table_offset",
         )
     elif entry.bitmap_table_offset % cs:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-unaligned",
             f"bitmap {name!r} has bitmap_table_offset {entry.bitmap_table_offset:#x}, which is not "
@@ -258,7 +246,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "bitmap_table_offset",
         )
     if entry.bitmap_table_size > BME_MAX_TABLE_SIZE:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-too-large",
             f"bitmap {name!r} has bitmap_table_size {entry.bitmap_table_size}, QEMU's limit is "
@@ -267,7 +255,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "bitmap_table_size",
         )
     if not geometry_valid(entry):
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-granularity-invalid",
             f"bitmap {name!r} has granularity_bits {entry.granularity_bits}, QEMU accepts "
@@ -282,7 +270,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             if extra == BitmapFlag.EXTRA_DATA_COMPATIBLE
             else ""
         )
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-flags-reserved",
             f"bitmap {name!r} has flags {int(entry.flags):#x}: reserved bits {extra:#x} are set{what}",
@@ -290,7 +278,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "flags",
         )
     if len(entry.name) > BME_MAX_NAME_SIZE:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-name-too-long",
             f"bitmap {name[:40]!r}... has name_size {len(entry.name)}, QEMU's limit is {BME_MAX_NAME_SIZE}",
@@ -298,7 +286,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "name_size",
         )
     if not entry.name:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-name-empty",
             f"bitmap entry {entry.index} has an empty name",
@@ -306,7 +294,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             "name_size",
         )
     if entry.type != 1:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-type-invalid",
             f"bitmap {name!r} has type {entry.type}, only 1 (dirty tracking) is defined",
@@ -315,7 +303,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
         )
     phys = entry.bitmap_table_size * cs
     if phys > BME_MAX_PHYS_SIZE:
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-data-too-large",
             f"bitmap {name!r} has {entry.bitmap_table_size} table entries of {cs}-byte clusters, "
@@ -329,7 +317,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
         if actual != expected:
             covers = (phys * 8) << entry.granularity_bits
             if entry.in_use:
-                yield _bm(
+                yield Finding.for_bitmap(
                     entry,
                     "bitmap-table-size-stale",
                     f"in-use bitmap {name!r} has {actual} table entries, the disk of "
@@ -338,7 +326,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
                     "bitmap_table_size",
                 )
             elif image.virtual_size > covers:
-                yield _bm(
+                yield Finding.for_bitmap(
                     entry,
                     "bitmap-table-too-small",
                     f"bitmap {name!r} has {actual} table entries covering {covers} bytes, the disk "
@@ -347,7 +335,7 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
                     "bitmap_table_size",
                 )
             else:
-                yield _bm(
+                yield Finding.for_bitmap(
                     entry,
                     "bitmap-table-size-mismatch",
                     f"bitmap {name!r} has {actual} table entries, QEMU requires exactly {expected} "
@@ -362,7 +350,7 @@ def name_findings(entries: list[BitmapEntry]) -> Iterator[Finding]:
     seen: Counter[bytes] = Counter()
     for entry in entries:
         if entry.name and seen[entry.name]:
-            yield _bm(
+            yield Finding.for_bitmap(
                 entry,
                 "bitmap-name-duplicate",
                 f"bitmap entry {entry.index} repeats the name {entry.display_name!r} "

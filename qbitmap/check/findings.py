@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qbitmap.format import BitmapEntry
 
 
 class Severity(enum.IntEnum):
@@ -227,6 +231,21 @@ class Finding:
             -1 if self.offset is None else self.offset,
             self.code,
             self.message,
+        )
+
+    @classmethod
+    def for_bitmap(
+        cls, entry: BitmapEntry, code: str, message: str, offset: int | None, field: str
+    ) -> Finding:
+        """A finding about one bitmap's entry, table or data (area "bitmap")."""
+        return cls(
+            code,
+            message,
+            offset=offset,
+            field=field,
+            bitmap=entry.display_name,
+            area="bitmap",
+            bitmap_index=entry.index,
         )
 
     def to_dict(self) -> dict[str, object]:

@@ -25,18 +25,6 @@ _OFFSET = np.uint64(layout.BITMAP_TABLE_OFFSET_MASK)
 _ONES = np.uint64(layout.BITMAP_TABLE_ALL_ONES)
 
 
-def _bm(entry: BitmapEntry, code: str, message: str, offset: int | None, fld: str) -> Finding:
-    return Finding(
-        code,
-        message,
-        offset=offset,
-        field=fld,
-        bitmap=entry.display_name,
-        area="bitmap",
-        bitmap_index=entry.index,
-    )
-
-
 def _more(count: int) -> str:
     return "" if count == 1 else f" ({count - 1} more entries likewise)"
 
@@ -59,7 +47,7 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
     reserved = np.flatnonzero(table & _RESERVED)
     if len(reserved):
         i = int(reserved[0])
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-entry-reserved",
             f"entry {i} of bitmap {name!r}'s table is {int(table[i]):#018x}: reserved bits "
@@ -70,7 +58,7 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
     ones = np.flatnonzero((offsets != 0) & ((table & _ONES) != 0))
     if len(ones):
         i = int(ones[0])
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-entry-ones-with-offset",
             f"entry {i} of bitmap {name!r}'s table has the all-ones bit and data offset "
@@ -81,7 +69,7 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
     unaligned = np.flatnonzero((offsets % np.uint64(cs)) != 0)
     if len(unaligned):
         i = int(unaligned[0])
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-table-entry-unaligned",
             f"entry {i} of bitmap {name!r}'s table points at {int(offsets[i]):#x}, which is not a "
@@ -93,7 +81,7 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
     outside = np.flatnonzero(data_offsets >= np.uint64(image.file_size))
     if len(outside):
         i = int(idx[outside[0]])
-        yield _bm(
+        yield Finding.for_bitmap(
             entry,
             "bitmap-data-outside-file",
             f"entry {i} of bitmap {name!r}'s table points at data cluster {int(table[i] & _OFFSET):#x}, "
@@ -134,7 +122,7 @@ def tail_problem(image: Image, entry: BitmapEntry, table: np.ndarray) -> Finding
     partial = int(data[first_byte]) >> rem if rem else 0
     if not stray and not partial:
         return None
-    return _bm(
+    return Finding.for_bitmap(
         entry,
         "bitmap-bits-past-end",
         f"bitmap {entry.display_name!r} has bits set past the end of the disk (bit {geo.nbits} on) "
@@ -194,7 +182,7 @@ def check(ctx: Context) -> Iterator[Finding]:
             and n * image.cluster_size <= BME_MAX_PHYS_SIZE
             and off + n * 8 > image.file_size
         ):
-            yield _bm(
+            yield Finding.for_bitmap(
                 entry,
                 "bitmap-table-outside-file",
                 f"bitmap {entry.display_name!r}'s table ({n * 8} bytes at {off:#x}) extends past "
