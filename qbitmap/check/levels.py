@@ -22,6 +22,7 @@ from qbitmap.check.directory import geometry_valid
 from qbitmap.check.findings import Finding
 from qbitmap.errors import QbitmapError
 from qbitmap.format import BitmapEntry, Geometry, Image, popcount, read_bits
+from qbitmap.units import iec
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,18 +85,6 @@ def estimate(
     return RecoveryEstimate(gran, _dirty_bytes(recovered, geo), _dirty_bytes(bits, geo))
 
 
-def _size(n: int) -> str:
-    """Bytes in IEC units for a message (the check layer does not import renderers)."""
-    if n < 1024:
-        return f"{n} bytes"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        value /= 1024
-        if value < 1024 or unit == "EiB":
-            return f"{value:.1f}".rstrip("0").rstrip(".") + f" {unit}"
-    return f"{n} bytes"  # pragma: no cover
-
-
 def in_use_finding(
     entry: BitmapEntry,
     assessment: levels.Assessment,
@@ -121,7 +110,7 @@ def in_use_finding(
     if assessment.trusted:
         cost = ""
         if est is not None and est.dirty_bytes is not None:
-            cost = f", marks {_size(est.dirty_bytes)} dirty"
+            cost = f", marks {iec(est.dirty_bytes)} dirty"
         how = (
             f"'qbitmap recover --mode level' (trusted record: level {assessment.consistent_level} of "
             f"{assessment.max_level}{cost}), '--mode full' or '--reference FILE'"
