@@ -95,6 +95,22 @@ class LevelsExtension:
     error: ImageFormatError | None
 
 
+def pread_full(fd: int, offset: int, length: int) -> bytes:
+    """Read *length* bytes at *offset*, looping over short reads; short only at end of file.
+
+    Raises OSError as the system reports it; callers word the message.
+    """
+    chunks = []
+    while length > 0:
+        data = os.pread(fd, min(length, 1 << 30), offset)
+        if not data:
+            break
+        chunks.append(data)
+        offset += len(data)
+        length -= len(data)
+    return b"".join(chunks)
+
+
 class Image:
     """A qcow2 image opened for reading (and, for the writers, for writing).
 
@@ -157,18 +173,10 @@ class Image:
 
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to *length* bytes at *offset* (short at end of file)."""
-        chunks = []
-        while length > 0:
-            try:
-                data = os.pread(self.fd, min(length, 1 << 30), offset)
-            except OSError as exc:
-                raise ImageIOError(f"offset {offset:#x}: read failed: {exc.strerror}") from exc
-            if not data:
-                break
-            chunks.append(data)
-            offset += len(data)
-            length -= len(data)
-        return b"".join(chunks)
+        try:
+            return pread_full(self.fd, offset, length)
+        except OSError as exc:
+            raise ImageIOError(f"offset {offset:#x}: read failed: {exc.strerror}") from exc
 
     def read(self, offset: int, length: int, *, what: str, field: str | None = None) -> bytes:
         """Read exactly *length* bytes of *what*, which must lie inside the file."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from qbitmap.errors import ImageIOError
+from qbitmap.format.image import pread_full
 
 
 @runtime_checkable
@@ -60,20 +61,12 @@ class FileDisk:
         self.stats = DiskStats()
 
     def pread(self, offset: int, length: int) -> bytes:
-        chunks: list[bytes] = []
-        while length > 0:
-            try:
-                data = os.pread(self.fd, min(length, 1 << 30), offset)
-            except OSError as exc:
-                raise ImageIOError(
-                    f"{self.path}: read of {length} bytes at {offset:#x} failed: {exc.strerror}"
-                ) from exc
-            if not data:
-                break
-            chunks.append(data)
-            offset += len(data)
-            length -= len(data)
-        return b"".join(chunks)
+        try:
+            return pread_full(self.fd, offset, length)
+        except OSError as exc:
+            raise ImageIOError(
+                f"{self.path}: read of {length} bytes at {offset:#x} failed: {exc.strerror}"
+            ) from exc
 
     def pwrite(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
