@@ -18,8 +18,8 @@ Schemas are never ``.compile()``d: compiled parsers skip checks.
 from __future__ import annotations
 
 from construct import (
-    BitStruct,
     BitsInteger,
+    BitStruct,
     Bytes,
     Const,
     Default,
