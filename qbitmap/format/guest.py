@@ -179,6 +179,23 @@ class _Mapped:
         except (OSError, ValueError):
             pass
 
+    def release(self, offset: int, length: int) -> None:
+        """Drop this process's mapping of a range (MADV_DONTNEED); the page cache keeps it.
+
+        Keeps the resident set bounded when a large file is compared window by
+        window; a later view of the range simply faults the pages in again.
+        """
+        if self._map is None:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        end = min(len(self._map), offset + length)
+        if end <= start:
+            return
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (OSError, ValueError):
+            pass
+
     def view(self, offset: int, length: int) -> np.ndarray | None:
         if self.array is None or offset + length > len(self.array):
             return None
@@ -216,6 +233,10 @@ class RawLayer:
         if self._mapped is None:
             self._mapped = _Mapped(self.fd, self.size)
         self._mapped.populate(host, length)
+
+    def release(self, host: int, length: int) -> None:
+        if self._mapped is not None:
+            self._mapped.release(host, length)
 
     def view_segment(self, seg: Segment) -> np.ndarray | None:
         """The bytes of a data segment as a read-only array view of the file (no copy), or None."""
@@ -498,6 +519,10 @@ class Qcow2Layer:
             self._mapped = _Mapped(self.image.fd, self.image.file_size)
         self._mapped.populate(host, length)
 
+    def release(self, host: int, length: int) -> None:
+        if self._mapped is not None:
+            self._mapped.release(host, length)
+
     def view_segment(self, seg: Segment) -> np.ndarray | None:
         """Data segment bytes as a read-only view of the mapped file (no copy), or None."""
         if seg.kind == "compressed":
@@ -615,6 +640,14 @@ class GuestDisk:
 
         Ranges of one file closer than *gap* bytes are merged into one call.
         """
+        self._advise(segments, "populate", gap)
+
+    def release(self, segments: list[Segment], *, gap: int = 1 << 20) -> None:
+        """Drop the mappings :meth:`populate` made for *segments* (the page cache keeps them)."""
+        self._advise(segments, "release", gap)
+
+    @staticmethod
+    def _advise(segments: list[Segment], action: str, gap: int) -> None:
         by_layer: dict[int, tuple[object, list[tuple[int, int]]]] = {}
         for seg in segments:
             if seg.kind != "data" or seg.layer is None:
@@ -623,15 +656,16 @@ class GuestDisk:
                 (seg.host, seg.host + seg.length)
             )
         for layer, ranges in by_layer.values():
+            advise = getattr(layer, action)
             ranges.sort()
             start, end = ranges[0]
             for a, b in ranges[1:]:
                 if a - end <= gap:
                     end = max(end, b)
                     continue
-                layer.populate(start, end - start)  # type: ignore[attr-defined]
+                advise(start, end - start)
                 start, end = a, b
-            layer.populate(start, end - start)  # type: ignore[attr-defined]
+            advise(start, end - start)
 
     def read(self, start: int, length: int) -> bytes:
         """Guest bytes ``[start, start + length)`` (for tests and small reads)."""

@@ -28,6 +28,8 @@ from qbitmap.format.bitmap import unique_sorted
 from qbitmap.format.guest import GuestDisk, Segment
 
 CHUNK_BYTES = 4 << 20
+# Guest bytes mapped (per side) at a time while comparing.
+WINDOW_BYTES = 64 << 20
 WORKERS = min(2, os.cpu_count() or 1)
 
 
@@ -177,10 +179,20 @@ def diff_bits(
                         end = aligned
                 tasks.append((piece, pos, end))
                 pos = end
-        image.populate([p.a for p in work])
-        reference.populate([p.b for p in work])
+        found: list[np.ndarray] = []
         with ctx as progress:  # type: ignore[attr-defined]
-            found = _run_tasks(image, reference, tasks, granularity, progress)
+            # Window by window: map a window's pages in one call per file,
+            # compare, then drop the mappings, so the resident set stays near
+            # 2 x WINDOW_BYTES and pages are read once, just before their
+            # comparison, even when the images are larger than memory.
+            for window in _windows(tasks):
+                segs_a = [piece.a.cut(pos, end) for piece, pos, end in window]
+                segs_b = [piece.b.cut(pos, end) for piece, pos, end in window]
+                image.populate(segs_a)
+                reference.populate(segs_b)
+                found.extend(_run_tasks(image, reference, window, granularity, progress))
+                image.release(segs_a)
+                reference.release(segs_b)
         stats.compared_bytes = sum(end - pos for _p, pos, end in tasks)
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
@@ -190,6 +202,22 @@ def diff_bits(
         stats.differing_granules = len(idx)
         np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
     return bits, stats
+
+
+def _windows(
+    tasks: list[tuple[Piece, int, int]],
+) -> Iterator[list[tuple[Piece, int, int]]]:
+    """Consecutive runs of *tasks* covering about WINDOW_BYTES of guest data each."""
+    window: list[tuple[Piece, int, int]] = []
+    size = 0
+    for task in tasks:
+        window.append(task)
+        size += task[2] - task[1]
+        if size >= WINDOW_BYTES:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
 
 
 def _run_tasks(

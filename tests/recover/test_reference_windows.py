@@ -1,0 +1,78 @@
+"""The reference comparison maps a bounded window at a time and drops it afterwards.
+
+Exactness must not depend on where windows end, and the process must not keep
+more than about two windows of the files mapped, however large they are.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import qemu
+
+from qbitmap.recover import reference
+from qbitmap.recover.reference import diff_bits
+
+MiB = 1 << 20
+
+
+def _pair(tmp_path, *, size=64 * MiB, seed=7):
+    a = qemu.create_image(tmp_path / "a.qcow2", size)
+    b = qemu.create_image(tmp_path / "b.qcow2", size)
+    rng = np.random.default_rng(seed)
+    writes = sorted({int(x) * 65536 for x in rng.integers(0, size // 65536, 300)})
+    qemu.qemu_io_write(a, [(o, 65536) for o in writes], pattern=0x11)
+    # b holds the same data except every fifth cluster.
+    qemu.qemu_io_write(b, [(o, 65536) for o in writes[::5]], pattern=0x22)
+    qemu.qemu_io_write(b, [(o, 65536) for i, o in enumerate(writes) if i % 5], pattern=0x11)
+    return a, b, writes
+
+
+def test_windows_partition_the_tasks_in_order(monkeypatch):
+    monkeypatch.setattr(reference, "WINDOW_BYTES", 10)
+    tasks = [(None, start, start + 4) for start in range(0, 40, 4)]
+    windows = list(reference._windows(tasks))
+    assert [t for w in windows for t in w] == tasks
+    assert all(sum(e - s for _, s, e in w) < 10 + 4 for w in windows)
+    assert len(windows) == 4
+
+
+def test_result_does_not_depend_on_the_window_size(tmp_path, monkeypatch):
+    a, b, writes = _pair(tmp_path)
+    expected = {o // 65536 for o in writes[::5]}
+    results = []
+    for window in (64 * MiB, 4 * MiB, 65536):
+        monkeypatch.setattr(reference, "WINDOW_BYTES", window)
+        bits, _ = diff_bits(a, b, virtual_size=64 * MiB, granularity=65536)
+        results.append(set(np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist()))
+    assert results == [expected] * 3
+
+
+def test_resident_memory_stays_bounded_by_the_window(tmp_path):
+    # 192 MiB of data per side, compared with 16 MiB windows: the process must
+    # not end up with the whole files mapped.
+    size = 256 * MiB
+    a = qemu.create_image(tmp_path / "a.qcow2", size)
+    b = qemu.create_image(tmp_path / "b.qcow2", size)
+    qemu.qemu_io_write(a, [(i * 16 * MiB, 16 * MiB) for i in range(12)], pattern=0x44)
+    qemu.qemu_io_write(b, [(i * 16 * MiB, 16 * MiB) for i in range(12)], pattern=0x44)
+    code = (
+        "import resource, sys\n"
+        "from qbitmap.recover import reference\n"
+        "reference.WINDOW_BYTES = 16 << 20\n"
+        f"bits, stats = reference.diff_bits({str(a)!r}, {str(b)!r}, virtual_size={size}, "
+        "granularity=65536)\n"
+        "assert not bits.any(), 'identical data reported as different'\n"
+        "assert stats.compared_bytes == 192 << 20, stats.compared_bytes\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    peak_kib = int(out.stdout.strip())
+    # Interpreter + numpy ~40 MiB, two 16 MiB windows per side mapped at most.
+    assert peak_kib < 160 * 1024, f"peak RSS {peak_kib} KiB: more than a few windows mapped"
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >= peak_kib
