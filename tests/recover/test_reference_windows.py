@@ -6,7 +6,6 @@ more than about two windows of the files mapped, however large they are.
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 
@@ -60,14 +59,16 @@ def test_resident_memory_stays_bounded_by_the_window(tmp_path):
     qemu.qemu_io_write(a, [(i * 16 * MiB, 16 * MiB) for i in range(12)], pattern=0x44)
     qemu.qemu_io_write(b, [(i * 16 * MiB, 16 * MiB) for i in range(12)], pattern=0x44)
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from qbitmap.recover import reference\n"
         "reference.WINDOW_BYTES = 16 << 20\n"
         f"bits, stats = reference.diff_bits({str(a)!r}, {str(b)!r}, virtual_size={size}, "
         "granularity=65536)\n"
         "assert not bits.any(), 'identical data reported as different'\n"
         "assert stats.compared_bytes == 192 << 20, stats.compared_bytes\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        # VmHWM, not ru_maxrss: the latter inherits the parent's peak across
+        # fork/vfork + exec, and the parent here is a long-running pytest.
+        "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
@@ -75,4 +76,3 @@ def test_resident_memory_stays_bounded_by_the_window(tmp_path):
     peak_kib = int(out.stdout.strip())
     # Interpreter + numpy ~40 MiB, two 16 MiB windows per side mapped at most.
     assert peak_kib < 160 * 1024, f"peak RSS {peak_kib} KiB: more than a few windows mapped"
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >= peak_kib
