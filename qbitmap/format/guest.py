@@ -168,16 +168,7 @@ class _Mapped:
         Much cheaper than faulting them in one by one while comparing; a
         kernel without it just faults later.
         """
-        if self._map is None:
-            return
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(self._map), offset + length)
-        if end <= start:
-            return
-        try:
-            self._map.madvise(MADV_POPULATE_READ, start, end - start)
-        except (OSError, ValueError):
-            pass
+        self._madvise(MADV_POPULATE_READ, offset, length)
 
     def release(self, offset: int, length: int) -> None:
         """Drop this process's mapping of a range (MADV_DONTNEED); the page cache keeps it.
@@ -185,6 +176,10 @@ class _Mapped:
         Keeps the resident set bounded when a large file is compared window by
         window; a later view of the range simply faults the pages in again.
         """
+        self._madvise(mmap.MADV_DONTNEED, offset, length)
+
+    def _madvise(self, advice: int, offset: int, length: int) -> None:
+        """Advise on the whole pages covering a range; advice the kernel lacks is ignored."""
         if self._map is None:
             return
         start = offset - offset % mmap.PAGESIZE
@@ -192,7 +187,7 @@ class _Mapped:
         if end <= start:
             return
         try:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+            self._map.madvise(advice, start, end - start)
         except (OSError, ValueError):
             pass
 
