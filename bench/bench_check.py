@@ -54,11 +54,9 @@ def main() -> int:
         )
         return 1
 
-    ours_runs: list[common.Measurement] = []
-    peer_runs: list[common.Measurement] = []
-    for _ in range(args.runs):
-        ours_runs.append(common.measure(ours_argv))
-        peer_runs.append(common.measure(peer_argv))
+    ours_runs, peer_runs = common.alternate(
+        lambda: common.measure(ours_argv), lambda: common.measure(peer_argv), args.runs
+    )
     ours_wall = statistics.median(m.wall for m in ours_runs)
     peer_wall = statistics.median(m.wall for m in peer_runs)
     ratio = ours_wall / peer_wall

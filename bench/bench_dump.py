@@ -81,11 +81,7 @@ def main() -> int:
         )
         return 1
 
-    ours_runs: list[common.Measurement] = []
-    peer_runs: list[common.Measurement] = []
-    for _ in range(args.runs):
-        ours_runs.append(ours())
-        peer_runs.append(peer())
+    ours_runs, peer_runs = common.alternate(ours, peer, args.runs)
     ours_wall = statistics.median(m.wall for m in ours_runs)
     peer_wall = statistics.median(m.wall for m in peer_runs)
     ratio = ours_wall / peer_wall

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -283,6 +283,18 @@ def nbd_dirty_map(image: Path, bitmap: str, *, stdout: IO[bytes] | int | None) -
             "qemu-nbd": {"maxrss_kib": server_hwm},
         },
     )
+
+
+def alternate(
+    ours: Callable[[], Measurement], peer: Callable[[], Measurement], runs: int
+) -> tuple[list[Measurement], list[Measurement]]:
+    """*runs* rounds of ``ours()`` then ``peer()``, so both see the same machine conditions."""
+    ours_runs: list[Measurement] = []
+    peer_runs: list[Measurement] = []
+    for _ in range(runs):
+        ours_runs.append(ours())
+        peer_runs.append(peer())
+    return ours_runs, peer_runs
 
 
 def best_of(runs: int, fn: Any, *args: Any, **kwargs: Any) -> tuple[Measurement, list[float]]:
