@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from manpage import plain, section
 
 from qbitmap.check import CODES, CheckReport, Finding
 from qbitmap.commands.check import check as check_command
@@ -16,26 +17,15 @@ from qbitmap.commands.check import check as check_command
 PAGE = Path(__file__).resolve().parents[2] / "man" / "qbitmap-check.1"
 
 
-def _plain(roff: str) -> str:
-    """The roff source with the escapes this page uses turned into plain characters."""
-    return roff.replace("\\-", "-").replace("\\(em", "-").replace("\\(en", "-")
-
-
-def _section(text: str, name: str) -> str:
-    match = re.search(rf"^\.SH \"?{name}\"?\n(.*?)(?=^\.SH |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"no section {name}"
-    return match.group(1)
-
-
 def _listed_codes(text: str) -> dict[str, str]:
     """code -> severity word, from the ``.TP/.B code/(severity) ...`` items of FINDINGS."""
-    findings = _section(text, "FINDINGS")
+    findings = section(text, "FINDINGS")
     items = re.findall(r"^\.TP\n\.B ([a-z0-9-]+)\n\(([a-z-]+)\)", findings, re.MULTILINE)
     return dict(items)
 
 
 def test_every_finding_code_is_documented_with_its_severity():
-    listed = _listed_codes(_plain(PAGE.read_text()))
+    listed = _listed_codes(plain(PAGE.read_text()))
     assert set(listed) == set(CODES), {
         "missing from the page": sorted(set(CODES) - set(listed)),
         "not in the code": sorted(set(listed) - set(CODES)),
@@ -53,8 +43,8 @@ def test_the_registry_is_what_findings_use():
 
 
 def test_every_option_is_documented():
-    text = _plain(PAGE.read_text())
-    options = _section(text, "OPTIONS") + _section(text, "SYNOPSIS")
+    text = plain(PAGE.read_text())
+    options = section(text, "OPTIONS") + section(text, "SYNOPSIS")
     names = [
         n for p in check_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")
     ]
@@ -65,11 +55,11 @@ def test_every_option_is_documented():
 
 
 def test_exit_codes_and_json_fields_are_documented():
-    text = _plain(PAGE.read_text())
-    exits = _section(text, "EXIT STATUS")
+    text = plain(PAGE.read_text())
+    exits = section(text, "EXIT STATUS")
     for code in ("0", "1", "2", "3", "4", "64"):
         assert re.search(rf"^\.B {code}$", exits, re.MULTILINE), code
-    json_part = _section(text, "JSON OUTPUT")
+    json_part = section(text, "JSON OUTPUT")
     for field in (
         "filename",
         "findings",
@@ -117,6 +107,6 @@ def test_page_renders_without_warnings():
             env={**os.environ, "MANPAGER": "cat", "PAGER": "cat", "MANWIDTH": "100"},
         )
         assert shown.returncode == 0, shown.stderr
-        plain = re.sub(".\x08", "", shown.stdout).replace("\u2010", "-")
-        assert "bitmap-cluster-overlap" in plain
-        assert "EXIT STATUS" in plain
+        rendered = re.sub(".\x08", "", shown.stdout).replace("\u2010", "-")
+        assert "bitmap-cluster-overlap" in rendered
+        assert "EXIT STATUS" in rendered

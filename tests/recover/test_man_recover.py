@@ -7,6 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from manpage import plain, section
 from qbitmap.commands.recover import MODE_CHOICES
 from qbitmap.commands.recover import recover as recover_command
 from qbitmap.recover import RecoverReport
@@ -17,23 +18,13 @@ from qbitmap.store.session import Step
 PAGE = Path(__file__).resolve().parents[2] / "man" / "qbitmap-recover.1"
 
 
-def _plain(roff: str) -> str:
-    return roff.replace("\\-", "-").replace("\\(em", "-").replace("\\(en", "-")
-
-
-def _section(text: str, name: str) -> str:
-    match = re.search(rf"^\.SH \"?{name}\"?\n(.*?)(?=^\.SH |\Z)", text, re.MULTILINE | re.DOTALL)
-    assert match, f"no section {name}"
-    return match.group(1)
-
-
 def _has(word: str, text: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text) is not None
 
 
 def test_every_option_is_documented():
-    text = _plain(PAGE.read_text())
-    synopsis_and_options = _section(text, "SYNOPSIS") + _section(text, "OPTIONS")
+    text = plain(PAGE.read_text())
+    synopsis_and_options = section(text, "SYNOPSIS") + section(text, "OPTIONS")
     names = [
         n for p in recover_command.params for n in (*p.opts, *p.secondary_opts) if n.startswith("-")
     ]
@@ -41,26 +32,26 @@ def test_every_option_is_documented():
     assert len(names) >= 10
     for name in names:
         assert _has(name, synopsis_and_options), name
-    synopsis = _section(text, "SYNOPSIS")
+    synopsis = section(text, "SYNOPSIS")
     for param in recover_command.params:
         if param.opts[0].startswith("-"):
             assert any(_has(n, synopsis) for n in param.opts), f"{param.name} missing from SYNOPSIS"
 
 
 def test_every_mode_is_documented():
-    modes = _section(_plain(PAGE.read_text()), "MODES")
+    modes = section(plain(PAGE.read_text()), "MODES")
     for mode in MODE_CHOICES:
         assert re.search(rf"^\.B {mode}$", modes, re.MULTILINE), mode
 
 
 def test_exit_codes_are_documented():
-    exits = _section(_plain(PAGE.read_text()), "EXIT STATUS")
+    exits = section(plain(PAGE.read_text()), "EXIT STATUS")
     listed = re.findall(r"^\.B (\d+)$", exits, re.MULTILINE)
     assert listed == ["0", "1", "2", "64", "75"]
 
 
 def test_json_fields_are_documented():
-    json_part = _section(_plain(PAGE.read_text()), "JSON OUTPUT")
+    json_part = section(plain(PAGE.read_text()), "JSON OUTPUT")
     report = RecoverReport("x", dry_run=False).as_dict()
     fields = (
         set(report) | set(BitmapResult("n", "recovered").as_dict()) | set(DiffStats().as_dict())
