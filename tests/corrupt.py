@@ -1,22 +1,21 @@
-"""Named one-field edits of real QEMU images, for the ``qbitmap check`` corruption catalogue.
+"""Named one-field edits of real QEMU images: the corruption catalogue.
 
 Each edit takes a copy of the base image (see :func:`make_base`) and changes
 one thing, found by parsing the image here with ``struct`` -- independently
 of qbitmap, so a bug in qbitmap's reader cannot hide itself.  The catalogue
-in ``test_catalogue.py`` maps each edit to the finding code and exit status
-``qbitmap check`` must report.
+in ``check/test_catalogue.py`` maps each edit to the finding code and exit
+status ``qbitmap check`` must report; ``recover/test_recover_refuse.py``
+makes sure recover changes no byte of an image the catalogue calls unsound.
 """
 
 from __future__ import annotations
 
 import shutil
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qemu
 
 KiB, MiB = 1024, 1024 * 1024
@@ -118,6 +117,15 @@ class Layout:
         shift = 62 - (self.cluster_size.bit_length() - 1 - 8)
         coffset = word & ((1 << shift) - 1)
         return coffset & ~(self.cluster_size - 1)
+
+    def l2_entry_offset(self, guest_offset: int, l2: int | None = None) -> int:
+        """File offset of the L2 entry mapping *guest_offset* (active L2 unless *l2*)."""
+        l2 = self.l2_offset if l2 is None else l2
+        return l2 + 8 * (guest_offset // self.cluster_size)
+
+    @property
+    def snapshot_l2(self) -> int:
+        return self.u64(self.snapshot_l1) & 0x00FFFFFFFFFFFE00
 
     @property
     def refcount_block(self) -> int:
@@ -268,6 +276,21 @@ def _levels_ext(records: list[tuple[int, int, int, int, int, bytes]], version: i
     return out
 
 
+def _l2(lay: Layout, guest_offset: int, transform: Callable[[int], int], l2: int | None = None) -> None:
+    """Rewrite the L2 entry mapping *guest_offset* as ``transform(old)``."""
+    at = lay.l2_entry_offset(guest_offset, l2)
+    poke(lay.path, at, ">Q", transform(peek(lay.path, at, ">Q")))
+
+
+COPIED = 1 << 63
+L2_OFFSET = 0x00FFFFFFFFFFFE00
+
+
+def _names(lay: Layout, *names: bytes) -> None:
+    """Rename the bitmaps, in directory order."""
+    rewrite_directory(lay, [(e, x, n) for (e, x, _old), n in zip(_entries(lay), names, strict=True)])
+
+
 def _leak_one_cluster(lay: Layout) -> None:
     """Grow the file by one cluster and give that cluster refcount 1: referenced by nothing."""
     end = (lay.file_size + lay.cluster_size - 1) // lay.cluster_size * lay.cluster_size
@@ -332,6 +355,11 @@ EDITS: dict[str, Edit] = {
     "name-duplicate": lambda l: rewrite_directory(
         l, _entries(l)[:1] + [(l.entries[1], b"", l.entries[0].name)]
     ),
+    # names are C strings to QEMU: the bytes before the first NUL
+    "name-nul-harmless": lambda l: _names(l, b"b0\0x", b"b1"),
+    "name-nul-first": lambda l: _names(l, b"\0ig", b"b1"),
+    "name-nul-duplicate": lambda l: _names(l, b"a\0x", b"a\0y"),
+    "names-empty-twice": lambda l: _names(l, b"", b""),
     "in-use": lambda l: _entry_field(l, "b0", 12, ">I", l.entry("b0").flags | 1),
     # tables and data
     "table-entry-reserved-bit": lambda l: _table_entry(l, "b0", 0, l.table("b0")[0] | 2),
@@ -389,6 +417,21 @@ EDITS: dict[str, Edit] = {
         l.path, l.refcount_entry_offset(l.guest_cluster(3 * MiB)), ">H", 0
     ),
     "snapshots-offset-unaligned": lambda l: poke(l.path, 64, ">Q", l.snapshots_offset + 8),
+    # single L1 and L2 entries (qemu-img check's check_refcounts_l1/l2, check_oflag_copied)
+    "l1-entry-reserved-bit": lambda l: poke(l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) | 2),
+    "l1-entry-flags-only": lambda l: poke(l.path, l.l1_offset, ">Q", COPIED),
+    "l1-entry-copied-clear": lambda l: poke(l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) & ~COPIED),
+    "l2-entry-reserved-bit": lambda l: _l2(l, 50 * MiB, lambda w: w | 2),
+    "l2-entry-unaligned": lambda l: _l2(l, 50 * MiB, lambda w: w + 512),
+    "l2-entry-past-eof": lambda l: _l2(l, 50 * MiB, lambda _w: COPIED | _past_eof(l)),
+    "l2-compressed-copied": lambda l: _l2(l, 2 * MiB, lambda w: w | COPIED),
+    "l2-entry-copied-clear": lambda l: _l2(l, 3 * MiB, lambda w: w & ~COPIED),
+    "l2-entry-copied-on-shared": lambda l: _l2(l, 0, lambda w: w | COPIED),
+    "snapshot-l2-entry-reserved-bit": lambda l: _l2(l, 50 * MiB, lambda w: w | 2, l.snapshot_l2),
+    "l2-on-refcount-block": lambda l: _l2(l, 50 * MiB, lambda _w: COPIED | l.refcount_block),
+    "shared-data-refcount-1": lambda l: poke(
+        l.path, l.refcount_entry_offset(l.guest_cluster(0)), ">H", 1
+    ),
     "crypt-method-luks": lambda l: poke(l.path, 32, ">I", 2),
     "leaked-cluster": _leak_one_cluster,
     # consistency-level records

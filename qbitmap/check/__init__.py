@@ -10,8 +10,9 @@ reading what the earlier ones learnt (see ``context.py``):
 * ``clusters``   the reference map: overlaps, refcounts and leaks of bitmap clusters
 * ``levels``     in-use bitmaps and their consistency-level records
 
-Exit codes: the first of 1 (could not check), 2 (corrupt), 4 (in use),
-3 (leaks) that applies, else 0.
+Exit codes: the first of 1 (could not check), 75 (a running writer holds the
+image), 2 (corrupt), 4 (stale bitmaps recover can bring back), 3 (leaks) that
+applies, else 0.
 """
 
 from __future__ import annotations
@@ -24,14 +25,15 @@ from typing import Any
 
 from qbitmap import levels as levels_mod
 from qbitmap.check import clusters, directory, header, levels, live, tables
-from qbitmap.check.clusters import Kind, ReferenceMap, reference_map
+from qbitmap.check.clusters import reference_map
+from qbitmap.format.references import Kind, ReferenceMap
 from qbitmap.check.context import Context
-from qbitmap.check.findings import CODES, Finding, Severity
+from qbitmap.check.findings import CODES, REPAIRS, Finding, Severity
 from qbitmap.check.levels import RecoveryEstimate
 from qbitmap.errors import ExitCode, ImageIOError, QbitmapError, UsageError
-from qbitmap.format import BitmapEntry, Image
+from qbitmap.format import BitmapEntry, Image, select_entries
 
-STATUSES = ("consistent", "in-use", "corrupt")
+STATUSES = ("consistent", "in-use", "corrupt", "ignored")
 
 
 @dataclass
@@ -39,7 +41,7 @@ class BitmapStatus:
     """The verdict on one bitmap."""
 
     name: str
-    status: str  # "consistent" | "in-use" | "corrupt"
+    status: str  # "consistent" | "in-use" | "corrupt" | "ignored" (autoclear bit 0 clear)
     entry: BitmapEntry | None
     levels: levels_mod.Assessment | None
     recovery: RecoveryEstimate | None = None
@@ -84,6 +86,7 @@ class CheckReport:
         severities = {f.severity for f in self.findings}
         for severity, code in (
             (Severity.FAILED, ExitCode.FAILED),
+            (Severity.BUSY, ExitCode.BUSY),
             (Severity.CORRUPT, ExitCode.CORRUPT),
             (Severity.IN_USE, ExitCode.IN_USE),
             (Severity.LEAK, ExitCode.LEAKS),
@@ -170,15 +173,17 @@ def check_image(
                 recovery=estimates.get(entry.index),
             )
         )
+    for entry in ctx.ignored:
+        bitmaps.append(BitmapStatus(entry.display_name, "ignored", entry, None))
     if names:
-        known = {b.name for b in bitmaps}
-        missing = [n for n in names if n not in known]
-        directory_sound = ctx.directory_readable and not area_corrupt
+        chosen, missing = select_entries([b.entry for b in bitmaps if b.entry], names)
+        directory_sound = (ctx.directory_readable and not area_corrupt) or bool(ctx.ignored)
         if missing and (directory_sound or ctx.extension is None):
             raise UsageError(f"{image.path}: no bitmap named {missing[0]!r}")
-        wanted = set(names)
-        bitmaps = [b for b in bitmaps if b.name in wanted]
-        findings = [f for f in findings if f.area != "bitmap" or f.bitmap in wanted]
+        wanted = {id(e) for e in chosen}
+        indices = {e.index for e in chosen}
+        bitmaps = [b for b in bitmaps if id(b.entry) in wanted]
+        findings = [f for f in findings if f.area != "bitmap" or f.bitmap_index in indices]
     findings.sort(key=Finding.sort_key)
     return CheckReport(
         filename=str(image.path), findings=findings, bitmaps=bitmaps, reference_map=ctx.refmap
@@ -208,6 +213,7 @@ def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = No
 
 __all__ = [
     "CODES",
+    "REPAIRS",
     "STATUSES",
     "BitmapStatus",
     "CheckReport",

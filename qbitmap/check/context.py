@@ -15,7 +15,7 @@ import numpy as np
 from qbitmap.format import BitmapEntry, BitmapsExtension, Image
 
 if TYPE_CHECKING:
-    from qbitmap.check.clusters import ReferenceMap
+    from qbitmap.format.references import ReferenceMap
 
 
 @dataclass
@@ -40,9 +40,10 @@ class Context:
     # Directory indices whose table location is sane (in the file, aligned, bounded).
     table_located: set[int] = field(default_factory=set)
     refmap: ReferenceMap | None = None
-    # Refcount of every cluster inside the file, when the refcount structure is sound.
-    refcounts: np.ndarray | None = None
-    # Clusters of an ignored bitmaps extension found leaked (reported on their own).
+    # The bitmaps of an extension QEMU ignores (autoclear bit 0 clear, or a v2 image),
+    # whether recover can bring them back, and their clusters (not reported as leaks).
+    ignored: list[BitmapEntry] = field(default_factory=list)
+    ignored_recoverable: bool = False
     ignored_leaks: np.ndarray | None = None
 
     @property

@@ -285,14 +285,6 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             e + 18,
             "name_size",
         )
-    if not entry.name:
-        yield Finding.for_bitmap(
-            entry,
-            "bitmap-name-empty",
-            f"bitmap entry {entry.index} has an empty name",
-            e + 18,
-            "name_size",
-        )
     if entry.type != 1:
         yield Finding.for_bitmap(
             entry,
@@ -346,19 +338,54 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
 
 
 def name_findings(entries: list[BitmapEntry]) -> Iterator[Finding]:
-    """Names must be unique (QEMU: 'Bitmap already exists' when loading the second)."""
+    """Names as QEMU reads them: C strings, unique ('Bitmap already exists').
+
+    A NUL byte ends the name for QEMU.  When that makes QEMU's own copy of
+    the entry shorter than the one on disk, its read-write open fails
+    (``update_ext_header_and_dir_in_place``: "Can't update bitmap
+    directory") after clearing autoclear bit 0, and every bitmap is lost.
+    """
     seen: Counter[bytes] = Counter()
     for entry in entries:
-        if entry.name and seen[entry.name]:
+        name = entry.qemu_name
+        at = entry.offset + 24 + len(entry.extra_data)
+        shown = name.decode("utf-8", "backslashreplace")
+        if name != entry.name:
+            shrinks = layout.dir_entry_size(len(name), len(entry.extra_data)) != entry.size
+            yield Finding.for_bitmap(
+                entry,
+                "bitmap-name-nul-unstorable" if shrinks else "bitmap-name-nul",
+                f"bitmap entry {entry.index} has the name {entry.display_name!r}, which holds a "
+                f"NUL byte: QEMU knows it as {shown!r}"
+                + (
+                    ", and its copy of the entry is shorter than the one on disk, so a "
+                    "read-write open fails ('Can't update bitmap directory') and leaves every "
+                    "bitmap lost"
+                    if shrinks
+                    else ""
+                ),
+                at + len(name),
+                "name",
+            )
+        elif not name:
+            yield Finding.for_bitmap(
+                entry,
+                "bitmap-name-empty",
+                f"bitmap entry {entry.index} has an empty name: QEMU loads it, but no command "
+                "can name it",
+                entry.offset + 18,
+                "name_size",
+            )
+        if seen[name]:
             yield Finding.for_bitmap(
                 entry,
                 "bitmap-name-duplicate",
-                f"bitmap entry {entry.index} repeats the name {entry.display_name!r} "
+                f"bitmap entry {entry.index} repeats the name {shown!r} as QEMU reads it "
                 "(QEMU: 'Bitmap already exists')",
-                entry.offset + 24 + len(entry.extra_data),
+                at,
                 "name",
             )
-        seen[entry.name] += 1
+        seen[name] += 1
 
 
 def check(ctx: Context) -> Iterator[Finding]:

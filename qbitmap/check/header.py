@@ -22,14 +22,23 @@ def check(ctx: Context) -> Iterator[Finding]:
     image = ctx.image
     header = image.header
     if ctx.held_locks:
-        writer = "writing" if live.writer_present(ctx.held_locks) else "reading"
-        yield Finding(
-            "image-in-use-live",
-            f"another process has the image open for {writer} ({live.describe(ctx.held_locks)}; "
-            f"lock bytes {', '.join(map(str, ctx.held_locks))}): what is read may be changing",
-            offset=None,
-            field="lock bytes",
-        )
+        held = f"lock bytes {', '.join(map(str, ctx.held_locks))}: {live.describe(ctx.held_locks)}"
+        if live.writer_present(ctx.held_locks):
+            yield Finding(
+                "image-held-by-writer",
+                f"the image is held by a running writer ({held}): its bitmaps live in its "
+                "memory and what is on disk is not their state; check again once it has stopped, "
+                "or ask the writer itself (QMP query-block)",
+                offset=None,
+                field="lock bytes",
+            )
+        else:
+            yield Finding(
+                "image-in-use-live",
+                f"another process has the image open for reading ({held})",
+                offset=None,
+                field="lock bytes",
+            )
     if header.version >= 3:
         incompat = header.incompatible_features or 0
         unknown = incompat & ~KNOWN_INCOMPATIBLE
@@ -182,16 +191,17 @@ def _bitmaps_extension(ctx: Context) -> Iterator[Finding]:
                 area="bitmaps",
             )
         return
-    for dup in exts[1:]:
+    for dup in exts[:-1]:
         yield Finding(
             "bitmaps-extension-duplicate",
-            f"a second bitmaps extension at {dup.offset:#x} follows the one at {exts[0].offset:#x}; "
+            f"another bitmaps extension at {exts[-1].offset:#x} follows the one at {dup.offset:#x} "
+            "and overrides it for QEMU; "
             "each extension type may appear only once",
             offset=dup.offset,
             field="bitmaps extension",
             area="bitmaps",
         )
-    ext = exts[0]
+    ext = exts[-1]
     if ext.length != layout.BitmapsExtension.sizeof():
         yield Finding(
             "bitmaps-extension-length",

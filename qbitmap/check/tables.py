@@ -18,6 +18,7 @@ from qbitmap.check.context import Context
 from qbitmap.check.directory import geometry_valid
 from qbitmap.check.findings import Finding
 from qbitmap.format import BitmapEntry, Geometry, Image, layout
+from qbitmap.format.bitmap import valid_data_entries
 from qbitmap.format.image import BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE
 
 _RESERVED = np.uint64(layout.BITMAP_TABLE_RESERVED_MASK)
@@ -27,15 +28,6 @@ _ONES = np.uint64(layout.BITMAP_TABLE_ALL_ONES)
 
 def _more(count: int) -> str:
     return "" if count == 1 else f" ({count - 1} more entries likewise)"
-
-
-def valid_data_entries(table: np.ndarray, cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of entries that pass ``check_table_entry`` and have a data offset, and the offsets."""
-    offsets = table & _OFFSET
-    ok = ((table & _RESERVED) == 0) & (offsets != 0) & ((table & _ONES) == 0)
-    ok &= (offsets % np.uint64(cluster_size)) == 0
-    idx = np.flatnonzero(ok)
-    return idx, offsets[idx]
 
 
 def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Iterator[Finding]:

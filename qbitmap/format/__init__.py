@@ -36,6 +36,7 @@ from qbitmap.format.model import (
     HeaderArea,
     IncompatibleFeature,
     LevelRecord,
+    select_entries,
 )
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ __all__ = [
     "popcount",
     "read_bits",
     "run_arrays",
+    "select_entries",
     "table_entry_problem",
     "unique_sorted",
 ]

@@ -27,6 +27,10 @@ from qbitmap.format.model import BitmapEntry
 # Contiguous data clusters are read together, up to this many bytes per read.
 READ_BATCH_BYTES = 1 << 20
 
+_RESERVED = np.uint64(layout.BITMAP_TABLE_RESERVED_MASK)
+_OFFSET = np.uint64(layout.BITMAP_TABLE_OFFSET_MASK)
+_ONES = np.uint64(layout.BITMAP_TABLE_ALL_ONES)
+
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
@@ -119,6 +123,19 @@ def table_entry_problem(word: int, cluster_size: int) -> str | None:
     if offset % cluster_size:
         return f"data cluster offset {offset:#x} is not cluster aligned"
     return None
+
+
+def valid_data_entries(table: np.ndarray, cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the table entries that pass ``check_table_entry`` and name a data cluster.
+
+    Returns ``(indices, offsets)``: the entries with no reserved bit, no
+    all-ones bit, a non-zero cluster-aligned offset, and those offsets.
+    """
+    offsets = table & _OFFSET
+    ok = ((table & _RESERVED) == 0) & (offsets != 0) & ((table & _ONES) == 0)
+    ok &= (offsets % np.uint64(cluster_size)) == 0
+    idx = np.flatnonzero(ok)
+    return idx, offsets[idx]
 
 
 def iter_chunks(

@@ -34,7 +34,6 @@ deeper than 64.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import zlib
@@ -51,10 +50,6 @@ from qbitmap.format.image import QCOW_MAX_L1_SIZE, Image
 from qbitmap.format.model import IncompatibleFeature
 
 MAX_CHAIN_DEPTH = 64
-
-MADV_POPULATE_READ = getattr(
-    mmap, "MADV_POPULATE_READ", 22
-)  # Linux value; Python 3.11 lacks the name
 
 KIND_BACKING = 0
 KIND_ZERO = 1
@@ -148,64 +143,6 @@ def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: P
     stats.bytes_read += done
 
 
-class _Mapped:
-    """A read-only mapping of a whole file, for zero-copy comparisons (None if it cannot map)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.array: np.ndarray | None = None
-        self._map: mmap.mmap | None = None
-        if size <= 0:
-            return
-        try:
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        except (OSError, ValueError, OverflowError):
-            return
-        self.array = np.frombuffer(self._map, dtype=np.uint8)
-
-    def populate(self, offset: int, length: int) -> None:
-        """Map the page-cache pages of a range in one call (MADV_POPULATE_READ, Linux 5.14+).
-
-        Much cheaper than faulting them in one by one while comparing; a
-        kernel without it just faults later.
-        """
-        self._madvise(MADV_POPULATE_READ, offset, length)
-
-    def release(self, offset: int, length: int) -> None:
-        """Drop this process's mapping of a range (MADV_DONTNEED); the page cache keeps it.
-
-        Keeps the resident set bounded when a large file is compared window by
-        window; a later view of the range simply faults the pages in again.
-        """
-        self._madvise(mmap.MADV_DONTNEED, offset, length)
-
-    def _madvise(self, advice: int, offset: int, length: int) -> None:
-        """Advise on the whole pages covering a range; advice the kernel lacks is ignored."""
-        if self._map is None:
-            return
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(self._map), offset + length)
-        if end <= start:
-            return
-        try:
-            self._map.madvise(advice, start, end - start)
-        except (OSError, ValueError):
-            pass
-
-    def view(self, offset: int, length: int) -> np.ndarray | None:
-        if self.array is None or offset + length > len(self.array):
-            return None
-        return self.array[offset : offset + length]
-
-    def close(self) -> None:
-        self.array = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
-                pass
-            self._map = None
-
-
 class RawLayer:
     """A raw file: data where the file has data, zeros in holes and past EOF."""
 
@@ -222,26 +159,6 @@ class RawLayer:
         else:
             self.size = st.st_size
         self.source = (st.st_dev, st.st_ino)
-        self._mapped: _Mapped | None = None
-
-    def populate(self, host: int, length: int) -> None:
-        if self._mapped is None:
-            self._mapped = _Mapped(self.fd, self.size)
-        self._mapped.populate(host, length)
-
-    def release(self, host: int, length: int) -> None:
-        if self._mapped is not None:
-            self._mapped.release(host, length)
-
-    def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """The bytes of a data segment as a read-only array view of the file (no copy), or None."""
-        if self._mapped is None:
-            self._mapped = _Mapped(self.fd, self.size)
-        self.stats.bytes_read += seg.length
-        view = self._mapped.view(seg.host, seg.length)
-        if view is None:
-            self.stats.bytes_read -= seg.length
-        return view
 
     def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = start
@@ -280,8 +197,6 @@ class RawLayer:
         _pread_into(self.fd, out, seg.host, self.stats, self.path)
 
     def close(self) -> None:
-        if self._mapped is not None:
-            self._mapped.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -331,7 +246,6 @@ class Qcow2Layer:
         )
         self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
         self._l2_cache: dict[int, np.ndarray] = {}
-        self._mapped: _Mapped | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         if header.backing_file_offset:
             if depth >= MAX_CHAIN_DEPTH:
@@ -509,28 +423,12 @@ class Qcow2Layer:
         self._cluster_cache = (entry, out)
         return out
 
-    def populate(self, host: int, length: int) -> None:
-        if self._mapped is None:
-            self._mapped = _Mapped(self.image.fd, self.image.file_size)
-        self._mapped.populate(host, length)
-
-    def release(self, host: int, length: int) -> None:
-        if self._mapped is not None:
-            self._mapped.release(host, length)
-
     def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """Data segment bytes as a read-only view of the mapped file (no copy), or None."""
-        if seg.kind == "compressed":
-            cluster = self._decompress(seg.host)
-            return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
-        if seg.kind != "data":
+        """A compressed segment's bytes as a view of its decompressed cluster; None otherwise."""
+        if seg.kind != "compressed":
             return None
-        if self._mapped is None:
-            self._mapped = _Mapped(self.image.fd, self.image.file_size)
-        view = self._mapped.view(seg.host, seg.length)
-        if view is not None:
-            self.stats.bytes_read += seg.length
-        return view
+        cluster = self._decompress(seg.host)
+        return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
         if seg.kind == "data":
@@ -545,8 +443,6 @@ class Qcow2Layer:
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        if getattr(self, "_mapped", None) is not None:
-            self._mapped.close()  # type: ignore[union-attr]
         self.image.close()
 
 
@@ -624,43 +520,20 @@ class GuestDisk:
             seg.layer.read_segment(seg, out)
 
     def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """Zero-copy view of a data (or compressed) segment's bytes; None: use read_segment."""
+        """The bytes of a segment without reading into a buffer (decompressed data); or None."""
         if seg.kind == "zero" or seg.layer is None:
             return None
         view = getattr(seg.layer, "view_segment", None)
         return None if view is None else view(seg)
 
-    def populate(self, segments: list[Segment], *, gap: int = 1 << 20) -> None:
-        """Map the file ranges behind *segments* (data only) ahead of reading them.
-
-        Ranges of one file closer than *gap* bytes are merged into one call.
-        """
-        self._advise(segments, "populate", gap)
-
-    def release(self, segments: list[Segment], *, gap: int = 1 << 20) -> None:
-        """Drop the mappings :meth:`populate` made for *segments* (the page cache keeps them)."""
-        self._advise(segments, "release", gap)
-
-    @staticmethod
-    def _advise(segments: list[Segment], action: str, gap: int) -> None:
-        by_layer: dict[int, tuple[object, list[tuple[int, int]]]] = {}
-        for seg in segments:
-            if seg.kind != "data" or seg.layer is None:
-                continue
-            by_layer.setdefault(id(seg.layer), (seg.layer, []))[1].append(
-                (seg.host, seg.host + seg.length)
-            )
-        for layer, ranges in by_layer.values():
-            advise = getattr(layer, action)
-            ranges.sort()
-            start, end = ranges[0]
-            for a, b in ranges[1:]:
-                if a - end <= gap:
-                    end = max(end, b)
-                    continue
-                advise(start, end - start)
-                start, end = a, b
-            advise(start, end - start)
+    def sources(self) -> set[tuple[int, int]]:
+        """``(st_dev, st_ino)`` of every file of the chain, top to bottom."""
+        found: set[tuple[int, int]] = set()
+        layer: object | None = self.top
+        while layer is not None:
+            found.add(layer.source)  # type: ignore[attr-defined]
+            layer = getattr(layer, "backing", None)
+        return found
 
     def read(self, start: int, length: int) -> bytes:
         """Guest bytes ``[start, start + length)`` (for tests and small reads)."""

@@ -178,6 +178,21 @@ class Image:
         except OSError as exc:
             raise ImageIOError(f"offset {offset:#x}: read failed: {exc.strerror}") from exc
 
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Fill *out* from file *offset*; the number of bytes read (short only at end of file)."""
+        done = 0
+        while done < len(out):
+            try:
+                n = os.preadv(self.fd, [out[done:]], offset + done)
+            except OSError as exc:
+                raise ImageIOError(
+                    f"offset {offset + done:#x}: read failed: {exc.strerror}"
+                ) from exc
+            if n == 0:
+                break
+            done += n
+        return done
+
     def read(self, offset: int, length: int, *, what: str, field: str | None = None) -> bytes:
         """Read exactly *length* bytes of *what*, which must lie inside the file."""
         if offset < 0 or length < 0 or offset + length > self.file_size:
@@ -320,11 +335,16 @@ class Image:
         )
 
     def extension(self, magic: int) -> Extension | None:
-        """The first extension of type *magic*, if any."""
+        """The extension of type *magic* QEMU uses, if any: the last one of that type.
+
+        QEMU reads the extensions in order and each one of a type overrides
+        the one before (``qcow2_read_extensions``).
+        """
+        found = None
         for ext in self.extensions:
             if ext.magic == magic:
-                return ext
-        return None
+                found = ext
+        return found
 
     def feature_names(self) -> dict[tuple[int, int], str]:
         """Feature names by (type, bit): the image's own table over QEMU's defaults."""

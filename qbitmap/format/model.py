@@ -9,8 +9,10 @@ padding) are kept for anything that may be written back.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from qbitmap.format import layout
@@ -318,6 +320,22 @@ class BitmapEntry:
         return self.name.decode("utf-8", errors="backslashreplace")
 
     @property
+    def qemu_name(self) -> bytes:
+        """The name as QEMU knows it: a C string, the bytes before the first NUL."""
+        return self.name.split(b"\0", 1)[0]
+
+    def renamed(self, name: bytes) -> BitmapEntry:
+        """This entry with another name (and the padding that name needs)."""
+        pad = layout.dir_entry_size(len(name), len(self.extra_data)) - (
+            layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data) + len(name)
+        )
+        return dataclasses.replace(self, name=name, padding=bytes(pad))
+
+    def named(self, name: str) -> bool:
+        """Whether *name* (as typed on a command line) is what QEMU calls this bitmap."""
+        return self.qemu_name == name.encode("utf-8", "surrogateescape")
+
+    @property
     def flag_words(self) -> list[str]:
         """Flag names as ``qemu-img info --output=json`` spells them."""
         words = []
@@ -414,3 +432,18 @@ class HeaderArea:
             parts.append(self.backing_file)
         parts.append(self.trailing)
         return b"".join(parts)
+
+
+def select_entries(
+    entries: Sequence[BitmapEntry], names: Sequence[str]
+) -> tuple[list[BitmapEntry], list[str]]:
+    """The entries QEMU knows by one of *names* (all when *names* is empty), in directory order.
+
+    Also returns the names no entry has.  Names compare as QEMU compares
+    them: the bytes of an entry's name up to its first NUL.
+    """
+    if not names:
+        return list(entries), []
+    chosen = [e for e in entries if any(e.named(n) for n in names)]
+    missing = [n for n in names if not any(e.named(n) for e in entries)]
+    return chosen, missing

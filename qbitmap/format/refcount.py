@@ -12,41 +12,8 @@ import numpy as np
 
 from qbitmap.errors import ImageFormatError
 from qbitmap.format import layout
+from qbitmap.format.entries import decode_refcount_block
 from qbitmap.format.image import QCOW_MAX_REFTABLE_SIZE, Image
-
-
-def decode_refcount_block(data: bytes, refcount_order: int) -> np.ndarray:
-    """All refcounts of one refcount block as uint64."""
-    if refcount_order == 6:
-        return np.frombuffer(data, dtype=">u8").astype(np.uint64)
-    if refcount_order == 5:
-        return np.frombuffer(data, dtype=">u4").astype(np.uint64)
-    if refcount_order == 4:
-        return np.frombuffer(data, dtype=">u2").astype(np.uint64)
-    raw = np.frombuffer(data, dtype=np.uint8)
-    if refcount_order == 3:
-        return raw.astype(np.uint64)
-    width = 1 << refcount_order
-    per_byte = 8 // width
-    shifts = np.arange(per_byte, dtype=np.uint8) * width
-    vals = (raw[:, None] >> shifts[None, :]) & ((1 << width) - 1)
-    return vals.reshape(-1).astype(np.uint64)
-
-
-def set_refcount_in_block(block: bytearray, index: int, value: int, refcount_order: int) -> None:
-    """Store *value* as refcount entry *index* of a refcount block held in *block*."""
-    width = 1 << refcount_order
-    if value >= 1 << width or value < 0:
-        raise ValueError(f"refcount {value} does not fit in {width} bits")
-    if width >= 8:
-        nbytes = width // 8
-        block[index * nbytes : (index + 1) * nbytes] = value.to_bytes(nbytes, "big")
-        return
-    per_byte = 8 // width
-    byte_index, slot = divmod(index, per_byte)
-    shift = slot * width
-    mask = ((1 << width) - 1) << shift
-    block[byte_index] = (block[byte_index] & ~mask) | (value << shift)
 
 
 class Refcounts:

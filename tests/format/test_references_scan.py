@@ -1,4 +1,4 @@
-"""The L2 scan behind the reference map: windows scanned by two threads, results in file order.
+"""The L2 scan behind the reference map: windows read by several threads, results in file order.
 
 Whatever the window size and the number of scanning threads, the map is the
 same, byte for byte, as with one thread reading one cluster at a time.
@@ -6,68 +6,20 @@ same, byte for byte, as with one thread reading one cluster at a time.
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import qemu
 
-from qbitmap.check import clusters
-from qbitmap.check.clusters import _in_order, reference_map
+from qbitmap.check.clusters import bitmap_structures
 from qbitmap.format import Image
+from qbitmap.format.references import walk
 
 MiB = 1024 * 1024
 ARRAYS = ("clusters", "kinds", "weights", "bm_clusters", "bm_kinds", "bm_index", "bm_source")
 
 
-def test_in_order_yields_in_order_from_several_threads():
-    seen_threads = set()
-    gate = threading.Barrier(2, timeout=10)
-
-    def fn(k, scratch):
-        seen_threads.add(threading.get_ident())
-        if k < 2:
-            gate.wait()  # the first two items run at the same time, in two threads
-        scratch.append(k)
-        return k * k
-
-    assert list(_in_order(fn, 50, 2, list)) == [k * k for k in range(50)]
-    assert len(seen_threads) == 2
-
-
-def test_in_order_raises_the_first_failure_in_order_and_stops():
-    done = []
-
-    def fn(k, _scratch):
-        if k in (3, 7):
-            raise ValueError(k)
-        if k > 7:
-            time.sleep(0.001)
-        done.append(k)
-        return k
-
-    got: list[int] = []
-    with pytest.raises(ValueError, match="3"):
-        got.extend(_in_order(fn, 1000, 2, lambda: None))
-    assert got == [0, 1, 2]
-    assert len(done) < 1000  # the workers stopped early
-    assert not any(t.name == "qbitmap-scan" for t in threading.enumerate())
-
-
-def test_in_order_single_worker_runs_inline():
-    idents = set()
-
-    def fn(k, _scratch):
-        idents.add(threading.get_ident())
-        return k
-
-    assert list(_in_order(fn, 5, 1, lambda: None)) == list(range(5))
-    assert idents == {threading.get_ident()}
-
-
 @pytest.mark.parametrize("extended_l2", [False, True])
-def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extended_l2):
+def test_map_does_not_depend_on_windows_or_threads(tmp_path, extended_l2):
     qemu.require_tools("qemu-img", "qemu-io")
     path = tmp_path / "many-l2.qcow2"
     # 512-byte clusters: every 32 KiB of guest data needs its own L2 table, and the
@@ -83,28 +35,18 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, monkeypatch, extend
         "write -z 50M 1M",
     )
     with Image.open(path) as img:
-        monkeypatch.setattr(clusters, "SCAN_WORKERS", 1)
-        monkeypatch.setattr(clusters, "SCAN_WINDOW", 1)
-        one = reference_map(img, use_mmap=False)
-        monkeypatch.setattr(clusters, "SCAN_WORKERS", 2)
-        monkeypatch.setattr(clusters, "PARALLEL_SCAN_BYTES", 0)
-        used = []
-
-        def spy(fn, count, workers, scratch):
-            used.append((count, workers))
-            return _in_order(fn, count, workers, scratch)
-
-        monkeypatch.setattr(clusters, "_in_order", spy)
-        for batch in (1, 4096, 16 << 20):
-            monkeypatch.setattr(clusters, "SCAN_WINDOW", batch)
-            for use_mmap in (True, False):
-                other = reference_map(img, use_mmap=use_mmap)
-                assert other.complete and one.complete
+        bitmaps = bitmap_structures(img)
+        one = walk(img, bitmaps, workers=1, scan_window=1)
+        assert one.complete and not one.defects
+        assert len(one.clusters) > 100
+        for window in (1, 4096, 16 << 20):
+            for workers in (1, 2):
+                other = walk(img, bitmaps, workers=workers, scan_window=window)
+                assert other.complete and not other.defects
                 for name in ARRAYS:
                     assert np.array_equal(getattr(one, name), getattr(other, name)), (
-                        batch,
-                        use_mmap,
+                        window,
+                        workers,
                         name,
                     )
-        assert len(one.clusters) > 100
-        assert any(count > 1 and workers == 2 for count, workers in used)
+                assert np.array_equal(one.refcounts, other.refcounts)

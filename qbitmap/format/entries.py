@@ -1,0 +1,122 @@
+"""Table entries, decoded many at a time: L1, L2 (standard, extended, compressed), refcounts.
+
+One decoder per entry kind, vectorised with numpy, shared by everything that
+reads them: the reference walk (``references.py``), the guest data view
+(``guest.py``) and the allocator of ``qbitmap.store``.
+
+docs/interop/qcow2.rst "Cluster mapping", "Extended L2 Entries",
+"Compressed Clusters Descriptor", "Host cluster management"; the cluster
+types are QEMU's (``qcow2_get_cluster_type`` in block/qcow2.h):
+
+* bit 62 set: COMPRESSED;
+* else bit 0 set (standard entries only): ZERO_ALLOC with a host offset,
+  ZERO_PLAIN without;
+* else no host offset: UNALLOCATED -- except with an external data file,
+  where bit 63 (COPIED) with offset 0 is NORMAL (host offset 0 of the data file);
+* else NORMAL.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from qbitmap.format import layout
+
+
+class ClusterType(enum.IntEnum):
+    """What an L2 entry describes (QEMU's QCow2ClusterType)."""
+
+    UNALLOCATED = 0
+    ZERO_PLAIN = 1
+    ZERO_ALLOC = 2
+    NORMAL = 3
+    COMPRESSED = 4
+
+
+_U = np.uint64
+L1E_OFFSET = _U(layout.L1E_OFFSET_MASK)
+L1E_RESERVED = _U(layout.L1E_RESERVED_MASK)
+L2E_OFFSET = _U(layout.L2E_OFFSET_MASK)
+L2E_STD_RESERVED = _U(layout.L2E_STD_RESERVED_MASK)
+COPIED = _U(layout.QCOW_OFLAG_COPIED)
+COMPRESSED = _U(layout.QCOW_OFLAG_COMPRESSED)
+ZERO = _U(layout.QCOW_OFLAG_ZERO)
+SUBCLUSTER_ALLOC = _U(0xFFFFFFFF)  # extended L2: bit x "subcluster x allocated"
+REFT_OFFSET = _U(layout.REFT_OFFSET_MASK)
+REFT_RESERVED = _U(layout.REFT_RESERVED_MASK)
+
+
+def be64(data: bytes | bytearray | memoryview) -> np.ndarray:
+    """Big-endian 64-bit table entries as native uint64."""
+    return np.frombuffer(data, dtype=">u8").astype(np.uint64)
+
+
+def cluster_types(words: np.ndarray, *, extended: bool, external_data: bool) -> np.ndarray:
+    """The ClusterType (as int8) of each L2 entry's first word."""
+    out = np.full(len(words), ClusterType.NORMAL, dtype=np.int8)
+    offset = words & L2E_OFFSET
+    compressed = (words & COMPRESSED) != 0
+    no_offset = offset == 0
+    if external_data:
+        no_offset &= (words & COPIED) == 0
+    out[no_offset] = ClusterType.UNALLOCATED
+    if not extended:
+        zero = (words & ZERO) != 0
+        out[zero & (offset != 0)] = ClusterType.ZERO_ALLOC
+        out[zero & (offset == 0)] = ClusterType.ZERO_PLAIN
+    out[compressed] = ClusterType.COMPRESSED
+    return out
+
+
+def compressed_ranges(words: np.ndarray, cluster_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Host byte ranges ``(coffset, csize)`` of compressed L2 entries (int64 arrays).
+
+    QEMU's ``qcow2_parse_compressed_l2_entry``: the offset takes the low
+    ``62 - (cluster_bits - 8)`` bits, the next ``cluster_bits - 8`` bits count
+    the 512-byte sectors after the first, and the data ends at the end of the
+    last sector.
+    """
+    shift = 62 - (cluster_bits - 8)
+    coffset = (words & _U((1 << shift) - 1)).astype(np.int64)
+    sectors = ((words >> _U(shift)) & _U((1 << (cluster_bits - 8)) - 1)).astype(np.int64) + 1
+    return coffset, sectors * 512 - (coffset & 511)
+
+
+def decode_refcount_block(data: bytes | bytearray | memoryview, refcount_order: int) -> np.ndarray:
+    """All refcounts of one refcount block as uint64.
+
+    Entries of 1, 2 and 4 bits are packed LSB first; 8 bits and wider are
+    big-endian integers (docs/interop/qcow2.rst "Host cluster management").
+    """
+    if refcount_order == 6:
+        return np.frombuffer(data, dtype=">u8").astype(np.uint64)
+    if refcount_order == 5:
+        return np.frombuffer(data, dtype=">u4").astype(np.uint64)
+    if refcount_order == 4:
+        return np.frombuffer(data, dtype=">u2").astype(np.uint64)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if refcount_order == 3:
+        return raw.astype(np.uint64)
+    width = 1 << refcount_order
+    per_byte = 8 // width
+    shifts = np.arange(per_byte, dtype=np.uint8) * width
+    vals = (raw[:, None] >> shifts[None, :]) & ((1 << width) - 1)
+    return vals.reshape(-1).astype(np.uint64)
+
+
+def set_refcount_in_block(block: bytearray, index: int, value: int, refcount_order: int) -> None:
+    """Store *value* as refcount entry *index* of a refcount block held in *block*."""
+    width = 1 << refcount_order
+    if value >= 1 << width or value < 0:
+        raise ValueError(f"refcount {value} does not fit in {width} bits")
+    if width >= 8:
+        nbytes = width // 8
+        block[index * nbytes : (index + 1) * nbytes] = value.to_bytes(nbytes, "big")
+        return
+    per_byte = 8 // width
+    byte_index, slot = divmod(index, per_byte)
+    shift = slot * width
+    mask = ((1 << width) - 1) << shift
+    block[byte_index] = (block[byte_index] & ~mask) | (value << shift)
