@@ -195,6 +195,7 @@ class WriteSession:
         )
         self._seen_blocks = 0
         self._seen_moves = 0
+        self._unknown_cleared = False
 
     # -- opening -----------------------------------------------------------------
 
@@ -236,14 +237,21 @@ class WriteSession:
             if dry_run:
                 disk = OverlayDisk(disk)
             session = cls(path, image, disk, lock, dry_run=dry_run)
-            session._clear_unknown_autoclear()
             yield session
         finally:
             lock.release()
             os.close(fd)
 
-    def _clear_unknown_autoclear(self) -> None:
-        # qcow2: a writer must clear autoclear bits it does not know before writing.
+    def _before_writing(self) -> None:
+        """Clear autoclear bits qbitmap does not know, once, before its first write.
+
+        qcow2: a writer must clear unknown autoclear bits before it changes
+        anything.  Done lazily, so that opening a session (and deciding to
+        refuse) writes nothing.
+        """
+        if self._unknown_cleared:
+            return
+        self._unknown_cleared = True
         autoclear = self.header.autoclear_features or 0
         unknown = autoclear & ~int(KNOWN_AUTOCLEAR)
         if unknown:
@@ -280,6 +288,7 @@ class WriteSession:
 
     def allocate(self, size: int, *, what: str) -> Extent:
         """Allocate whole clusters for *size* bytes (refcount 1, written, not flushed)."""
+        self._before_writing()
         extent = self.allocator.allocate_bytes(size)
         self._log_structure_changes(what)
         self._log("stage", "allocate", extent.offset, extent.count * self.cluster_size, what)
@@ -287,6 +296,7 @@ class WriteSession:
 
     def write(self, offset: int, data: bytes, *, what: str, phase: str = "stage") -> None:
         """Write *data* at *offset* -- only into clusters this session allocated."""
+        self._before_writing()
         self.disk.pwrite(offset, data)
         self._log(phase, "write", offset, len(data), what)
 
@@ -296,6 +306,7 @@ class WriteSession:
 
     def free(self, extents: Iterable[Extent], *, what: str) -> None:
         """Drop one reference from each cluster of *extents* (after the commit)."""
+        self._before_writing()
         for extent in extents:
             self.allocator.free(extent.offset, extent.count)
             self._log("release", "free", extent.offset, extent.count * self.cluster_size, what)
@@ -306,6 +317,7 @@ class WriteSession:
         For writes that are atomic on their own (a 4-byte flags word or
         ``consistent_level``).  Writes and flushes before returning.
         """
+        self._before_writing()
         if len(data) not in (1, 2, 4, 8) or offset % len(data):
             raise ValueError(
                 f"in-place field writes must be 1/2/4/8 aligned bytes, not {len(data)} at {offset:#x}"
@@ -402,16 +414,21 @@ class WriteSession:
         """
         changes = dict(extensions or {})
         new_exts: list[Extension] = []
+        replaced: set[int] = set()
         for ext in self.extensions:
             if ext.magic in changes:
-                data = changes.pop(ext.magic)
-                if data is None:
+                # One copy, where the first one was: repeats would override it for QEMU.
+                data = changes[ext.magic]
+                if data is None or ext.magic in replaced:
                     continue
+                replaced.add(ext.magic)
                 new_exts.append(Extension(0, ext.magic, data, bytes(-len(data) % 8)))
             else:
                 new_exts.append(ext)
+        for magic in replaced:
+            changes.pop(magic)
         for magic, data in changes.items():
-            if data is not None:
+            if data is not None and magic not in replaced:
                 new_exts.append(Extension(0, magic, data, bytes(-len(data) % 8)))
         autoclear = ((self.header.autoclear_features or 0) | autoclear_set) & ~autoclear_clear
         header = dataclasses.replace(
@@ -464,6 +481,7 @@ class WriteSession:
         is.  A crash before the write leaves the old header (and leaks), after
         the flush the new one.
         """
+        self._before_writing()
         cluster0, header, placed = self.build_cluster0(
             extensions=extensions, autoclear_set=autoclear_set, autoclear_clear=autoclear_clear
         )
@@ -478,10 +496,12 @@ class WriteSession:
     # -- reading the current state -----------------------------------------------------
 
     def extension(self, magic: int) -> Extension | None:
+        """The extension of type *magic* QEMU uses: the last one of that type."""
+        found = None
         for ext in self.extensions:
             if ext.magic == magic:
-                return ext
-        return None
+                found = ext
+        return found
 
     @property
     def bitmaps_extension(self) -> BitmapsExtension | None:
