@@ -1,33 +1,43 @@
-"""Bring in-use bitmaps back into service, in place, crash-safely.
+"""Bring stale bitmaps back into service, in place, crash-safely -- or refuse and change nothing.
 
 One run of :func:`recover`:
 
 1. **lock and look** -- open a :class:`~qbitmap.store.WriteSession` (QEMU's
    lock bytes held from here to the end; busy => exit 75, nothing written)
-   and run :func:`qbitmap.check.check_image` on the locked image.  Corrupt
-   metadata outside the bitmaps => refuse (exit 2).  Corrupt bitmap metadata
-   => refuse, unless ``drop_broken``.
-2. **plan** -- pick the bitmaps (the named ones, or every in-use one) and a
+   and run :func:`qbitmap.check.check_image` on the locked image.  Anything
+   wrong outside the bitmaps -- a table QEMU refuses, a bad L1/L2 entry, a
+   reference past the end of the file, a refcount below its references, a
+   COPIED flag out of step -- => refuse (exit 2): a writer that trusted those
+   refcounts could hand out a cluster something still uses.  Corrupt bitmap
+   metadata => refuse, unless ``drop_broken``.
+2. **plan** -- pick the bitmaps (the named ones, or every stale one) and a
    mode for each: ``full`` (every bit), ``reference`` (on-disk bits OR every
    granule whose guest data differs from the reference), ``level`` (the
-   consistency-level record, only when trusted), ``auto`` (level if a
-   trusted record exists, else reference if a reference was given, else
-   refuse -- a script must ask for ``full`` explicitly).  Compute the new
-   bits.  Nothing is written yet; a failure here changes no byte.
+   consistency-level record, only when trusted), ``auto`` (level if a trusted
+   record exists, else reference if a reference was given, else refuse -- a
+   script must ask for ``full`` explicitly).  Stale means in use, or in an
+   extension QEMU ignores (autoclear bit 0 clear) whose clusters are still the
+   bitmaps' alone.  With ``drop_broken``, bitmaps QEMU cannot load are dropped
+   and bitmaps QEMU loads whose clusters are damaged are rewritten with every
+   bit set.  Compute the new bits.  Nothing is written yet: a refusal or a
+   failure here changes no byte.
 3. **stage** -- new data clusters and a new table per bitmap, a new
    directory; all in newly allocated clusters (refcounts written first,
-   refcount blocks/table grown as needed).  A crash here: old image, every
-   bitmap still in use, new clusters leaked.
+   refcount blocks/table grown as needed), never in a cluster anything
+   references.  A crash here: old image, every bitmap still stale, new
+   clusters leaked.
 4. **commit** -- flush; ONE write of cluster 0 switches the bitmaps extension
-   to the new directory (and drops the consistency-level records of the
-   recovered bitmaps, clearing autoclear bit 63 when none remain); flush.
-   A crash before the write: as in 3.  After the flush: every bitmap
-   recovered at once.
-5. **release** -- free the old directory and the old tables and data of the
-   recovered (and dropped) bitmaps, and leaked clusters found at the start
-   (refcount > 0, no reference at all, as ``qemu-img check -r leaks`` would
-   free them); flush.  A crash here: recovered bitmaps, old clusters leaked;
-   the next run frees them.
+   to the new directory (and sets autoclear bit 0, and drops the
+   consistency-level records of the recovered bitmaps, clearing autoclear bit
+   63 when none remain); flush.  A crash before the write: as in 3.  After the
+   flush: every bitmap recovered at once.
+5. **release** -- drop the references the commit removed: the old directory,
+   the old tables and data of the recovered and dropped bitmaps.  A cluster's
+   refcount never falls below the references that remain to it, so a cluster
+   also used by something else is never freed.  Then leaked clusters found at
+   the start (refcount > 0, nothing references them, as ``qemu-img check -r
+   leaks`` would free them) are freed; flush.  A crash here: recovered
+   bitmaps, old clusters leaked; the next run frees them.
 
 With ``dry_run`` the same code runs against an in-memory overlay of the
 file, opened read-only: the report's steps are exactly the writes a real
@@ -38,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,16 +57,17 @@ from typing import Any
 import numpy as np
 
 from qbitmap import levels
+from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
+from qbitmap.check.clusters import bitmap_structures
 from qbitmap.errors import QbitmapError, RefusedError, UsageError
 from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, popcount, read_bits
 from qbitmap.format.bitmap import geometry_of
+from qbitmap.format.references import BitmapStructures, ReferenceMap, bitmap_references, walk
 from qbitmap.store import (
     Disk,
     Extent,
     WriteSession,
     bitmaps_extension_bytes,
-    directory_extent,
-    entry_extents,
     levels_extension_bytes,
 )
 
@@ -134,10 +146,9 @@ class Options:
 ProgressFactory = Callable[[str, int], Any]
 
 
-def _corrupt(finding: Any) -> bool:
-    from qbitmap.check import Severity
-
-    return bool(finding.severity >= Severity.CORRUPT)
+def _refusing(finding: Finding) -> bool:
+    """Findings that stop a writer: corruption, or a structure the check could not read."""
+    return finding.severity in (Severity.CORRUPT, Severity.FAILED)
 
 
 def recover(
@@ -148,16 +159,15 @@ def recover(
     disk_wrapper: Callable[[Disk], Disk] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> RecoverReport:
-    """Recover the in-use bitmaps of *path* as *options* say; see the module docstring.
+    """Recover the stale bitmaps of *path* as *options* say; see the module docstring.
 
     Raises:
         ImageBusyError: exit 75, nothing written.
         RefusedError: exit 2 (corrupt metadata), nothing written.
         NoModeError: exit 1, nothing written.
-        UsageError: exit 64 (unknown bitmap name, bad option combination).
+        UsageError: exit 64 (unknown bitmap name, bad option combination, a
+            reference that is the image itself), nothing written.
     """
-    from qbitmap.check import check_image
-
     warn = warn or (lambda _msg: None)
     if options.mode not in MODES:
         raise UsageError(f"unknown mode {options.mode!r}; choose one of {', '.join(MODES)}")
@@ -166,32 +176,17 @@ def recover(
     if options.reference is not None and options.mode in ("full", "level"):
         raise UsageError(f"--reference makes no sense with --mode {options.mode}")
     path = Path(path)
+    if options.reference is not None:
+        from qbitmap.recover.reference import validate_reference
+
+        validate_reference(path, options.reference, reference_format=options.reference_format)
     report = RecoverReport(filename=str(path), dry_run=options.dry_run)
     with WriteSession.open(path, dry_run=options.dry_run, disk_wrapper=disk_wrapper) as session:
-        image = session.image
-        check = check_image(image, names=list(options.names) or None)
+        check = check_image(session.image, names=list(options.names) or None)
         report.findings = [f.to_dict() for f in check.findings if f.severity > 0]
-        image_bad = [f for f in check.findings if _corrupt(f) and f.area == "image"]
-        if image_bad:
-            raise RefusedError(
-                f"{path}: metadata outside the bitmaps is corrupt ({image_bad[0].code}: "
-                f"{image_bad[0].message}); repair the image first (qemu-img check -r all)"
-            )
-        area_bad = [f for f in check.findings if _corrupt(f) and f.area == "bitmaps"]
-        bitmap_bad = [f for f in check.findings if _corrupt(f) and f.area == "bitmap"]
-        if (area_bad or bitmap_bad) and not options.drop_broken:
-            first = (area_bad or bitmap_bad)[0]
-            who = f"bitmap {first.bitmap!r}: " if first.bitmap else ""
-            raise RefusedError(
-                f"{path}: bitmap metadata is corrupt ({who}{first.code}: {first.message}); "
-                "--drop-broken removes the broken bitmaps so that QEMU opens the image again"
-            )
         plan = _Plan(session, check, options, report, warn)
-        if area_bad:
-            plan.drop_all(area_bad)
-        else:
-            plan.select()
-            plan.compute(progress_factory)
+        plan.decide()
+        plan.compute(progress_factory)
         plan.find_leaks()
         report.bitmaps = [plan.results[k] for k in sorted(plan.results)]
         if not plan.has_work():
@@ -200,7 +195,7 @@ def recover(
         plan.apply()
         if options.dry_run:
             report.status = "dry-run"
-        elif plan.targets or plan.drop or plan.drop_everything:
+        elif plan.changes_bitmaps():
             report.status = "recovered"
         else:
             report.status = "leaks-reclaimed"
@@ -211,12 +206,12 @@ def recover(
 
 
 class _Plan:
-    """The work of one run, computed before the first write."""
+    """The work of one run, decided and computed before the first write."""
 
     def __init__(
         self,
         session: WriteSession,
-        check: Any,
+        check: CheckReport,
         options: Options,
         report: RecoverReport,
         warn: Callable[[str], None],
@@ -227,58 +222,161 @@ class _Plan:
         self.options = options
         self.report = report
         self.warn = warn
-        directory = self.image.read_directory()
-        # autoclear bit 0 clear: QEMU ignores the extension (its bitmaps are lost to it, and a
-        # program that did not track writes may have written the image); nothing to recover.
-        self.ignored = (
-            self.image.bitmaps_extension is not None
-            and not (self.image.header.autoclear_features or 0) & 1
+        self.codes = {f.code for f in check.findings}
+        header = self.image.header
+        extension_present = self.image.extension(layout.EXT_BITMAPS) is not None
+        # autoclear bit 0 clear (or a v2 image): QEMU ignores the extension.
+        self.ignored = extension_present and (
+            header.version < 3 or not (header.autoclear_features or 0) & 1
         )
-        self.entries: list[BitmapEntry] = (
-            list(directory.entries) if directory.error is None and not self.ignored else []
-        )
-        self.directory = directory
+        # Every bitmap structure the image has, honoured or not: what the release phase
+        # drops references of, and what the allocator must never hand out.
+        self.structures: BitmapStructures | None = bitmap_structures(self.image, honored_only=False)
+        self.entries: list[BitmapEntry] = list(self.structures.entries) if self.structures else []
+        self.statuses = {b.entry.index: b for b in check.bitmaps if b.entry is not None}
         self.targets: dict[int, str] = {}  # entry index -> mode
+        self.stale_kept: set[int] = set()  # ignored bitmaps kept as in use (not selected)
         self.results: dict[int, BitmapResult] = {}
         self.new_bits: dict[int, np.ndarray] = {}
         self.drop: set[int] = set()
         self.drop_everything = False
+        self.rewrite_directory = False  # the directory's clusters are damaged: write a new one
+        self.renames: set[int] = set()  # entries QEMU cannot store back: cut at the NUL byte
         self.leaks: list[tuple[int, int]] = []  # (cluster, decrements)
-        self.assessments = levels.assess(self.image, self.entries) if self.entries else {}
+        self.assessments = (
+            levels.assess(self.image, self.entries) if self.entries and not self.ignored else {}
+        )
+        self._refmap: ReferenceMap | None = None
 
-    # -- choosing -------------------------------------------------------------------
+    # -- deciding -------------------------------------------------------------------
 
-    def drop_all(self, findings: Sequence[Any]) -> None:
-        self.drop_everything = True
-        for entry in self.entries or []:
-            self.results[entry.index] = BitmapResult(
-                entry.display_name, "dropped", reason=findings[0].message
+    def refmap(self) -> ReferenceMap:
+        """Every reference of the image, bitmaps of an ignored extension included."""
+        if self._refmap is None:
+            kept = self.check.reference_map
+            self._refmap = (
+                kept if kept is not None and not self.ignored else walk(self.image, self.structures)
             )
-        if not self.entries:
-            self.results[-1] = BitmapResult("*", "dropped", reason=findings[0].message)
+        return self._refmap
 
-    def select(self) -> None:
-        statuses = {b.entry.index: b for b in self.check.bitmaps if b.entry is not None}
-        wanted = set(self.options.names)
+    def decide(self) -> None:
+        """Refuse, or choose what happens to each bitmap; raises before any write."""
+        path = self.image.path
+        findings = self.check.findings
+        image_bad = [f for f in findings if _refusing(f) and f.area == "image"]
+        if image_bad:
+            first = image_bad[0]
+            raise RefusedError(
+                f"{path}: metadata outside the bitmaps is unsound ({first.code}: "
+                f"{first.message}); recover writes nothing into such an image: repair it first "
+                "(qemu-img check -r all)"
+            )
+        if self.ignored:
+            self._decide_ignored()
+            return
+        area_bad = [
+            f for f in findings if _refusing(f) and f.area == "bitmaps" and f.code not in REPAIRS
+        ]
+        bitmap_bad = [f for f in findings if _refusing(f) and f.area == "bitmap"]
+        repairable = all(f.code in REPAIRS for f in bitmap_bad)
+        if (area_bad or bitmap_bad) and not self.options.drop_broken:
+            first = (area_bad or bitmap_bad)[0]
+            who = f"bitmap {first.bitmap!r}: " if first.bitmap else ""
+            remedy = (
+                "--drop-broken repairs those bitmaps (QEMU still loads them)"
+                if repairable and not area_bad
+                else "--drop-broken removes the bitmaps QEMU cannot load, so that it opens the "
+                "image again"
+            )
+            raise RefusedError(
+                f"{path}: bitmap metadata is corrupt ({who}{first.code}: {first.message}); "
+                + remedy
+            )
+        if area_bad:
+            self._drop_all(area_bad[0].message)
+            return
+        self.rewrite_directory = any(
+            _refusing(f) and f.area == "bitmaps" and f.code in REPAIRS for f in findings
+        )
+        self._select()
+
+    def _decide_ignored(self) -> None:
+        path = self.image.path
+        options = self.options
+        revivable = "bitmaps-extension-ignored" in self.codes and bool(self.entries)
+        reviving_mode = options.mode in ("full", "reference") or (
+            options.mode == "auto" and options.reference is not None
+        )
+        if options.mode == "level":
+            raise NoModeError(
+                f"{path}: autoclear bit 0 is clear, so the consistency-level records cannot be "
+                "trusted; use --mode full or --reference FILE to bring the bitmaps back, or "
+                "--drop-broken to drop them"
+            )
+        if revivable and reviving_mode:
+            self._select(ignored=True)
+            return
+        if options.drop_broken:
+            self._drop_all("QEMU ignores the bitmaps extension (autoclear bit 0 is clear)")
+            return
+        if not revivable:
+            raise RefusedError(
+                f"{path}: autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, and "
+                "its bitmaps cannot be brought back (their structures are damaged or their "
+                "clusters are no longer theirs alone); --drop-broken drops them"
+            )
+        raise NoModeError(
+            f"{path}: autoclear bit 0 is clear, so QEMU ignores the bitmaps extension and "
+            "every bitmap in it is stale; choose how to bring them back: --mode full (every bit "
+            "set), --reference FILE (the guest data as of the last backup), or drop them with "
+            "--drop-broken"
+        )
+
+    def _drop_all(self, reason: str) -> None:
+        self.drop_everything = True
         for entry in self.entries:
-            status = statuses.get(entry.index)
-            if wanted and entry.display_name not in wanted:
+            self.results[entry.index] = BitmapResult(entry.display_name, "dropped", reason=reason)
+        if not self.entries:
+            self.results[-1] = BitmapResult("*", "dropped", reason=reason)
+
+    def _select(self, *, ignored: bool = False) -> None:
+        chosen = {
+            b.entry.index for b in self.check.bitmaps if b.entry is not None
+        }  # check_image applied the -b names
+        named = bool(self.options.names)
+        for entry in self.entries:
+            if entry.index not in chosen:
+                if ignored:
+                    self.stale_kept.add(entry.index)  # kept, but marked in use: still stale
                 continue
-            if status is not None and status.status == "corrupt":
+            problems = [
+                f
+                for f in self.check.findings
+                if f.bitmap_index == entry.index and _refusing(f) and f.area == "bitmap"
+            ]
+            repairs = {REPAIRS.get(f.code) for f in problems}
+            if None in repairs:
                 self.drop.add(entry.index)
-                reasons = [
-                    f.message
-                    for f in self.check.findings
-                    if f.bitmap_index == entry.index and _corrupt(f)
-                ]
                 self.results[entry.index] = BitmapResult(
-                    entry.display_name,
-                    "dropped",
-                    reason=reasons[0] if reasons else "corrupt metadata",
+                    entry.display_name, "dropped", reason=problems[0].message
                 )
                 continue
-            if not entry.in_use:
-                if wanted:
+            if "rename" in repairs:
+                self.renames.add(entry.index)
+            if "rewrite" in repairs:
+                # QEMU loads it, but its clusters are damaged: its bits cannot be trusted.
+                self.targets[entry.index] = "full"
+                continue
+            if "rename" in repairs and not (entry.in_use or ignored):
+                self.results[entry.index] = BitmapResult(
+                    entry.display_name,
+                    "renamed",
+                    reason="name cut at its NUL byte, as QEMU reads it",
+                    granularity=entry.granularity,
+                )
+                continue
+            if not (entry.in_use or ignored):
+                if named:
                     self.results[entry.index] = BitmapResult(
                         entry.display_name,
                         "skipped",
@@ -300,8 +398,8 @@ class _Plan:
                 else (f"its consistency-level record is stale ({assessment.reason})")
             )
             raise NoModeError(
-                f"bitmap {name!r}: --mode level needs a trusted consistency-level record, and there is "
-                f"{why}; use --reference FILE (exact) or --mode full (every bit)"
+                f"bitmap {name!r}: --mode level needs a trusted consistency-level record, and there "
+                f"is {why}; use --reference FILE (exact) or --mode full (every bit)"
             )
         if mode != "auto":
             return mode
@@ -344,24 +442,30 @@ class _Plan:
             )
             if stats.reference_size != self.image.virtual_size:
                 self.warn(
-                    f"the reference is {stats.reference_size} bytes and the image {self.image.virtual_size}: "
-                    "bytes past the shorter end compare as zeros"
+                    f"the reference is {stats.reference_size} bytes and the image "
+                    f"{self.image.virtual_size}: bytes past the shorter end compare as zeros"
                 )
             self.report.reference = {"path": str(self.options.reference), **stats.as_dict()}
+        tables = self.structures.tables if self.structures else {}
         for index, mode in self.targets.items():
             entry = by_index[index]
             geo = geometry_of(self.image, entry)
-            on_disk = read_bits(self.image, entry)
-            before = _dirty_bytes(geo, on_disk)
+            on_disk = None
+            try:
+                on_disk = read_bits(self.image, entry, tables.get(index))
+            except QbitmapError:
+                if mode != "full":
+                    raise
             level = None
             if mode == "full":
                 bits = np.full(geo.nbytes, 0xFF, dtype=np.uint8)
             elif mode == "reference":
-                assert diff is not None
+                assert diff is not None and on_disk is not None
                 factor = entry.granularity // fine
                 fine_nbits = -(-self.image.virtual_size // fine)
                 bits = on_disk | reduce_bits(diff, fine_nbits, factor, geo.nbits)
             else:
+                assert on_disk is not None
                 a = self.assessments[entry.name]
                 assert (
                     a.consistent_level is not None
@@ -381,7 +485,7 @@ class _Plan:
                 "recovered",
                 mode=mode,
                 granularity=entry.granularity,
-                dirty_bytes_before=before,
+                dirty_bytes_before=None if on_disk is None else _dirty_bytes(geo, on_disk),
                 dirty_bytes_after=_dirty_bytes(geo, bits),
                 old_table_offset=entry.bitmap_table_offset,
                 consistent_level=level,
@@ -391,55 +495,48 @@ class _Plan:
         """Clusters with a refcount but no reference at all (freed in the release phase)."""
         if not self.options.reclaim_leaks:
             return
-        # The check ran on this locked, not yet written image: its map is the one
-        # reference_map(self.image) would build again.
-        refmap = self.check.reference_map
-        if refmap is None:
-            from qbitmap.check.clusters import reference_map
-
-            refmap = reference_map(self.image)
-        if not refmap.complete:
+        refmap = self.refmap()
+        if not refmap.complete or refmap.refcounts is None:
             return
-        alloc = self.session.allocator
-        epb = alloc.entries_per_block
-        # Entries without a block offset have no refcounts to look at (most of a large table).
-        linked = np.flatnonzero(alloc.table & np.uint64(layout.REFT_OFFSET_MASK))
-        for table_index in linked.tolist():
-            values = alloc._block(table_index)
-            if values is None:
-                continue
-            used = np.flatnonzero(values).astype(np.int64)
-            if not len(used):
-                continue
-            clusters = used + table_index * epb
-            refs = refmap.reference_counts(clusters)
-            for cluster in clusters[refs == 0].tolist():
-                self.leaks.append((cluster, int(values[cluster - table_index * epb])))
+        image_refs, bm_refs = refmap.file_reference_counts()
+        rc = refmap.refcounts.astype(np.int64)
+        leaked = np.flatnonzero((rc > 0) & (image_refs + bm_refs == 0))
+        self.leaks = [(int(c), int(rc[c])) for c in leaked.tolist()]
+        # Past the end of the file too: a killed writer may have counted clusters it never wrote.
+        beyond, counts = self.session.allocator.nonzero_refcounts(refmap.file_clusters)
+        if len(beyond):
+            unreferenced = refmap.reference_counts(beyond) == 0
+            self.leaks += list(zip(beyond[unreferenced].tolist(), counts[unreferenced].tolist()))
         self.report.leaked_clusters_reclaimed = len(self.leaks)
 
+    def changes_bitmaps(self) -> bool:
+        return bool(
+            self.targets
+            or self.drop
+            or self.drop_everything
+            or self.rewrite_directory
+            or self.renames
+        )
+
     def has_work(self) -> bool:
-        return bool(self.targets or self.drop or self.drop_everything or self.leaks)
+        return self.changes_bitmaps() or bool(self.leaks)
 
     # -- writing ------------------------------------------------------------------------
 
     def apply(self) -> None:
         session = self.session
-        cs = session.cluster_size
-        if self.ignored and self.leaks and not (self.targets or self.drop or self.drop_everything):
-            # The ignored extension's clusters are among the leaks: drop the extension from the
-            # header first, as QEMU does on its next read-write open (qemu-img check -r leaks too).
-            session.commit_header(
-                extensions={layout.EXT_BITMAPS: None}, what="drop the ignored bitmaps extension"
-            )
-        by_index = {e.index: e for e in self.entries}
-        old_tables = {
-            i: self.image.read_bitmap_table(by_index[i]) for i in (*self.targets, *self.drop)
-        }
-        if self.targets or self.drop or self.drop_everything:
-            # Stage: new bitmap data and tables, then the new directory.
-            new_entries: list[BitmapEntry] = []
+        # Nothing may land on a cluster something references, whatever its refcount says.
+        session.allocator.avoid(self.refmap().referenced_clusters())
+        if self.changes_bitmaps():
+            self._stage_and_commit()
+        self._release()
+
+    def _stage_and_commit(self) -> None:
+        session = self.session
+        new_entries: list[BitmapEntry] = []
+        if not self.drop_everything:
             for entry in self.entries:
-                if entry.index in self.drop or self.drop_everything:
+                if entry.index in self.drop:
                     continue
                 if entry.index in self.targets:
                     geo = geometry_of(self.image, entry)
@@ -453,72 +550,99 @@ class _Plan:
                         bitmap_table_size=written.table_size,
                         flags=BitmapFlag(int(entry.flags) & ~int(BitmapFlag.IN_USE)),
                     )
-                new_entries.append(entry)
-            changes: dict[int, bytes | None] = {}
-            autoclear_set = 0
-            autoclear_clear = 0
-            if new_entries:
-                extent, size = session.write_directory(new_entries)
-                changes[layout.EXT_BITMAPS] = bitmaps_extension_bytes(
-                    len(new_entries), extent.offset, size
-                )
-                autoclear_set |= 1
-            else:
-                changes[layout.EXT_BITMAPS] = None
-                autoclear_clear |= 1
-            self._levels_changes(changes, new_entries)
-            if changes.get(layout.EXT_LEVELS, b"") is None:
-                autoclear_clear |= 1 << layout.LEVELS_AUTOCLEAR_BIT
-            # Commit: one write of cluster 0, flushed before and after.
-            session.commit_header(
-                extensions=changes,
-                autoclear_set=autoclear_set,
-                autoclear_clear=autoclear_clear,
-                what=_commit_text(self.results),
-            )
-        # Release: only now is nothing pointing at the old clusters.
-        freed: list[tuple[Extent, str]] = []
-        if (self.targets or self.drop or self.drop_everything) and self.directory.error is None:
-            ext = self.image.bitmaps_extension
-            if ext is not None and ext.bitmap_directory_size:
-                freed.append(
-                    (
-                        directory_extent(
-                            ext.bitmap_directory_offset, ext.bitmap_directory_size, cs
-                        ),
-                        "old bitmap directory",
+                elif entry.index in self.stale_kept:
+                    entry = dataclasses.replace(
+                        entry, flags=BitmapFlag(int(entry.flags) | int(BitmapFlag.IN_USE))
                     )
-                )
-        for index in self.targets:
-            entry = by_index[index]
-            extents = entry_extents(entry, old_tables[index], cs)
-            self.results[index].freed_clusters = sum(e.count for e in extents)
-            freed.extend((e, f"old table/data of bitmap {entry.display_name!r}") for e in extents)
-        if self.drop:
-            from qbitmap.check.clusters import reference_map
+                if entry.index in self.renames:
+                    entry = entry.renamed(entry.qemu_name)
+                new_entries.append(entry)
+        changes: dict[int, bytes | None] = {}
+        autoclear_set = 0
+        autoclear_clear = 0
+        if new_entries:
+            extent, size = session.write_directory(new_entries)
+            changes[layout.EXT_BITMAPS] = bitmaps_extension_bytes(
+                len(new_entries), extent.offset, size
+            )
+            autoclear_set |= 1
+        else:
+            changes[layout.EXT_BITMAPS] = None
+            autoclear_clear |= 1
+        self._levels_changes(changes)
+        if changes.get(layout.EXT_LEVELS, b"") is None:
+            autoclear_clear |= 1 << layout.LEVELS_AUTOCLEAR_BIT
+        # Commit: one write of cluster 0, flushed before and after.
+        session.commit_header(
+            extensions=changes,
+            autoclear_set=autoclear_set,
+            autoclear_clear=autoclear_clear,
+            what=_commit_text(self.results),
+        )
 
-            refmap = reference_map(self.image)
-            for index in self.drop:
-                entry = by_index[index]
-                mine = (
-                    refmap.exclusive_clusters(index) if refmap.complete else np.empty(0, np.int64)
-                )
-                alloc = session.allocator
-                own = [int(c) for c in mine.tolist() if alloc.refcount(int(c)) > 0]
-                self.results[index].freed_clusters = len(own)
-                freed.extend(
-                    (Extent(c * cs, 1), f"clusters of dropped bitmap {entry.display_name!r}")
-                    for c in own
-                )
+    def _removed_references(self) -> Counter[int]:
+        """References to each cluster that the commit removed from the image."""
+        removed: Counter[int] = Counter()
+        if not self.changes_bitmaps() or self.structures is None:
+            return removed
+        gone = set(self.targets) | self.drop
+        if self.drop_everything:
+            gone = {e.index for e in self.entries}
+        clusters, _kinds, index, _source = bitmap_references(self.image, self.structures)
+        mine = np.isin(index, np.array([-1, *gone], dtype=np.int32))
+        removed.update(clusters[mine].tolist())
+        return removed
+
+    def _release(self) -> None:
+        """Drop the references the commit removed, never below what remains, then leaks."""
+        session = self.session
+        cs = session.cluster_size
+        refmap = self.refmap()
+        removed = self._removed_references()
+        frees: list[tuple[int, int, str]] = []  # (cluster, decrements, what)
+        per_bitmap: Counter[int] = Counter()
+        if removed:
+            clusters = np.array(sorted(removed), dtype=np.int64)
+            total = refmap.reference_counts(clusters)
+            owner = self._owners()
+            for cluster, refs in zip(clusters.tolist(), total.tolist(), strict=True):
+                rc = session.allocator.refcount(cluster)
+                remaining = refs - removed[cluster]
+                new = 0 if remaining <= 0 else min(rc, max(remaining, rc - removed[cluster]))
+                if rc - new > 0:
+                    index, what = owner.get(cluster, (-1, "old bitmap clusters"))
+                    frees.append((cluster, rc - new, what))
+                    if new == 0:
+                        per_bitmap[index] += 1
+        for index, count in per_bitmap.items():
+            if index in self.results:
+                self.results[index].freed_clusters = count
         for cluster, count in self.leaks:
+            if cluster not in removed:
+                frees.append((cluster, count, "leaked cluster"))
+        for cluster, count, what in frees:
             for _ in range(count):
-                freed.append((Extent(cluster * cs, 1), "leaked cluster"))
-        for extent, what in freed:
-            session.free([extent], what=what)
-        if freed:
-            session.flush(what="make the frees durable")
+                session.free([Extent(cluster * cs, 1)], what=what)
+        if frees:
+            session.flush(what="make the refcount decrements durable")
 
-    def _levels_changes(self, changes: dict[int, bytes | None], kept: list[BitmapEntry]) -> None:
+    def _owners(self) -> dict[int, tuple[int, str]]:
+        """Which bitmap (directory index, -1 the directory) each removed cluster belonged to."""
+        out: dict[int, tuple[int, str]] = {}
+        if self.structures is None:
+            return out
+        names = {e.index: e.display_name for e in self.entries}
+        clusters, _kinds, index, _source = bitmap_references(self.image, self.structures)
+        for cluster, i in zip(clusters.tolist(), index.tolist(), strict=True):
+            what = (
+                "old bitmap directory"
+                if i < 0
+                else f"old table/data of bitmap {names.get(i, '?')!r}"
+            )
+            out.setdefault(cluster, (i, what))
+        return out
+
+    def _levels_changes(self, changes: dict[int, bytes | None]) -> None:
         lev = self.image.read_levels()
         if lev is None or lev.error is not None or lev.version != layout.LEVELS_VERSION:
             return

@@ -20,16 +20,16 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from qbitmap.errors import UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import unique_sorted
 from qbitmap.format.guest import GuestDisk, Segment
 
 CHUNK_BYTES = 4 << 20
-# Guest bytes mapped (per side) at a time while comparing.
-WINDOW_BYTES = 64 << 20
 WORKERS = min(2, os.cpu_count() or 1)
 
 
@@ -179,20 +179,8 @@ def diff_bits(
                         end = aligned
                 tasks.append((piece, pos, end))
                 pos = end
-        found: list[np.ndarray] = []
         with ctx as progress:  # type: ignore[attr-defined]
-            # Window by window: map a window's pages in one call per file,
-            # compare, then drop the mappings, so the resident set stays near
-            # 2 x WINDOW_BYTES and pages are read once, just before their
-            # comparison, even when the images are larger than memory.
-            for window in _windows(tasks):
-                segs_a = [piece.a.cut(pos, end) for piece, pos, end in window]
-                segs_b = [piece.b.cut(pos, end) for piece, pos, end in window]
-                image.populate(segs_a)
-                reference.populate(segs_b)
-                found.extend(_run_tasks(image, reference, window, granularity, progress))
-                image.release(segs_a)
-                reference.release(segs_b)
+            found = _run_tasks(image, reference, tasks, granularity, progress)
         stats.compared_bytes = sum(end - pos for _p, pos, end in tasks)
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
@@ -202,22 +190,6 @@ def diff_bits(
         stats.differing_granules = len(idx)
         np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
     return bits, stats
-
-
-def _windows(
-    tasks: list[tuple[Piece, int, int]],
-) -> Iterator[list[tuple[Piece, int, int]]]:
-    """Consecutive runs of *tasks* covering about WINDOW_BYTES of guest data each."""
-    window: list[tuple[Piece, int, int]] = []
-    size = 0
-    for task in tasks:
-        window.append(task)
-        size += task[2] - task[1]
-        if size >= WINDOW_BYTES:
-            yield window
-            window, size = [], 0
-    if window:
-        yield window
 
 
 def _run_tasks(
@@ -339,6 +311,49 @@ def _compare(
             return np.empty(0, dtype=np.int64)
         return _granule_flags(neq, start, n, granularity)
     return _granule_flags_bytes(buf_a != buf_b, start, granularity)
+
+
+def validate_reference(
+    image_path: str | os.PathLike[str],
+    reference_path: str | os.PathLike[str],
+    *,
+    reference_format: str | None = None,
+) -> None:
+    """Refuse a reference that cannot tell what changed in the image.
+
+    Raises UsageError (exit 64) when the reference is the image itself -- the
+    same file under any name, or a qcow2 whose backing chain contains it:
+    every granule would compare equal and the writes since the last backup
+    would never be marked.  Raises UnsupportedImageError when either side's
+    guest data cannot be read (an external data file, encryption), naming
+    ``--mode full`` as what works instead.
+    """
+    try:
+        with GuestDisk(image_path, fmt="qcow2"):
+            pass
+        with GuestDisk(reference_path, fmt=reference_format) as reference:
+            theirs = reference.sources()
+    except UnsupportedImageError as exc:
+        raise UnsupportedImageError(
+            f"{exc}; --reference compares guest data, which qbitmap cannot read here: "
+            "use --mode full instead"
+        ) from exc
+    image = _identity(image_path)
+    if image in theirs:
+        which = (
+            "is the image itself"
+            if _identity(reference_path) == image
+            else "has the image in its backing chain"
+        )
+        raise UsageError(
+            f"--reference {reference_path} {which}: every granule would compare equal and "
+            "the writes since the last backup would never be marked"
+        )
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(Path(path))
+    return st.st_dev, st.st_ino
 
 
 def reduce_bits(bits: np.ndarray, nbits_fine: int, factor: int, nbits_coarse: int) -> np.ndarray:

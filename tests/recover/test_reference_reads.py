@@ -1,7 +1,7 @@
-"""The reference comparison maps a bounded window at a time and drops it afterwards.
+"""The reference comparison reads bounded chunks into reused buffers.
 
-Exactness must not depend on where windows end, and the process must not keep
-more than about two windows of the files mapped, however large they are.
+Exactness must not depend on where chunks end, and the process must not hold
+more than a few chunks of the files in memory, however large they are.
 """
 
 from __future__ import annotations
@@ -30,29 +30,19 @@ def _pair(tmp_path, *, size=64 * MiB, seed=7):
     return a, b, writes
 
 
-def test_windows_partition_the_tasks_in_order(monkeypatch):
-    monkeypatch.setattr(reference, "WINDOW_BYTES", 10)
-    tasks = [(None, start, start + 4) for start in range(0, 40, 4)]
-    windows = list(reference._windows(tasks))
-    assert [t for w in windows for t in w] == tasks
-    assert all(sum(e - s for _, s, e in w) < 10 + 4 for w in windows)
-    assert len(windows) == 4
-
-
-def test_result_does_not_depend_on_the_window_size(tmp_path, monkeypatch):
+def test_result_does_not_depend_on_the_chunk_size(tmp_path, monkeypatch):
     a, b, writes = _pair(tmp_path)
     expected = {o // 65536 for o in writes[::5]}
     results = []
-    for window in (64 * MiB, 4 * MiB, 65536):
-        monkeypatch.setattr(reference, "WINDOW_BYTES", window)
+    for chunk in (4 * MiB, 65536, 3 * 65536):
+        monkeypatch.setattr(reference, "CHUNK_BYTES", chunk)
         bits, _ = diff_bits(a, b, virtual_size=64 * MiB, granularity=65536)
         results.append(set(np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist()))
     assert results == [expected] * 3
 
 
-def test_resident_memory_stays_bounded_by_the_window(tmp_path):
-    # 192 MiB of data per side, compared with 16 MiB windows: the process must
-    # not end up with the whole files mapped.
+def test_resident_memory_stays_bounded(tmp_path):
+    # 192 MiB of data per side: the process must not hold the files in memory.
     size = 256 * MiB
     a = qemu.create_image(tmp_path / "a.qcow2", size)
     b = qemu.create_image(tmp_path / "b.qcow2", size)
@@ -61,7 +51,6 @@ def test_resident_memory_stays_bounded_by_the_window(tmp_path):
     code = (
         "import sys\n"
         "from qbitmap.recover import reference\n"
-        "reference.WINDOW_BYTES = 16 << 20\n"
         f"bits, stats = reference.diff_bits({str(a)!r}, {str(b)!r}, virtual_size={size}, "
         "granularity=65536)\n"
         "assert not bits.any(), 'identical data reported as different'\n"
@@ -74,5 +63,5 @@ def test_resident_memory_stays_bounded_by_the_window(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     peak_kib = int(out.stdout.strip())
-    # Interpreter + numpy ~40 MiB, two 16 MiB windows per side mapped at most.
-    assert peak_kib < 160 * 1024, f"peak RSS {peak_kib} KiB: more than a few windows mapped"
+    # Interpreter + numpy ~40 MiB, two 4 MiB buffers per worker.
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB: the data is held in memory"
