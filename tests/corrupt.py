@@ -398,6 +398,8 @@ EDITS: dict[str, Edit] = {
     "data-on-directory": lambda l: _table_entry(l, "b1", 0, l.dir_offset),
     "tables-shared": lambda l: _entry_field(l, "b1", 0, ">Q", l.entry("b0").table_offset),
     "dir-on-l2": lambda l: _ext(l, 16, ">Q", l.l2_offset),
+    # guest data pointing at the bitmap directory (refcount 1, COPIED as for refcount 1)
+    "l2-on-directory": lambda l: _l2(l, 50 * MiB, lambda _w: COPIED | l.dir_offset),
     # the image around the bitmaps
     "magic": lambda l: poke(l.path, 0, ">I", 0x12345678),
     "incompat-unknown-bit": lambda l: _set_incompat(l, 5),

@@ -21,7 +21,14 @@ from qbitmap.check.context import Context
 from qbitmap.check.directory import geometry_valid
 from qbitmap.check.findings import Finding
 from qbitmap.errors import QbitmapError
-from qbitmap.format import BitmapEntry, Geometry, Image, popcount, read_bits
+from qbitmap.format import (
+    BitmapEntry,
+    Geometry,
+    Image,
+    IncompatibleFeature,
+    popcount,
+    read_bits,
+)
 from qbitmap.units import iec
 
 
@@ -91,6 +98,7 @@ def in_use_finding(
     est: RecoveryEstimate | None,
     *,
     live_writer: bool,
+    dirty: bool = False,
 ) -> Finding:
     name = entry.display_name
     common = {
@@ -122,6 +130,11 @@ def in_use_finding(
         )
     else:
         how = "'qbitmap recover --mode full' or '--reference FILE' (it has no consistency-level record)"
+    if dirty:
+        how = (
+            "'qemu-img check -r all' first (the image is marked dirty: lazy refcounts left its "
+            f"refcounts to be repaired, and recover writes only into a clean image), then {how}"
+        )
     return Finding(
         "bitmap-in-use",
         f"bitmap {name!r} was left in use by a writer that stopped without closing it, so its "
@@ -147,13 +160,18 @@ def check(
     by_name = levels.assess(image, ctx.entries)
     names = {e.name for e in ctx.entries}
     live_writer = live.writer_present(ctx.held_locks)
+    dirty = image.header.version >= 3 and bool(
+        image.header.incompatible & IncompatibleFeature.DIRTY
+    )
     for entry in ctx.entries:
         a = by_name.get(entry.name, levels.Assessment("absent"))
         assessments[entry.index] = a
         est = estimate(image, entry, a, ctx.tables.get(entry.index), sound=entry.index in sound)
         estimates[entry.index] = est
         if entry.in_use:
-            findings.append(in_use_finding(entry, a, est, live_writer=live_writer))
+            findings.append(
+                in_use_finding(entry, a, est, live_writer=live_writer, dirty=dirty)
+            )
         if a.status == "stale":
             findings.append(
                 Finding(

@@ -44,7 +44,7 @@ from typing import Protocol, Self
 
 import numpy as np
 
-from qbitmap.errors import ImageFormatError, ImageIOError, UnsupportedImageError
+from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError, UnsupportedImageError
 from qbitmap.format import layout
 from qbitmap.format.image import QCOW_MAX_L1_SIZE, Image
 from qbitmap.format.model import IncompatibleFeature
@@ -266,7 +266,16 @@ class Qcow2Layer:
             backing_path = Path(name) if os.path.isabs(name) else self.path.parent / name
             fmt_ext = image.extension(layout.EXT_BACKING_FORMAT)
             fmt = fmt_ext.data.decode("ascii", "replace") if fmt_ext is not None else None
-            self.backing = open_layer(backing_path, self.stats, fmt=fmt, depth=depth + 1)
+            try:
+                self.backing = open_layer(backing_path, self.stats, fmt=fmt, depth=depth + 1)
+            except ImageFormatError as exc:
+                raise ImageFormatError(
+                    f"{backing_path}, the backing file of {self.path}: {exc.reason}",
+                    offset=exc.offset,
+                    field=exc.field,
+                ) from exc
+            except QbitmapError as exc:
+                raise type(exc)(f"{exc} (the backing file of {self.path})") from exc
 
     # -- mapping ------------------------------------------------------------------
 

@@ -77,6 +77,7 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "data-on-directory": ("bitmap-cluster-overlap", 2),
     "tables-shared": ("bitmap-cluster-overlap", 2),
     "dir-on-l2": ("bitmap-cluster-overlap", 2),
+    "l2-on-directory": ("bitmap-cluster-overlap", 2),
     # leaks only
     "data-refcount-2": ("bitmap-cluster-leaked", 3),
     "dir-refcount-3": ("bitmap-cluster-leaked", 3),

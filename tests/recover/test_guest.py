@@ -129,3 +129,20 @@ def test_different_sizes_compare_as_zeros_past_the_end(tmp_path):
     bits, stats = diff_bits(image, ref, virtual_size=16 * MiB, granularity=65536)
     assert np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist() == [15 * MiB // 65536]
     assert stats.reference_size == 8 * MiB
+
+
+def test_an_unreadable_backing_file_is_named_with_the_image_that_refers_to_it(tmp_path):
+    from qbitmap.errors import QbitmapError
+    from qbitmap.format.guest import GuestDisk
+
+    base = qemu.create_image(tmp_path / "base.qcow2", 1 << 20)
+    top = qemu.create_image(tmp_path / "top.qcow2", None, backing=base)
+    base.write_bytes(b"not an image at all" * 100)  # now probed as... qcow2 by the format name
+    with pytest.raises(QbitmapError) as info:
+        GuestDisk(top)
+    text = str(info.value)
+    assert str(base) in text and f"the backing file of {top}" in text
+    base.unlink()
+    with pytest.raises(QbitmapError) as info:
+        GuestDisk(top)
+    assert f"the backing file of {top}" in str(info.value)
