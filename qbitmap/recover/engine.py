@@ -111,6 +111,9 @@ class RecoverReport:
     clusters_allocated: int = 0
     clusters_freed: int = 0
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # Every write issued to the file, (offset, length), in order: with --dry-run the ones
+    # a real run would issue.
+    writes: list[tuple[int, int]] = field(default_factory=list)
     findings: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int = 0
 
@@ -125,6 +128,7 @@ class RecoverReport:
             "clusters_allocated": self.clusters_allocated,
             "clusters_freed": self.clusters_freed,
             "steps": self.steps,
+            "writes": [list(w) for w in self.writes],
             "findings": self.findings,
             "exit_code": self.exit_code,
         }
@@ -200,6 +204,7 @@ def recover(
         else:
             report.status = "leaks-reclaimed"
         report.steps = [step.as_dict() for step in session.journal]
+        report.writes = list(session.write_log)
         report.clusters_allocated = sum(e.count for e in session.allocator.allocated)
         report.clusters_freed = sum(e.count for e in session.allocator.freed)
     return report

@@ -257,6 +257,12 @@ class WriteSession:
         if unknown:
             self.commit_header(autoclear_clear=unknown, what="clear unknown autoclear bits")
 
+    @property
+    def write_log(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of every write issued so far (to the overlay in a dry run)."""
+        stats = getattr(self.disk, "stats", None)
+        return list(stats.write_log) if stats is not None else []
+
     # -- journal ---------------------------------------------------------------
 
     def _log(
