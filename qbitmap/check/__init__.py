@@ -25,7 +25,6 @@ from typing import Any
 
 from qbitmap import levels as levels_mod
 from qbitmap.check import clusters, directory, header, levels, live, tables
-from qbitmap.check.clusters import reference_map
 from qbitmap.format.references import Kind, ReferenceMap
 from qbitmap.check.context import Context
 from qbitmap.check.findings import CODES, REPAIRS, Finding, Severity
@@ -77,7 +76,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     bitmaps: list[BitmapStatus] = field(default_factory=list)
     # The reference map the check built (every structure, bitmaps included when QEMU would
-    # load them: what ``clusters.reference_map`` returns), None if the check stopped before;
+    # load them: what ``qbitmap.format.references.reference_map`` returns), None if the check
+    # stopped before;
     # ``recover`` reuses it instead of walking every L1/L2 table a second time.
     reference_map: ReferenceMap | None = field(default=None, repr=False, compare=False)
 
@@ -224,5 +224,4 @@ __all__ = [
     "Severity",
     "check_image",
     "check_path",
-    "reference_map",
 ]

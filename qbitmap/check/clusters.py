@@ -8,8 +8,8 @@ than its refcount says is corruption, a refcount above the references a leak,
 a refcount block must be referenced exactly once; and, what QEMU does not say,
 which bitmap clusters are shared with something else, unallocated or leaked.
 
-``qbitmap recover`` uses :func:`reference_map` to learn which clusters it may
-free and which it must never allocate.
+``qbitmap recover`` reads the same map (:func:`qbitmap.format.references.reference_map`)
+to learn which clusters it may free and which it must never allocate.
 """
 
 from __future__ import annotations
@@ -19,21 +19,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from qbitmap.check.context import Context
-from qbitmap.check.directory import directory_readable, entry_findings, scan_directory
+from qbitmap.check.directory import directory_findings, entry_findings
 from qbitmap.check.findings import Finding
-from qbitmap.check.tables import entry_problems, read_tables
-from qbitmap.errors import ImageFormatError
-from qbitmap.format import (
-    BitmapEntry,
-    BitmapsExtension,
-    Image,
-    IncompatibleFeature,
-    layout,
-    unique_sorted,
-)
+from qbitmap.check.tables import entry_problems
+from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout, unique_sorted
+from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import (
     BitmapRef,
-    BitmapStructures,
     Defect,
     DefectKind,
     Kind,
@@ -79,45 +71,6 @@ def defect_findings(refmap: ReferenceMap, *, dirty: bool) -> Iterator[Finding]:
                 "; the image is marked dirty (lazy refcounts): 'qemu-img check -r all' repairs it"
             )
         yield Finding(_defect_code(defect), message, offset=defect.offset, field=defect.field)
-
-
-def parsed_bitmaps_extension(image: Image) -> BitmapsExtension | None:
-    """The bitmaps extension's fields, or None when it is absent or not 24 bytes long."""
-    try:
-        return image.bitmaps_extension
-    except ImageFormatError:
-        return None
-
-
-def bitmap_structures(image: Image, *, honored_only: bool = True) -> BitmapStructures | None:
-    """The bitmap structures to count: those QEMU would load (or, without *honored_only*, any)."""
-    ext = parsed_bitmaps_extension(image)
-    if ext is None:
-        return None
-    header = image.header
-    if honored_only and (header.version < 3 or not (header.autoclear_features or 0) & 1):
-        return None
-    if not directory_readable(image, ext):
-        return None
-    entries = scan_directory(image, ext).entries
-    return BitmapStructures(
-        ext.bitmap_directory_offset,
-        ext.bitmap_directory_size,
-        ext.offset + 16,
-        entries,
-        read_tables(image, entries),
-    )
-
-
-def reference_map(image: Image, *, honored_only: bool = True) -> ReferenceMap:
-    """Every reference in *image*, bitmaps included when QEMU would load them.
-
-    With ``honored_only=False`` the bitmaps of an extension QEMU ignores
-    (autoclear bit 0 clear) are counted too: what ``recover`` must not hand
-    out while it could still bring them back.  Never raises for corruption:
-    see :func:`qbitmap.format.references.walk`.
-    """
-    return walk(image, bitmap_structures(image, honored_only=honored_only))
 
 
 # -- refcounts against references ------------------------------------------------------------
@@ -328,12 +281,10 @@ def ignored_bitmaps(
     alone -- referenced once, by them only, with refcount exactly 1 -- so that
     a recovery can hand them back to QEMU.
     """
-    bitmaps = bitmap_structures(image, honored_only=False)
+    bitmaps = image.bitmap_structures(honored_only=False)
     if bitmaps is None:
         return None, [], _EMPTY_I64, False
-    ext = parsed_bitmaps_extension(image)
-    assert ext is not None
-    problems: list[Finding] = list(scan_directory(image, ext).findings)
+    problems: list[Finding] = list(directory_findings(image.read_directory()))
     for entry in bitmaps.entries:
         problems.extend(entry_findings(image, entry))
         table = bitmaps.tables.get(entry.index)
@@ -384,7 +335,7 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
             f"this version 2 image has a bitmaps extension with {_plural(ext.nb_bitmaps, 'bitmap')}"
             f"{held}; QEMU keeps no bitmaps in v2 images, so they are lost to it and it drops "
             "the extension on its next write ('qemu-img check -r leaks' frees its clusters)",
-            offset=ext.offset - 8,
+            offset=ext.offset - layout.EXTENSION_HEADER_SIZE,
             field="bitmaps extension",
             area="bitmaps",
         )
@@ -395,7 +346,7 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
             f"({_plural(ext.nb_bitmaps, 'bitmap')}{held}) and drops it on its next write; its "
             "clusters are still theirs alone, so 'qbitmap recover --mode full' (or "
             "'--reference FILE') can bring the bitmaps back, and '--drop-broken' drops them",
-            offset=88,
+            offset=layout.HEADER_FIELD.autoclear_features,
             field="autoclear_features",
             area="bitmaps",
         )
@@ -406,7 +357,7 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
             f"({_plural(ext.nb_bitmaps, 'bitmap')}{held}), and its structures are damaged or "
             "their clusters are no longer theirs alone, so they cannot be brought back; "
             "'qbitmap recover --drop-broken' drops the extension",
-            offset=88,
+            offset=layout.HEADER_FIELD.autoclear_features,
             field="autoclear_features",
             area="bitmaps",
         )
@@ -434,7 +385,7 @@ def check(ctx: Context) -> Iterator[Finding]:
         bitmaps = BitmapStructures(
             ext.bitmap_directory_offset,
             ext.bitmap_directory_size,
-            ext.offset + 16,
+            ext.field_offset("bitmap_directory_offset"),
             ctx.entries,
             ctx.tables,
         )

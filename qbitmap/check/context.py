@@ -35,10 +35,6 @@ class Context:
     directory_complete: bool = False
     # Bitmap tables that were read, by directory index (all entries, native uint64).
     tables: dict[int, np.ndarray] = field(default_factory=dict)
-    # Indices of table entries that are valid and point at a data cluster.
-    data_entries: dict[int, np.ndarray] = field(default_factory=dict)
-    # Directory indices whose table location is sane (in the file, aligned, bounded).
-    table_located: set[int] = field(default_factory=set)
     refmap: ReferenceMap | None = None
     # The bitmaps of an extension QEMU ignores (autoclear bit 0 clear, or a v2 image),
     # whether recover can bring them back, and their clusters (not reported as leaks).

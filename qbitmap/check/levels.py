@@ -18,7 +18,6 @@ import numpy as np
 from qbitmap import levels
 from qbitmap.check import live
 from qbitmap.check.context import Context
-from qbitmap.check.directory import geometry_valid
 from qbitmap.check.findings import Finding
 from qbitmap.errors import QbitmapError
 from qbitmap.format import (
@@ -75,7 +74,7 @@ def estimate(
     if assessment.status == "absent":
         return None
     gran = recovery_granularity(image, entry, assessment)
-    if not (assessment.trusted and sound and table is not None and geometry_valid(entry)):
+    if not (assessment.trusted and sound and table is not None and entry.granularity_valid):
         return RecoveryEstimate(gran, None, None)
     geo = Geometry(image.virtual_size, entry.granularity, image.cluster_size)
     if len(table) != geo.table_size:
@@ -102,7 +101,7 @@ def in_use_finding(
 ) -> Finding:
     name = entry.display_name
     common = {
-        "offset": entry.offset + 12,
+        "offset": entry.field_offset("flags"),
         "field": "flags",
         "bitmap": name,
         "area": "bitmap",

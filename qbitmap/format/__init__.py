@@ -6,8 +6,6 @@ Nothing here prints, exits or imports click/rich.  Higher layers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qbitmap.format.bitmap import (
     Chunk,
     Geometry,
@@ -39,19 +37,6 @@ from qbitmap.format.model import (
     select_entries,
 )
 
-if TYPE_CHECKING:
-    from qbitmap.format.refcount import Refcounts
-
-
-def __getattr__(name: str) -> object:
-    # Refcounts is imported on first use: dump never needs it.
-    if name == "Refcounts":
-        from qbitmap.format.refcount import Refcounts
-
-        return Refcounts
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AutoclearFeature",
     "BitmapEntry",
@@ -68,7 +53,6 @@ __all__ = [
     "IncompatibleFeature",
     "LevelRecord",
     "LevelsExtension",
-    "Refcounts",
     "bit_runs",
     "check_data_size",
     "dirty_bytes",

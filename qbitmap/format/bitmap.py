@@ -21,15 +21,13 @@ import numpy as np
 
 from qbitmap.errors import ImageFormatError
 from qbitmap.format import layout
-from qbitmap.format.image import BME_MAX_PHYS_SIZE, Image
+from qbitmap.format.entries import bitmap_table_entries
+from qbitmap.format.image import Image
+from qbitmap.format.layout import BME_MAX_PHYS_SIZE
 from qbitmap.format.model import BitmapEntry
 
 # Contiguous data clusters are read together, up to this many bytes per read.
 READ_BATCH_BYTES = 1 << 20
-
-_RESERVED = np.uint64(layout.BITMAP_TABLE_RESERVED_MASK)
-_OFFSET = np.uint64(layout.BITMAP_TABLE_OFFSET_MASK)
-_ONES = np.uint64(layout.BITMAP_TABLE_ALL_ONES)
 
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
@@ -115,27 +113,14 @@ def geometry_of(image: Image, entry: BitmapEntry) -> Geometry:
 
 def table_entry_problem(word: int, cluster_size: int) -> str | None:
     """Why a bitmap table entry is invalid (QEMU's check_table_entry), or None."""
-    if word & layout.BITMAP_TABLE_RESERVED_MASK:
+    classes = bitmap_table_entries(np.array([word], dtype=np.uint64), cluster_size)
+    if classes.reserved[0]:
         return f"reserved bits {word & layout.BITMAP_TABLE_RESERVED_MASK:#x} are set"
-    offset = word & layout.BITMAP_TABLE_OFFSET_MASK
-    if offset and word & layout.BITMAP_TABLE_ALL_ONES:
+    if classes.ones_with_offset[0]:
         return "the all-ones bit is set together with a data cluster offset"
-    if offset % cluster_size:
-        return f"data cluster offset {offset:#x} is not cluster aligned"
+    if classes.unaligned[0]:
+        return f"data cluster offset {int(classes.offsets[0]):#x} is not cluster aligned"
     return None
-
-
-def valid_data_entries(table: np.ndarray, cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the table entries that pass ``check_table_entry`` and name a data cluster.
-
-    Returns ``(indices, offsets)``: the entries with no reserved bit, no
-    all-ones bit, a non-zero cluster-aligned offset, and those offsets.
-    """
-    offsets = table & _OFFSET
-    ok = ((table & _RESERVED) == 0) & (offsets != 0) & ((table & _ONES) == 0)
-    ok &= (offsets % np.uint64(cluster_size)) == 0
-    idx = np.flatnonzero(ok)
-    return idx, offsets[idx]
 
 
 def iter_chunks(
@@ -210,7 +195,7 @@ def check_data_size(image: Image, entry: BitmapEntry) -> None:
             f"bitmap {entry.display_name!r} would need {used} data clusters "
             f"({used * image.cluster_size} bytes), more than QEMU's limit of "
             f"{BME_MAX_PHYS_SIZE} bytes of bitmap data",
-            offset=entry.offset + 8,
+            offset=entry.field_offset("bitmap_table_size"),
             field="bitmap_table_size",
         )
 
@@ -314,7 +299,7 @@ def read_bits(image: Image, entry: BitmapEntry, table: np.ndarray | None = None)
         raise ImageFormatError(
             f"bitmap {entry.display_name!r} would need {geo.nbytes} bytes of data, more than "
             "QEMU's limit of 512 MiB",
-            offset=entry.offset + 17,
+            offset=entry.field_offset("granularity_bits"),
             field="granularity_bits",
         )
     out = np.zeros(geo.nbytes, dtype=np.uint8)

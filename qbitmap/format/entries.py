@@ -19,6 +19,7 @@ types are QEMU's (``qcow2_get_cluster_type`` in block/qcow2.h):
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -46,11 +47,68 @@ ZERO = _U(layout.QCOW_OFLAG_ZERO)
 SUBCLUSTER_ALLOC = _U(0xFFFFFFFF)  # extended L2: bit x "subcluster x allocated"
 REFT_OFFSET = _U(layout.REFT_OFFSET_MASK)
 REFT_RESERVED = _U(layout.REFT_RESERVED_MASK)
+BITMAP_TABLE_OFFSET = _U(layout.BITMAP_TABLE_OFFSET_MASK)
+BITMAP_TABLE_RESERVED = _U(layout.BITMAP_TABLE_RESERVED_MASK)
+BITMAP_TABLE_ALL_ONES = _U(layout.BITMAP_TABLE_ALL_ONES)
 
 
 def be64(data: bytes | bytearray | memoryview) -> np.ndarray:
     """Big-endian 64-bit table entries as native uint64."""
     return np.frombuffer(data, dtype=">u8").astype(np.uint64)
+
+
+def to_be64(values: np.ndarray) -> bytes:
+    """Native uint64 table entries as big-endian bytes."""
+    return np.asarray(values, dtype=np.uint64).astype(">u8").tobytes()
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapTableEntries:
+    """Bitmap table entries sorted by QEMU's ``check_table_entry`` (block/qcow2-bitmap.c).
+
+    Boolean masks, one per entry: ``reserved`` (reserved bits set),
+    ``ones_with_offset`` (the all-ones bit with a data offset), ``unaligned``
+    (a data offset that is not cluster aligned); of the valid entries,
+    ``data`` name a data cluster at ``offsets`` and ``ones`` read as all ones
+    (the rest read as zeros).
+    """
+
+    offsets: np.ndarray
+    reserved: np.ndarray
+    ones_with_offset: np.ndarray
+    unaligned: np.ndarray
+    data: np.ndarray
+    ones: np.ndarray
+
+    @property
+    def invalid(self) -> np.ndarray:
+        return self.reserved | self.ones_with_offset | self.unaligned
+
+
+def bitmap_table_entries(table: np.ndarray, cluster_size: int) -> BitmapTableEntries:
+    """Classify every entry of a bitmap table (native uint64 words)."""
+    offsets = table & BITMAP_TABLE_OFFSET
+    all_ones = (table & BITMAP_TABLE_ALL_ONES) != 0
+    reserved = (table & BITMAP_TABLE_RESERVED) != 0
+    ones_with_offset = (offsets != 0) & all_ones
+    unaligned = (offsets % _U(cluster_size)) != 0
+    valid = ~(reserved | ones_with_offset | unaligned)
+    return BitmapTableEntries(
+        offsets=offsets,
+        reserved=reserved,
+        ones_with_offset=ones_with_offset,
+        unaligned=unaligned,
+        data=valid & (offsets != 0),
+        ones=valid & (offsets == 0) & all_ones,
+    )
+
+
+def valid_data_entries(table: np.ndarray, cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the table entries that pass ``check_table_entry`` and name a data cluster,
+    and those data offsets."""
+    classes = bitmap_table_entries(table, cluster_size)
+    idx = np.flatnonzero(classes.data)
+    return idx, classes.offsets[idx]
 
 
 def cluster_types(words: np.ndarray, *, extended: bool, external_data: bool) -> np.ndarray:

@@ -13,13 +13,10 @@ backing file produce the *same* ``(source, host)`` for the shared ranges and
 a comparison can skip them without reading.  :meth:`GuestDisk.read_segment`
 reads (part of) one segment.
 
-qcow2 details follow docs/interop/qcow2.rst "Cluster mapping", "Extended L2
-Entries", "Compressed Clusters Descriptor" and QEMU's
-``qcow2_get_cluster_type``/``qcow2_parse_compressed_l2_entry``
-(shared/reference/qcow2-digest.md 5.3-5.6):
+L2 entries are decoded by :mod:`qbitmap.format.entries` (QEMU's cluster types
+and compressed descriptors); here:
 
-* standard L2 entries: bit 62 compressed, else bit 0 zero, else offset 0
-  unallocated (read the backing file), else data;
+* an UNALLOCATED cluster reads from the backing file;
 * extended L2 (incompatible bit 4): 32 subclusters per cluster, second word
   bit x "allocated", bit 32+x "reads as zeros", neither = backing;
 * compressed: raw deflate (``zlib`` with wbits -15), or zstd
@@ -45,16 +42,18 @@ from typing import Protocol, Self
 import numpy as np
 
 from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError, UnsupportedImageError
+from qbitmap.format import entries as ent
 from qbitmap.format import layout
-from qbitmap.format.image import QCOW_MAX_L1_SIZE, Image
+from qbitmap.format.entries import ClusterType
+from qbitmap.format.image import Image
+from qbitmap.format.layout import QCOW_MAX_L1_SIZE
 from qbitmap.format.model import IncompatibleFeature
 
 MAX_CHAIN_DEPTH = 64
 
-KIND_BACKING = 0
-KIND_ZERO = 1
-KIND_DATA = 2
-KIND_COMPRESSED = 3
+# What a guest range holds once resolved through the chain: QEMU's cluster types
+# (entries.ClusterType), of which a Segment uses three.
+ZERO, DATA, COMPRESSED = ClusterType.ZERO_PLAIN, ClusterType.NORMAL, ClusterType.COMPRESSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +68,7 @@ class Segment:
 
     start: int
     length: int
-    kind: str  # "zero" | "data" | "compressed"
+    kind: ClusterType  # ZERO (reads as zeros), DATA or COMPRESSED
     source: tuple[int, int] | None = None
     host: int = 0
     skip: int = 0
@@ -81,7 +80,7 @@ class Segment:
 
     def same_bytes_as(self, other: Segment) -> bool:
         """True if both segments are known to hold identical bytes without reading."""
-        if self.kind == "zero" and other.kind == "zero":
+        if self.kind == ZERO and other.kind == ZERO:
             return True
         if self.kind != other.kind or self.source is None or self.source != other.source:
             return False
@@ -90,15 +89,15 @@ class Segment:
     def cut(self, start: int, end: int) -> Segment:
         """The part of this segment inside ``[start, end)``."""
         delta = start - self.start
-        if self.kind == "data":
+        if self.kind == DATA:
             return Segment(
-                start, end - start, "data", self.source, self.host + delta, 0, self.layer
+                start, end - start, DATA, self.source, self.host + delta, 0, self.layer
             )
-        if self.kind == "compressed":
+        if self.kind == COMPRESSED:
             return Segment(
                 start,
                 end - start,
-                "compressed",
+                COMPRESSED,
                 self.source,
                 self.host,
                 self.skip + delta,
@@ -186,12 +185,12 @@ class RawLayer:
         if start < stop:
             for a, b, is_data in self._extents(start, stop):
                 if is_data:
-                    yield Segment(a, b - a, "data", self.source, a, 0, self)
+                    yield Segment(a, b - a, DATA, self.source, a, 0, self)
                 else:
-                    yield Segment(a, b - a, "zero")
+                    yield Segment(a, b - a, ZERO)
         if end > max(start, stop):
             lo = max(start, stop)
-            yield Segment(lo, end - lo, "zero")
+            yield Segment(lo, end - lo, ZERO)
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
         _pread_into(self.fd, out, seg.host, self.stats, self.path)
@@ -239,12 +238,12 @@ class Qcow2Layer:
         self.compression_type = header.compression_type or 0
         if header.l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise ImageFormatError(
-                f"l1_size {header.l1_size} is too large", offset=36, field="l1_size"
+                f"l1_size {header.l1_size} is too large", offset=layout.HEADER_FIELD.l1_size, field="l1_size"
             )
         raw = image.read(
             header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset"
         )
-        self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.l1 = ent.be64(raw)
         self._l2_cache: dict[int, np.ndarray] = {}
         self._cluster_cache: tuple[int, bytes] | None = None
         if header.backing_file_offset:
@@ -284,51 +283,52 @@ class Qcow2Layer:
             return self._l2_cache[l1_index]
         if l1_index >= len(self.l1):
             return None
-        offset = int(self.l1[l1_index]) & layout.L1E_OFFSET_MASK
+        offset = int(self.l1[l1_index] & ent.L1E_OFFSET)
         if offset == 0:
             return None
         raw = self.image.read(
             offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry"
         )
-        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        table = ent.be64(raw)
         if len(self._l2_cache) > 4096:
             self._l2_cache.clear()
         self._l2_cache[l1_index] = table
         return table
 
     def _units(self, l2: np.ndarray, first: int, count: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(unit size, kind per unit, host per unit) for L2 entries [first, first+count)."""
+        """(unit size, ClusterType per unit, host per unit) for L2 entries [first, first+count).
+
+        Units are clusters, or subclusters with extended L2 entries.  UNALLOCATED
+        units read from the backing file.  A compressed unit's host is its L2 entry.
+        """
         cs = self.cluster_size
         if not self.extended:
             words = l2[first : first + count]
-            compressed = (words >> np.uint64(62)) & np.uint64(1)
-            zero = words & np.uint64(1)
-            host = words & np.uint64(layout.L2E_OFFSET_MASK)
-            kind = np.full(count, KIND_DATA, dtype=np.int8)
-            kind[host == 0] = KIND_BACKING
-            kind[zero.astype(bool)] = KIND_ZERO
-            kind[compressed.astype(bool)] = KIND_COMPRESSED
-            host = np.where(compressed.astype(bool), words & np.uint64((1 << 62) - 1), host)
+            kind = ent.cluster_types(words, extended=False, external_data=False)
+            kind[kind == ClusterType.ZERO_ALLOC] = ClusterType.ZERO_PLAIN
+            compressed = kind == ClusterType.COMPRESSED
+            host = np.where(compressed, words & ~ent.COPIED, words & ent.L2E_OFFSET)
             return cs, kind, host
         pairs = l2.reshape(-1, 2)[first : first + count]
-        words = pairs[:, 0]
-        bitmap = pairs[:, 1]
+        words, bitmap = pairs[:, 0], pairs[:, 1]
         sub = cs // 32
         shifts = np.arange(32, dtype=np.uint64)
-        alloc = (bitmap[:, None] >> shifts[None, :]) & np.uint64(1)
-        zero = (bitmap[:, None] >> (shifts[None, :] + np.uint64(32))) & np.uint64(1)
-        base = words & np.uint64(layout.L2E_OFFSET_MASK)
-        compressed = ((words >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        kind = np.full((count, 32), KIND_BACKING, dtype=np.int8)
-        kind[alloc.astype(bool)] = KIND_DATA
-        kind[zero.astype(bool)] = KIND_ZERO
+        alloc = ((bitmap[:, None] >> shifts[None, :]) & np.uint64(1)).astype(bool)
+        zero = ((bitmap[:, None] >> (shifts[None, :] + np.uint64(32))) & np.uint64(1)).astype(bool)
+        compressed = ent.cluster_types(words, extended=True, external_data=False) == COMPRESSED
+        kind = np.full((count, 32), ClusterType.UNALLOCATED, dtype=np.int8)
+        kind[alloc] = ClusterType.NORMAL
+        kind[zero] = ClusterType.ZERO_PLAIN
+        kind[compressed, :] = ClusterType.COMPRESSED
+        base = words & ent.L2E_OFFSET
         host = base[:, None] + shifts[None, :] * np.uint64(sub)
-        kind[compressed, :] = KIND_COMPRESSED
-        comp_host = np.repeat((words & np.uint64((1 << 62) - 1))[:, None], 32, axis=1)
+        comp_host = np.repeat((words & ~ent.COPIED)[:, None], 32, axis=1)
         host = np.where(compressed[:, None], comp_host, host)
         return sub, kind.reshape(-1), host.reshape(-1)
 
-    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    def _own_runs(
+        self, start: int, end: int
+    ) -> Iterator[tuple[int, int, ClusterType, int, int]]:
         """(start, end, kind, host, skip) runs of this layer alone (before backing)."""
         cs = self.cluster_size
         span = cs * self.l2_entries
@@ -338,7 +338,7 @@ class Qcow2Layer:
             table_end = min(end, (l1_index + 1) * span)
             l2 = self._l2(l1_index)
             if l2 is None:
-                yield pos, table_end, KIND_BACKING, 0, 0
+                yield pos, table_end, ClusterType.UNALLOCATED, 0, 0
                 pos = table_end
                 continue
             first = (pos % span) // cs
@@ -356,9 +356,9 @@ class Qcow2Layer:
                 same_kind = kind[1:] == kind[:-1]
                 contiguous = host[1:] == host[:-1] + np.uint64(unit)
                 cont = same_kind & (
-                    (kind[1:] == KIND_ZERO)
-                    | (kind[1:] == KIND_BACKING)
-                    | ((kind[1:] == KIND_DATA) & contiguous)
+                    (kind[1:] == ZERO)
+                    | (kind[1:] == ClusterType.UNALLOCATED)
+                    | ((kind[1:] == DATA) & contiguous)
                 )
                 brk[1:] = ~cont
             starts = np.flatnonzero(brk)
@@ -368,12 +368,12 @@ class Qcow2Layer:
                 b = min(table_end, base + e_i * unit)
                 if a >= b:
                     continue
-                k = int(kind[s_i])
+                k = ClusterType(int(kind[s_i]))
                 h = int(host[s_i])
                 skip = 0
-                if k == KIND_DATA:
+                if k == DATA:
                     h += a - (base + s_i * unit)
-                elif k == KIND_COMPRESSED:
+                elif k == COMPRESSED:
                     # unit may be a subcluster: offset inside the decompressed cluster
                     cluster_start = (base + s_i * unit) // cs * cs
                     skip = a - cluster_start
@@ -384,19 +384,19 @@ class Qcow2Layer:
         stop = min(end, self.size)
         if start < stop:
             for a, b, kind, host, skip in self._own_runs(start, stop):
-                if kind == KIND_ZERO:
-                    yield Segment(a, b - a, "zero")
-                elif kind == KIND_DATA:
-                    yield Segment(a, b - a, "data", self.source, host, 0, self)
-                elif kind == KIND_COMPRESSED:
-                    yield Segment(a, b - a, "compressed", self.source, host, skip, self)
+                if kind == ZERO:
+                    yield Segment(a, b - a, ZERO)
+                elif kind == DATA:
+                    yield Segment(a, b - a, DATA, self.source, host, 0, self)
+                elif kind == COMPRESSED:
+                    yield Segment(a, b - a, COMPRESSED, self.source, host, skip, self)
                 elif self.backing is None:
-                    yield Segment(a, b - a, "zero")
+                    yield Segment(a, b - a, ZERO)
                 else:
                     yield from self.backing.segments(a, b)
         if end > max(start, stop):
             lo = max(start, stop)
-            yield Segment(lo, end - lo, "zero")
+            yield Segment(lo, end - lo, ZERO)
 
     # -- reading -------------------------------------------------------------------
 
@@ -404,10 +404,8 @@ class Qcow2Layer:
         if self._cluster_cache is not None and self._cluster_cache[0] == entry:
             return self._cluster_cache[1]
         cs = self.cluster_size
-        shift = 62 - (self.cluster_bits - 8)
-        offset = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-        size = sectors * 512 - (offset & 511)
+        coffset, csize = ent.compressed_ranges(np.array([entry], dtype=np.uint64), self.cluster_bits)
+        offset, size = int(coffset[0]), int(csize[0])
         data = self.image.pread(offset, size)
         self.stats.bytes_read += len(data)
         try:
@@ -434,15 +432,15 @@ class Qcow2Layer:
 
     def view_segment(self, seg: Segment) -> np.ndarray | None:
         """A compressed segment's bytes as a view of its decompressed cluster; None otherwise."""
-        if seg.kind != "compressed":
+        if seg.kind != COMPRESSED:
             return None
         cluster = self._decompress(seg.host)
         return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
-        if seg.kind == "data":
+        if seg.kind == DATA:
             _pread_into(self.image.fd, out, seg.host, self.stats, self.path)
-        elif seg.kind == "compressed":
+        elif seg.kind == COMPRESSED:
             cluster = self._decompress(seg.host)
             out[:] = cluster[seg.skip : seg.skip + len(out)]
         else:
@@ -523,14 +521,14 @@ class GuestDisk:
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
         """Fill *out* (``seg.length`` bytes) with the guest bytes of *seg*."""
-        if seg.kind == "zero" or seg.layer is None:
+        if seg.kind == ZERO or seg.layer is None:
             out[:] = bytes(len(out))
         else:
             seg.layer.read_segment(seg, out)
 
     def view_segment(self, seg: Segment) -> np.ndarray | None:
         """The bytes of a segment without reading into a buffer (decompressed data); or None."""
-        if seg.kind == "zero" or seg.layer is None:
+        if seg.kind == ZERO or seg.layer is None:
             return None
         view = getattr(seg.layer, "view_segment", None)
         return None if view is None else view(seg)
@@ -565,8 +563,8 @@ class GuestDisk:
 def _mergeable(a: Segment, b: Segment) -> bool:
     if a.end != b.start or a.kind != b.kind:
         return False
-    if a.kind == "zero":
+    if a.kind == ZERO:
         return True
-    if a.kind == "data":
+    if a.kind == DATA:
         return a.source == b.source and a.layer is b.layer and a.host + a.length == b.host
     return False

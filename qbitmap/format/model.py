@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from qbitmap.format import layout
 
@@ -66,54 +68,8 @@ EXTENSION_NAMES: dict[int, str] = {
 
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
-HEADER_FIELDS = (
-    "magic",
-    "version",
-    "backing_file_offset",
-    "backing_file_size",
-    "cluster_bits",
-    "size",
-    "crypt_method",
-    "l1_size",
-    "l1_table_offset",
-    "refcount_table_offset",
-    "refcount_table_clusters",
-    "nb_snapshots",
-    "snapshots_offset",
-    "incompatible_features",
-    "compatible_features",
-    "autoclear_features",
-    "refcount_order",
-    "header_length",
-    "compression_type",
-    "padding",
-    "unknown_fields",
-)
-
-# Byte offset of each fixed header field (for error messages and in-place edits).
-HEADER_FIELD_OFFSETS = {
-    "magic": 0,
-    "version": 4,
-    "backing_file_offset": 8,
-    "backing_file_size": 16,
-    "cluster_bits": 20,
-    "size": 24,
-    "crypt_method": 32,
-    "l1_size": 36,
-    "l1_table_offset": 40,
-    "refcount_table_offset": 48,
-    "refcount_table_clusters": 56,
-    "nb_snapshots": 60,
-    "snapshots_offset": 64,
-    "incompatible_features": 72,
-    "compatible_features": 80,
-    "autoclear_features": 88,
-    "refcount_order": 96,
-    "header_length": 100,
-    "compression_type": 104,
-    "padding": 105,
-    "unknown_fields": 112,
-}
+#: The header's fields in file order: the schema's (layout.Header) names.
+HEADER_FIELDS: tuple[str, ...] = tuple(sub.name for sub in layout.Header.subcons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +143,7 @@ class Header:
         return COMPRESSION_TYPES.get(code, f"unknown ({code})")
 
 
+
 @dataclass(frozen=True, slots=True)
 class Extension:
     """One header extension, with its raw data and padding."""
@@ -202,7 +159,11 @@ class Extension:
 
     @property
     def data_offset(self) -> int:
-        return self.offset + 8
+        return self.offset + layout.EXTENSION_HEADER_SIZE
+
+    def field_offset(self, name: str) -> int:
+        """File offset of the extension header's field *name* ("magic", "length")."""
+        return self.offset + getattr(layout.EXTENSION_FIELD, name)
 
     @property
     def total_size(self) -> int:
@@ -250,6 +211,10 @@ class BitmapsExtension:
 
     def build(self) -> bytes:
         return bytes(layout.BitmapsExtension.build(self.to_container()))
+
+    def field_offset(self, name: str) -> int:
+        """File offset of the field *name* of this extension's data."""
+        return self.offset + getattr(layout.BITMAPS_EXTENSION_FIELD, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,9 +268,23 @@ class BitmapEntry:
             self.padding
         )
 
+    def field_offset(self, name: str) -> int:
+        """File offset of the entry's fixed field *name* ("flags", "bitmap_table_size", ...)."""
+        return self.offset + getattr(layout.BITMAP_DIR_ENTRY_FIELD, name)
+
+    @property
+    def name_offset(self) -> int:
+        """File offset of the name's first byte."""
+        return self.offset + layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data)
+
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
+
+    @property
+    def granularity_valid(self) -> bool:
+        """granularity_bits within QEMU's range (9..31): bits and bytes can be computed."""
+        return layout.BME_MIN_GRANULARITY_BITS <= self.granularity_bits <= layout.BME_MAX_GRANULARITY_BITS
 
     @property
     def in_use(self) -> bool:
@@ -394,7 +373,7 @@ class LevelRecord:
 
     @property
     def consistent_level_offset(self) -> int:
-        return self.offset + layout.LEVEL_RECORD_CONSISTENT_LEVEL_OFFSET
+        return self.offset + layout.LEVEL_RECORD_FIELD.consistent_level
 
     @property
     def display_name(self) -> str:
@@ -447,3 +426,14 @@ def select_entries(
     chosen = [e for e in entries if any(e.named(n) for n in names)]
     missing = [n for n in names if not any(e.named(n) for e in entries)]
     return chosen, missing
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapStructures:
+    """A bitmap directory, its entries and their tables: what the bitmaps reference."""
+
+    directory_offset: int
+    directory_size: int
+    directory_source: int  # file offset of the field naming the directory
+    entries: Sequence[BitmapEntry]
+    tables: Mapping[int, np.ndarray]  # by directory index; entries without one are skipped

@@ -27,23 +27,22 @@ together may not claim more bytes than the file holds, and reads go through
 from __future__ import annotations
 
 import enum
-import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from qbitmap.format import entries as ent
 from qbitmap.format import layout
-from qbitmap.format.bitmap import unique_sorted, valid_data_entries
+from qbitmap.format.bitmap import unique_sorted
+from qbitmap.format.entries import valid_data_entries
 from qbitmap.format.entries import ClusterType
-from qbitmap.format.image import QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE, Image
-from qbitmap.format.model import BitmapEntry, IncompatibleFeature
+from qbitmap.format.image import Image
+from qbitmap.format.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE
+from qbitmap.format.model import BitmapStructures, IncompatibleFeature
 from qbitmap.parallel import WORKERS, ordered_map
 
-QCOW_MAX_SNAPSHOTS = 65536
-QCOW_MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024
-QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+H = layout.HEADER_FIELD
 # Contiguous metadata clusters (refcount blocks) are read together, this much at a time.
 READ_BATCH = 16 << 20
 # L2 tables are scanned a window of this many contiguous bytes at a time; windows are
@@ -138,17 +137,6 @@ class _Defects:
 
     def list(self) -> list[Defect]:
         return list(self.found.values())
-
-
-@dataclass(frozen=True, slots=True)
-class BitmapStructures:
-    """The bitmap structures QEMU would load, for :func:`walk` to count."""
-
-    directory_offset: int
-    directory_size: int
-    directory_source: int  # file offset of the field naming the directory
-    entries: Sequence[BitmapEntry]
-    tables: Mapping[int, np.ndarray]  # by directory index; entries without one are skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,24 +346,24 @@ class _Walker:
         reason = None
         if order > 6:
             reason = f"refcount_order is {order}, the largest allowed is 6"
-            where, fld = 96, "refcount_order"
+            where, fld = H.refcount_order, "refcount_order"
         elif nclus == 0:
             reason = "refcount_table_clusters is 0"
-            where, fld = 56, "refcount_table_clusters"
+            where, fld = H.refcount_table_clusters, "refcount_table_clusters"
         elif nclus * cs > QCOW_MAX_REFTABLE_SIZE:
             reason = f"the refcount table of {nclus} clusters exceeds QEMU's limit of 8 MiB"
-            where, fld = 56, "refcount_table_clusters"
+            where, fld = H.refcount_table_clusters, "refcount_table_clusters"
         elif off % cs or off == 0:
             reason = (
                 f"refcount_table_offset {off:#x} is not a non-zero multiple of the cluster size"
             )
-            where, fld = 48, "refcount_table_offset"
+            where, fld = H.refcount_table_offset, "refcount_table_offset"
         elif not self.inside(off, nclus * cs):
             reason = (
                 f"the refcount table ({nclus} clusters at {off:#x}) extends past the end of "
                 "the file"
             )
-            where, fld = 48, "refcount_table_offset"
+            where, fld = H.refcount_table_offset, "refcount_table_offset"
         if reason is not None:
             self.incomplete(DefectKind.REFCOUNT_TABLE, "location", reason, where, fld)
             return
@@ -790,7 +778,7 @@ class _Walker:
                 "offset",
                 f"snapshots_offset {offset:#x} is not cluster aligned or too large (QEMU: "
                 "'Snapshot table offset invalid')",
-                64,
+                H.snapshots_offset,
                 "snapshots_offset",
             )
             return
@@ -802,15 +790,15 @@ class _Walker:
                 "data-file",
                 f"the image has {_plural(count, 'internal snapshot')} and an external data file, "
                 "which QEMU does not allow",
-                60,
+                H.nb_snapshots,
                 "nb_snapshots",
             )
-        if count > QCOW_MAX_SNAPSHOTS:
+        if count > layout.QCOW_MAX_SNAPSHOTS:
             self.incomplete(
                 kind,
                 "count",
-                f"nb_snapshots is {count}, QEMU's limit is {QCOW_MAX_SNAPSHOTS}",
-                60,
+                f"nb_snapshots is {count}, QEMU's limit is {layout.QCOW_MAX_SNAPSHOTS}",
+                H.nb_snapshots,
                 "nb_snapshots",
             )
             return
@@ -819,41 +807,43 @@ class _Walker:
                 kind,
                 "offset",
                 f"snapshots_offset {offset:#x} is not a cluster-aligned offset inside the file",
-                64,
+                H.snapshots_offset,
                 "snapshots_offset",
             )
             return
-        limit = min(QCOW_MAX_SNAPSHOT_TABLE_BYTES, self.file_size - offset)
+        limit = min(layout.QCOW_MAX_SNAPSHOTS_SIZE, self.file_size - offset)
         buf = b""
         pos = 0
         l1s: list[tuple[int, int, int]] = []
+        fixed_size = layout.SNAPSHOT_ENTRY_FIXED_SIZE
         for n in range(count):
-            need = pos + 40
+            need = pos + fixed_size
             if need > len(buf):
                 buf = self._grow(offset, buf, need, limit)
             if need > len(buf):
                 self._snapshot_cut(n, offset + pos)
                 return
-            l1_off, l1_size, id_size, name_size = struct.unpack_from(">QIHH", buf, pos)
-            extra_size = struct.unpack_from(">I", buf, pos + 36)[0]
-            if extra_size > QCOW_MAX_SNAPSHOT_EXTRA_DATA:
+            entry = layout.SnapshotEntryFixed.parse(buf[pos : pos + fixed_size])
+            if entry.extra_data_size > layout.QCOW_MAX_SNAPSHOT_EXTRA_DATA:
                 self.incomplete(
                     kind,
                     "extra-data",
-                    f"snapshot table entry {n} has {extra_size} bytes of extra data, QEMU allows "
-                    f"{QCOW_MAX_SNAPSHOT_EXTRA_DATA} (QEMU: 'Too much extra metadata')",
-                    offset + pos + 36,
+                    f"snapshot table entry {n} has {entry.extra_data_size} bytes of extra data, "
+                    f"QEMU allows {layout.QCOW_MAX_SNAPSHOT_EXTRA_DATA} (QEMU: 'Too much extra "
+                    "metadata')",
+                    offset + pos + layout.SNAPSHOT_FIELD.extra_data_size,
                     "extra_data_size",
                 )
                 return
-            full = pos + 40 + extra_size + id_size + name_size
-            full += -full % 8
+            full = pos + layout.snapshot_entry_size(
+                entry.extra_data_size, entry.id_str_size, entry.name_size
+            )
             if full > len(buf):
                 buf = self._grow(offset, buf, full, limit)
             if full > len(buf):
                 self._snapshot_cut(n, offset + pos)
                 return
-            l1s.append((l1_off, l1_size, offset + pos))
+            l1s.append((entry.l1_table_offset, entry.l1_size, offset + pos))
             pos = full
         self.add_range(offset, pos, Kind.SNAPSHOT_TABLE)
         for n, (l1_off, l1_size, where) in enumerate(l1s):
@@ -889,28 +879,29 @@ class _Walker:
                     kind,
                     "missing",
                     "the image uses LUKS encryption but has no encryption header pointer extension",
-                    32,
+                    H.crypt_method,
                     "crypt_method",
                 )
             return
-        if len(ext.data) != 16:
+        if len(ext.data) != layout.CRYPTO_HEADER_POINTER_SIZE:
             self.problem(
                 kind,
                 "length",
                 f"the encryption header pointer extension has length {len(ext.data)}, it must "
-                "be 16",
-                ext.offset + 4,
+                f"be {layout.CRYPTO_HEADER_POINTER_SIZE}",
+                ext.offset + layout.EXTENSION_FIELD.length,
                 "length",
             )
             return
-        off, length = struct.unpack(">QQ", ext.data)
+        pointer = layout.CryptoHeaderPointer.parse(ext.data)
+        off, length = pointer.offset, pointer.length
         if method != 2:
             self.problem(
                 kind,
                 "method",
                 f"an encryption header pointer is present but crypt_method is {method}, not 2 "
                 "(LUKS)",
-                ext.offset,
+                H.crypt_method,
                 "crypt_method",
             )
         if off % self.cs or not self.inside(off, length):
@@ -1001,11 +992,15 @@ def walk(
             "too-small",
             f"l1_size is {header.l1_size}, a disk of {header.size} bytes needs at least {needed} "
             "entries (QEMU: 'L1 table is too small')",
-            36,
+            H.l1_size,
             "l1_size",
         )
     w.l1_table(
-        header.l1_table_offset, header.l1_size, active=True, where=40, label="the active L1 table"
+        header.l1_table_offset,
+        header.l1_size,
+        active=True,
+        where=H.l1_table_offset,
+        label="the active L1 table",
     )
     w.snapshots()
     w.l2_tables()
@@ -1032,3 +1027,13 @@ def walk(
         defects=w.defects.list(),
         complete=w.complete,
     )
+
+
+def reference_map(image: Image, *, honored_only: bool = True) -> ReferenceMap:
+    """Every reference in *image*, bitmaps included when QEMU would load them.
+
+    With ``honored_only=False`` the bitmaps of an extension QEMU ignores
+    (autoclear bit 0 clear) are counted too: what a writer must not hand out
+    while they could still be brought back.  Never raises for corruption.
+    """
+    return walk(image, image.bitmap_structures(honored_only=honored_only))

@@ -58,11 +58,11 @@ import numpy as np
 
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
-from qbitmap.check.clusters import bitmap_structures
 from qbitmap.errors import QbitmapError, RefusedError, UsageError
 from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, popcount, read_bits
 from qbitmap.format.bitmap import geometry_of
-from qbitmap.format.references import BitmapStructures, ReferenceMap, bitmap_references, walk
+from qbitmap.format.model import BitmapStructures
+from qbitmap.format.references import ReferenceMap, bitmap_references, walk
 from qbitmap.store import (
     Disk,
     Extent,
@@ -236,7 +236,7 @@ class _Plan:
         )
         # Every bitmap structure the image has, honoured or not: what the release phase
         # drops references of, and what the allocator must never hand out.
-        self.structures: BitmapStructures | None = bitmap_structures(self.image, honored_only=False)
+        self.structures: BitmapStructures | None = self.image.bitmap_structures(honored_only=False)
         self.entries: list[BitmapEntry] = list(self.structures.entries) if self.structures else []
         self.statuses = {b.entry.index: b for b in check.bitmaps if b.entry is not None}
         self.targets: dict[int, str] = {}  # entry index -> mode

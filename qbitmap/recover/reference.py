@@ -27,7 +27,7 @@ import numpy as np
 
 from qbitmap.errors import UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import unique_sorted
-from qbitmap.format.guest import GuestDisk, Segment
+from qbitmap.format.guest import ZERO, GuestDisk, Segment
 
 CHUNK_BYTES = 4 << 20
 WORKERS = min(2, os.cpu_count() or 1)
@@ -276,8 +276,8 @@ def _compare(
     n = end - start
     a = piece.a.cut(start, end)
     b = piece.b.cut(start, end)
-    a_zero = a.kind == "zero"
-    b_zero = b.kind == "zero"
+    a_zero = a.kind == ZERO
+    b_zero = b.kind == ZERO
     if not a_zero:
         view = image.view_segment(a)
         if view is None:

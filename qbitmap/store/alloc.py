@@ -34,7 +34,6 @@ Refcount widths of 1 to 64 bits (``refcount_order`` 0..6) are supported.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -42,8 +41,8 @@ import numpy as np
 
 from qbitmap.errors import ImageFormatError, QbitmapError, UnsupportedImageError
 from qbitmap.format import layout
-from qbitmap.format.image import QCOW_MAX_REFTABLE_SIZE
-from qbitmap.format.entries import decode_refcount_block, set_refcount_in_block
+from qbitmap.format.layout import QCOW_MAX_REFTABLE_SIZE
+from qbitmap.format.entries import be64, decode_refcount_block, set_refcount_in_block, to_be64
 from qbitmap.store.disk import Disk
 
 # Host offsets must stay below 2^56 (QCOW_MAX_CLUSTER_OFFSET).
@@ -97,13 +96,13 @@ class Allocator:
         if refcount_table_offset % self.cluster_size:
             raise ImageFormatError(
                 f"refcount_table_offset {refcount_table_offset:#x} is not cluster aligned",
-                offset=48,
+                offset=layout.HEADER_FIELD.refcount_table_offset,
                 field="refcount_table_offset",
             )
         if refcount_table_clusters * self.cluster_size > QCOW_MAX_REFTABLE_SIZE:
             raise ImageFormatError(
                 f"refcount table of {refcount_table_clusters} clusters exceeds 8 MiB",
-                offset=56,
+                offset=layout.HEADER_FIELD.refcount_table_clusters,
                 field="refcount_table_clusters",
             )
         self.refcount_table_offset = refcount_table_offset
@@ -115,7 +114,7 @@ class Allocator:
                 offset=refcount_table_offset,
                 field="refcount_table_offset",
             )
-        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.table = be64(raw)
         self._raw: dict[int, bytearray] = {}
         self._values: dict[int, np.ndarray] = {}
         self._dirty: dict[int, tuple[int, int]] = {}
@@ -404,7 +403,7 @@ class Allocator:
                 if t in linked or (owner in placement and owner != t and owner not in linked):
                     continue
                 self.disk.pwrite(
-                    self.refcount_table_offset + 8 * t, struct.pack(">Q", cluster * cs)
+                    self.refcount_table_offset + 8 * t, to_be64(np.array([cluster * cs]))
                 )
                 self.disk.flush()
                 self.table[t] = cluster * cs
@@ -476,7 +475,12 @@ class Allocator:
         self.disk.pwrite(table_offset, new_table.astype(">u8").tobytes())
         self.disk.flush()
         # The commit point: one 12-byte write switches to the new table.
-        self.disk.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
+        self.disk.pwrite(
+            layout.HEADER_FIELD.refcount_table_offset,
+            layout.RefcountTableLocation.build(
+                {"refcount_table_offset": table_offset, "refcount_table_clusters": table_clusters}
+            ),
+        )
         self.disk.flush()
         self.table = new_table
         self.refcount_table_offset = table_offset

@@ -229,7 +229,7 @@ class WriteSession:
         try:
             lock.acquire()
             # Parse only after locking: what we read now cannot change under us.
-            image = Image(path, fd, writable=not dry_run)
+            image = Image(path, fd)
             validate_for_write(image)
             disk: Disk = FileDisk(fd, path)
             if disk_wrapper is not None:

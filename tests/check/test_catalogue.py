@@ -219,7 +219,8 @@ def test_check_keeps_the_reference_map(edit, base_image, tmp_path):
     """The map check_image hands back (recover reuses it) is the one reference_map builds."""
     import numpy as np
 
-    from qbitmap.check import check_image, reference_map
+    from qbitmap.check import check_image
+    from qbitmap.format.references import reference_map
     from qbitmap.errors import QbitmapError
     from qbitmap.format import Image
 

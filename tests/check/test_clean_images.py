@@ -14,7 +14,8 @@ import pytest
 import qemu
 from checkrun import run_check
 
-from qbitmap.check import check_image, reference_map
+from qbitmap.check import check_image
+from qbitmap.format.references import reference_map
 from qbitmap.format.references import walk
 from qbitmap.format import Image
 

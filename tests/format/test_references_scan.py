@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import qemu
 
-from qbitmap.check.clusters import bitmap_structures
 from qbitmap.format import Image
 from qbitmap.format.references import walk
 
@@ -35,7 +34,7 @@ def test_map_does_not_depend_on_windows_or_threads(tmp_path, extended_l2):
         "write -z 50M 1M",
     )
     with Image.open(path) as img:
-        bitmaps = bitmap_structures(img)
+        bitmaps = img.bitmap_structures()
         one = walk(img, bitmaps, workers=1, scan_window=1)
         assert one.complete and not one.defects
         assert len(one.clusters) > 100

@@ -39,7 +39,7 @@ def test_constants_match_the_spec():
     assert layout.LEVELS_AUTOCLEAR_BIT == 63
     assert int(AutoclearFeature.QBITMAP_LEVELS) == 1 << 63
     assert layout.LEVEL_RECORD_FIXED_SIZE == 20
-    assert layout.LEVEL_RECORD_CONSISTENT_LEVEL_OFFSET == 8
+    assert layout.LEVEL_RECORD_FIELD.consistent_level == 8  # one aligned 4-byte write
 
 
 @given(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import qemu
 
-from qbitmap.format.guest import GuestDisk
+from qbitmap.format.guest import COMPRESSED, DATA, ZERO, GuestDisk
 from qbitmap.recover.reference import diff_bits
 
 MiB = 1 << 20
@@ -86,7 +86,7 @@ def test_guest_bytes_match_qemu(tmp_path, variant):
             pos = seg.end
         assert pos == disk.size
         if "zstd" in variant or "deflate" in variant:
-            assert any(s.kind == "compressed" for s in disk.segments())
+            assert any(s.kind == COMPRESSED for s in disk.segments())
 
 
 def test_raw_holes_are_zero_segments_and_never_read(tmp_path):
@@ -97,8 +97,8 @@ def test_raw_holes_are_zero_segments_and_never_read(tmp_path):
         f.write(b"\x01" * MiB)
     with GuestDisk(path) as disk:
         kinds = [(s.start, s.length, s.kind) for s in disk.segments()]
-        assert (10 * MiB, MiB, "data") in kinds
-        assert sum(n for _s, n, k in kinds if k == "data") == MiB
+        assert (10 * MiB, MiB, DATA) in kinds
+        assert sum(n for _s, n, k in kinds if k == DATA) == MiB
 
 
 def test_shared_backing_is_skipped_without_reading(tmp_path):
