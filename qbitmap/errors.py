@@ -75,3 +75,15 @@ class UsageError(QbitmapError):
     """The request makes no sense for this image (for example an unknown bitmap name)."""
 
     exit_code = ExitCode.USAGE
+
+
+class NoModeError(QbitmapError):
+    """recover: no recovery mode applies to a bitmap (exit 1); the user must choose one."""
+
+
+class AllocationError(QbitmapError):
+    """store: a refcount could not be changed as asked (overflow, underflow, limits)."""
+
+
+class TrackerClosedError(QbitmapError):
+    """track: the Tracker was closed, or failed and can no longer promise anything."""

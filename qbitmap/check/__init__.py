@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from qbitmap import levels as levels_mod
-from qbitmap.check import clusters, directory, header, levels, live, tables
-from qbitmap.format.references import Kind, ReferenceMap
+from qbitmap import lockbytes
+from qbitmap.check import clusters, directory, header, levels, tables
 from qbitmap.check.context import Context
 from qbitmap.check.findings import CODES, REPAIRS, Finding, Severity
 from qbitmap.check.levels import RecoveryEstimate
 from qbitmap.errors import ExitCode, ImageIOError, QbitmapError, UsageError
 from qbitmap.format import BitmapEntry, Image, select_entries
+from qbitmap.format.references import Kind, ReferenceMap
 
 STATUSES = ("consistent", "in-use", "corrupt", "ignored")
 
@@ -131,7 +132,7 @@ def check_image(
     (tests); by default the image's lock bytes are tested.
     """
     if held_locks is None:
-        held_locks = live.held_lock_bytes(image.fd)
+        held_locks = lockbytes.probe(image.fd)
     ctx = Context(image=image, held_locks=held_locks)
     findings: list[Finding] = []
     assessments: dict[int, levels_mod.Assessment] = {}

@@ -104,9 +104,7 @@ def _owner_text(refmap: ReferenceMap, ref: BitmapRef, names: dict[int, str]) -> 
     return " and ".join(seen) or "something else"
 
 
-def bitmap_cluster_findings(
-    refmap: ReferenceMap, entries: list[BitmapEntry]
-) -> Iterator[Finding]:
+def bitmap_cluster_findings(refmap: ReferenceMap, entries: list[BitmapEntry]) -> Iterator[Finding]:
     """Overlaps, zero refcounts and leaks of the clusters of bitmap structures."""
     if not len(refmap.bm_clusters):
         return

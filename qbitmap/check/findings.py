@@ -65,8 +65,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "image-held-by-writer": (
         B,
-        "a running writer (normally QEMU) holds the image: its bitmaps live in its memory, "
-        "what is on disk is not their state",
+        (
+            "a running writer (normally QEMU) holds the image: its bitmaps live in its memory, "
+            "what is on disk is not their state"
+        ),
     ),
     "header-invalid": (C, "a header field has a value QEMU refuses to open"),
     "header-extensions-invalid": (
@@ -79,8 +81,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "refcount-block-invalid": (
         C,
-        "a refcount table entry has reserved bits set or points to an unaligned block or one "
-        "outside the file, or a refcount block is also used by something else",
+        (
+            "a refcount table entry has reserved bits set or points to an unaligned block or one "
+            "outside the file, or a refcount block is also used by something else"
+        ),
     ),
     "l1-table-invalid": (
         C,
@@ -93,8 +97,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "l2-table-invalid": (C, "an L1 entry points to an unaligned L2 table or one outside the file"),
     "l2-entry-invalid": (
         C,
-        "an L2 entry has reserved bits set, an unaligned data offset, a compressed descriptor with "
-        "OFLAG_COPIED or subcluster bits, or contradictory subcluster bits",
+        (
+            "an L2 entry has reserved bits set, an unaligned data offset, a compressed descriptor with "
+            "OFLAG_COPIED or subcluster bits, or contradictory subcluster bits"
+        ),
     ),
     "image-cluster-past-eof": (
         C,
@@ -139,13 +145,17 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "bitmaps-extension-ignored": (
         U,
-        "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension; its clusters are still "
-        "the bitmaps' alone, so qbitmap recover can bring them back",
+        (
+            "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension; its clusters are still "
+            "the bitmaps' alone, so qbitmap recover can bring them back"
+        ),
     ),
     "bitmaps-extension-lost": (
         C,
-        "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, and its structures are "
-        "damaged or no longer own their clusters: the bitmaps cannot be brought back",
+        (
+            "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, and its structures are "
+            "damaged or no longer own their clusters: the bitmaps cannot be brought back"
+        ),
     ),
     "bitmaps-extension-v2": (
         C,
@@ -193,8 +203,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "bitmap-name-nul-unstorable": (
         C,
-        "the name contains a NUL byte that makes QEMU's copy of the entry shorter than the "
-        "one on disk: a read-write open fails and leaves every bitmap lost",
+        (
+            "the name contains a NUL byte that makes QEMU's copy of the entry shorter than the "
+            "one on disk: a read-write open fails and leaves every bitmap lost"
+        ),
     ),
     "bitmap-type-invalid": (C, "the bitmap type is not 1 (dirty tracking)"),
     "bitmap-data-too-large": (

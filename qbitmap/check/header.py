@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qbitmap.check import live
+from qbitmap import lockbytes
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
 from qbitmap.format import AutoclearFeature, BitmapsExtension, IncompatibleFeature, layout
@@ -23,8 +23,8 @@ def check(ctx: Context) -> Iterator[Finding]:
     image = ctx.image
     header = image.header
     if ctx.held_locks:
-        held = f"lock bytes {', '.join(map(str, ctx.held_locks))}: {live.describe(ctx.held_locks)}"
-        if live.writer_present(ctx.held_locks):
+        held = f"lock bytes {', '.join(map(str, ctx.held_locks))}: {lockbytes.describe(ctx.held_locks)}"
+        if lockbytes.writer_present(ctx.held_locks):
             yield Finding(
                 "image-held-by-writer",
                 f"the image is held by a running writer ({held}): its bitmaps live in its "

@@ -167,7 +167,9 @@ def iter_chunks(
         ):
             j += 1
         data = image.read(
-            offset, (j - i) * cs, what=f"data cluster of bitmap {entry.display_name!r}",
+            offset,
+            (j - i) * cs,
+            what=f"data cluster of bitmap {entry.display_name!r}",
             field=f"bitmap table entry {i}",
         )
         buf = np.frombuffer(data, dtype=np.uint8)
@@ -242,7 +244,9 @@ def bit_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[int, int]]:
         if chunk.kind == "zero":
             continue
         if chunk.kind == "ones":
-            runs: Iterator[tuple[int, int]] = iter([(chunk.first_bit, chunk.first_bit + chunk.nbits)])
+            runs: Iterator[tuple[int, int]] = iter(
+                [(chunk.first_bit, chunk.first_bit + chunk.nbits)]
+            )
         else:
             assert chunk.data is not None
             runs = _data_runs(chunk)

@@ -90,9 +90,7 @@ class Segment:
         """The part of this segment inside ``[start, end)``."""
         delta = start - self.start
         if self.kind == DATA:
-            return Segment(
-                start, end - start, DATA, self.source, self.host + delta, 0, self.layer
-            )
+            return Segment(start, end - start, DATA, self.source, self.host + delta, 0, self.layer)
         if self.kind == COMPRESSED:
             return Segment(
                 start,
@@ -238,7 +236,9 @@ class Qcow2Layer:
         self.compression_type = header.compression_type or 0
         if header.l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise ImageFormatError(
-                f"l1_size {header.l1_size} is too large", offset=layout.HEADER_FIELD.l1_size, field="l1_size"
+                f"l1_size {header.l1_size} is too large",
+                offset=layout.HEADER_FIELD.l1_size,
+                field="l1_size",
             )
         raw = image.read(
             header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset"
@@ -326,9 +326,7 @@ class Qcow2Layer:
         host = np.where(compressed[:, None], comp_host, host)
         return sub, kind.reshape(-1), host.reshape(-1)
 
-    def _own_runs(
-        self, start: int, end: int
-    ) -> Iterator[tuple[int, int, ClusterType, int, int]]:
+    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, ClusterType, int, int]]:
         """(start, end, kind, host, skip) runs of this layer alone (before backing)."""
         cs = self.cluster_size
         span = cs * self.l2_entries
@@ -404,7 +402,9 @@ class Qcow2Layer:
         if self._cluster_cache is not None and self._cluster_cache[0] == entry:
             return self._cluster_cache[1]
         cs = self.cluster_size
-        coffset, csize = ent.compressed_ranges(np.array([entry], dtype=np.uint64), self.cluster_bits)
+        coffset, csize = ent.compressed_ranges(
+            np.array([entry], dtype=np.uint64), self.cluster_bits
+        )
         offset, size = int(coffset[0]), int(csize[0])
         data = self.image.pread(offset, size)
         self.stats.bytes_read += len(data)

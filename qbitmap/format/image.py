@@ -62,7 +62,11 @@ def parse_bytes(schema: Construct, data: bytes, *, offset: int, what: str) -> An
     except ConstructError as exc:
         path = (getattr(exc, "path", None) or "").replace("(parsing) -> ", "").strip() or None
         reason = str(exc).splitlines()[-1].strip()
-        if "stream read less than specified amount" in reason or "expected" in reason and "found" in reason:
+        if (
+            "stream read less than specified amount" in reason
+            or "expected" in reason
+            and "found" in reason
+        ):
             reason = f"{what} is truncated"
         raise ImageFormatError(f"cannot parse {what}: {reason}", offset=offset, field=path) from exc
 
@@ -319,7 +323,9 @@ class Image:
                 return
             data = area[rel + 8 : rel + 8 + length]
             padding = area[rel + 8 + length : rel + 8 + padded]
-            self.extensions.append(Extension(offset=offset, magic=magic, data=data, padding=padding))
+            self.extensions.append(
+                Extension(offset=offset, magic=magic, data=data, padding=padding)
+            )
             offset += 8 + padded
         # No end marker: the area simply ran out (QEMU accepts this).
 
@@ -470,7 +476,9 @@ class Image:
                 want = min(size, max(end, len(data) + DIRECTORY_READ_WINDOW)) - len(data)
                 data.extend(
                     self.read(
-                        offset + len(data), want, what="bitmap directory",
+                        offset + len(data),
+                        want,
+                        what="bitmap directory",
                         field="bitmap_directory_offset",
                     )
                 )

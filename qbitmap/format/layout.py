@@ -146,11 +146,13 @@ Header = Struct(
     "header_length" / If(_v3, Int32ub),
     # Additional field at byte 104, present when header_length > 104.
     "compression_type" / If(lambda c: _v3(c) and c.header_length > 104, Int8ub),
-    "padding" / If(
+    "padding"
+    / If(
         lambda c: _v3(c) and c.header_length > 105,
         Bytes(lambda c: min(c.header_length, QEMU_HEADER_LENGTH) - 105),
     ),
-    "unknown_fields" / If(
+    "unknown_fields"
+    / If(
         lambda c: _v3(c) and c.header_length > QEMU_HEADER_LENGTH,
         Bytes(lambda c: c.header_length - QEMU_HEADER_LENGTH),
     ),
@@ -302,6 +304,7 @@ def snapshot_entry_size(extra_data_size: int, id_str_size: int, name_size: int) 
     """Bytes one snapshot table entry occupies, padding included."""
     return (SNAPSHOT_ENTRY_FIXED_SIZE + extra_data_size + id_str_size + name_size + 7) & ~7
 
+
 # qbitmap consistency-level extension (man/qbitmap-levels.5, "ON-DISK FORMAT").
 # Records are 8-byte aligned; consistent_level sits at a naturally aligned offset (8)
 # so a writer can update it with one 4-byte write.
@@ -334,6 +337,8 @@ LEVEL_RECORD_FIXED_SIZE = LevelRecordFixed.sizeof()
 def level_record_size(name_size: int) -> int:
     """Bytes one consistency-level record occupies, padding included."""
     return (LEVEL_RECORD_FIXED_SIZE + name_size + 7) & ~7
+
+
 LevelsExtensionHeader = Struct(
     "version" / Int32ub,
     "nb_records" / Int32ub,

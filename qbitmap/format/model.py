@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -143,7 +143,6 @@ class Header:
         return COMPRESSION_TYPES.get(code, f"unknown ({code})")
 
 
-
 @dataclass(frozen=True, slots=True)
 class Extension:
     """One header extension, with its raw data and padding."""
@@ -264,8 +263,11 @@ class BitmapEntry:
 
     @property
     def size(self) -> int:
-        return layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data) + len(self.name) + len(
-            self.padding
+        return (
+            layout.BITMAP_DIR_ENTRY_FIXED_SIZE
+            + len(self.extra_data)
+            + len(self.name)
+            + len(self.padding)
         )
 
     def field_offset(self, name: str) -> int:
@@ -284,7 +286,11 @@ class BitmapEntry:
     @property
     def granularity_valid(self) -> bool:
         """granularity_bits within QEMU's range (9..31): bits and bytes can be computed."""
-        return layout.BME_MIN_GRANULARITY_BITS <= self.granularity_bits <= layout.BME_MAX_GRANULARITY_BITS
+        return (
+            layout.BME_MIN_GRANULARITY_BITS
+            <= self.granularity_bits
+            <= layout.BME_MAX_GRANULARITY_BITS
+        )
 
     @property
     def in_use(self) -> bool:

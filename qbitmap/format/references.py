@@ -35,8 +35,7 @@ import numpy as np
 from qbitmap.format import entries as ent
 from qbitmap.format import layout
 from qbitmap.format.bitmap import unique_sorted
-from qbitmap.format.entries import valid_data_entries
-from qbitmap.format.entries import ClusterType
+from qbitmap.format.entries import ClusterType, valid_data_entries
 from qbitmap.format.image import Image
 from qbitmap.format.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE
 from qbitmap.format.model import BitmapStructures, IncompatibleFeature
@@ -571,9 +570,7 @@ class _Walker:
         step = 2 if self.extended_l2 else 1
         image = self.image
 
-        def scan(
-            k: int, buf: np.ndarray
-        ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+        def scan(k: int, buf: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
             i, start, length = windows[k]
             view = memoryview(buf)[:length]
             got = image.read_into(start, view)
@@ -619,7 +616,7 @@ class _Walker:
         active: np.ndarray,
     ) -> None:
         """Check and count one window's non-zero L2 entries (qemu-img check's rules)."""
-        cs, cb = self.cs, self.cb
+        cs = self.cs
         types = ent.cluster_types(
             words, extended=self.extended_l2, external_data=self.external_data
         )
@@ -627,7 +624,11 @@ class _Walker:
         allocated = (types == ClusterType.NORMAL) | (types == ClusterType.ZERO_ALLOC)
         host = (words & ent.L2E_OFFSET).astype(np.int64)
         checks: list[tuple[str, np.ndarray, str]] = [
-            ("reserved", ~compressed & ((words & ent.L2E_STD_RESERVED) != 0), "has reserved bits set"),
+            (
+                "reserved",
+                ~compressed & ((words & ent.L2E_STD_RESERVED) != 0),
+                "has reserved bits set",
+            ),
             (
                 "compressed-copied",
                 compressed & ((words & ent.COPIED) != 0),
@@ -640,11 +641,21 @@ class _Walker:
             ),
         ]
         if self.external_data:
-            checks.append(("compressed-data-file", compressed, "is compressed in an image with an external data file"))
+            checks.append(
+                (
+                    "compressed-data-file",
+                    compressed,
+                    "is compressed in an image with an external data file",
+                )
+            )
         if second is not None:
             alloc_bits = second & ent.SUBCLUSTER_ALLOC
             checks += [
-                ("compressed-subclusters", compressed & (second != 0), "is compressed and has subcluster bits set"),
+                (
+                    "compressed-subclusters",
+                    compressed & (second != 0),
+                    "is compressed and has subcluster bits set",
+                ),
                 (
                     "subclusters-both",
                     allocated & (((second >> np.uint64(32)) & alloc_bits) != 0),
@@ -673,7 +684,11 @@ class _Walker:
             self._data_copied(words[allocated], where[allocated], active[allocated], None)
             return
         self._data_refs(
-            host[allocated], where[allocated], weight[allocated], words[allocated], active[allocated]
+            host[allocated],
+            where[allocated],
+            weight[allocated],
+            words[allocated],
+            active[allocated],
         )
         usable = compressed if second is None else compressed & (second == 0)
         self._compressed_refs(words[usable], where[usable], weight[usable])
@@ -958,10 +973,7 @@ def bitmap_references(
         np.concatenate([np.full(len(p[0]), int(p[1]), np.uint8) for p in parts]),
         np.concatenate([np.full(len(p[0]), p[2], np.int32) for p in parts]),
         np.concatenate(
-            [
-                np.full(len(p[0]), p[3], np.int64) if isinstance(p[3], int) else p[3]
-                for p in parts
-            ]
+            [np.full(len(p[0]), p[3], np.int64) if isinstance(p[3], int) else p[3] for p in parts]
         ),
     )
 

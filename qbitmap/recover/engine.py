@@ -58,7 +58,7 @@ import numpy as np
 
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
-from qbitmap.errors import QbitmapError, RefusedError, UsageError
+from qbitmap.errors import NoModeError, QbitmapError, RefusedError, UsageError
 from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, popcount, read_bits
 from qbitmap.format.bitmap import geometry_of
 from qbitmap.format.model import BitmapStructures
@@ -72,10 +72,6 @@ from qbitmap.store import (
 )
 
 MODES = ("auto", "full", "reference", "level")
-
-
-class NoModeError(QbitmapError):
-    """No recovery mode applies to a bitmap (exit 1): the user must choose one."""
 
 
 @dataclass
@@ -248,9 +244,12 @@ class _Plan:
         self.rewrite_directory = False  # the directory's clusters are damaged: write a new one
         self.renames: set[int] = set()  # entries QEMU cannot store back: cut at the NUL byte
         self.leaks: list[tuple[int, int]] = []  # (cluster, decrements)
-        self.assessments = (
-            levels.assess(self.image, self.entries) if self.entries and not self.ignored else {}
-        )
+        # The consistency-level records as check judged them (assessed once, by check).
+        self.assessments = {
+            b.entry.name: b.levels
+            for b in check.bitmaps
+            if b.entry is not None and b.levels is not None
+        }
         self._refmap: ReferenceMap | None = None
 
     # -- deciding -------------------------------------------------------------------

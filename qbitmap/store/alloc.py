@@ -39,18 +39,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qbitmap.errors import ImageFormatError, QbitmapError, UnsupportedImageError
+from qbitmap.errors import AllocationError, ImageFormatError, UnsupportedImageError
 from qbitmap.format import layout
-from qbitmap.format.layout import QCOW_MAX_REFTABLE_SIZE
 from qbitmap.format.entries import be64, decode_refcount_block, set_refcount_in_block, to_be64
+from qbitmap.format.layout import QCOW_MAX_REFTABLE_SIZE
 from qbitmap.store.disk import Disk
 
 # Host offsets must stay below 2^56 (QCOW_MAX_CLUSTER_OFFSET).
 MAX_HOST_OFFSET = 1 << 56
-
-
-class AllocationError(QbitmapError):
-    """A refcount could not be changed as asked (overflow, underflow, limits)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,7 +213,7 @@ class WriteSession:
         Args:
             path: the qcow2 image.
             dry_run: open read-only; writes go to an in-memory overlay.
-            disk_wrapper: wraps the FileDisk (tests: ``lambda d: CrashingDisk(d, n)``).
+            disk_wrapper: wraps the FileDisk (tests crash it at a chosen write).
 
         Raises:
             ImageBusyError: another process holds the lock bytes (nothing changed).

@@ -30,7 +30,7 @@ from typing import Protocol, Self
 import numpy as np
 
 from qbitmap import levels
-from qbitmap.errors import QbitmapError
+from qbitmap.errors import TrackerClosedError
 from qbitmap.store.disk import Disk
 from qbitmap.track.backend import ImageBackend
 from qbitmap.track.policy import FlushPolicy
@@ -56,10 +56,6 @@ class Backend(Protocol):
 
     def abandon(self) -> None:
         """Release locks and files without touching the image."""
-
-
-class TrackerClosedError(QbitmapError):
-    """The Tracker was closed, or failed and can no longer promise anything."""
 
 
 @dataclass(slots=True)

@@ -220,9 +220,9 @@ def test_check_keeps_the_reference_map(edit, base_image, tmp_path):
     import numpy as np
 
     from qbitmap.check import check_image
-    from qbitmap.format.references import reference_map
     from qbitmap.errors import QbitmapError
     from qbitmap.format import Image
+    from qbitmap.format.references import reference_map
 
     image = corrupt.apply(base_image, tmp_path / f"{edit}.qcow2", edit)
     try:

@@ -15,9 +15,8 @@ import qemu
 from checkrun import run_check
 
 from qbitmap.check import check_image
-from qbitmap.format.references import reference_map
-from qbitmap.format.references import walk
 from qbitmap.format import Image
+from qbitmap.format.references import reference_map, walk
 
 MiB = 1024 * 1024
 SECRET = "secret,id=sec0,data=qbitmap"

@@ -8,6 +8,7 @@ import numpy as np
 import qemu
 
 from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.format import Image, read_bits
 
 
@@ -53,7 +54,7 @@ def level_recovery(path: Path, name: bytes = b"b0") -> tuple[np.ndarray, str]:
         bits = read_bits(img, entry)
         if not entry.in_use:
             return bits, "consistent"
-        a = levels.assess(img, entries)[name]
+        a = assess(img, entries)[name]
         assert a.trusted, a.reason
         nbits = -(-img.virtual_size // entry.granularity)
         out = levels.recover(bits, nbits, a.consistent_level, a.max_level, a.level_bits)

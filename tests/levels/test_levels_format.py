@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.format import AutoclearFeature, Image, LevelRecord, layout, parse_levels_extension
 
 MAGIC = 0x71626C76
@@ -132,11 +133,11 @@ def test_a_record_in_a_real_image_is_read_and_kept_by_qemu(tmp_path):
     with Image.open(path) as img:
         (record,) = img.read_levels().records
         assert record.name == b"b0" and record.consistent_level == 0 and record.max_level == top
-        a = levels.assess(img, img.read_directory().entries)[b"b0"]
+        a = assess(img, img.read_directory().entries)[b"b0"]
     assert a.trusted and a.consistent_level == 0 and a.record_offset == record.offset
     qemu.qemu_io(path, "write 1M 4k")
     assert not qemu.read_autoclear(path) & (1 << 63)
     assert [d for _, m, d in qemu.header_extensions(path) if m == MAGIC] == [data]
     with Image.open(path) as img:
-        a = levels.assess(img, img.read_directory().entries)[b"b0"]
+        a = assess(img, img.read_directory().entries)[b"b0"]
     assert a.status == "stale" and "autoclear bit 63 is clear" in a.reason

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from levels_helpers import covers, granules, level_recovery
 
-from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.format import Image, read_bits
-from qbitmap.store.disk import CrashingDisk, SimulatedCrash
 from qbitmap.track import FlushPolicy, Tracker
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -185,7 +185,7 @@ def test_recovering_one_bitmap_keeps_the_others_record(tmp_path):
     assert rc == 0, err
     with Image.open(path) as img:
         entries = img.read_directory().entries
-        a = levels.assess(img, entries)
+        a = assess(img, entries)
         assert [r.name for r in img.read_levels().records] == [b"b1"]
         assert img.header.autoclear_features >> 63
     assert a[b"b1"].trusted and a[b"b0"].status == "absent"

@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from levels_helpers import FakeClock, level_recovery
 
-from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.format import Image, read_bits
-from qbitmap.store.disk import CrashingDisk, SimulatedCrash
 from qbitmap.track import FlushPolicy, Tracker
 from qbitmap.track.state import bit_range
 
@@ -246,12 +246,12 @@ def test_qemu_write_makes_the_record_stale(templates, tmp_path):
     tracker.write(5 * MiB, 4096)
     tracker.abandon()
     with Image.open(path) as img:
-        a = levels.assess(img, img.read_directory().entries)[b"b0"]
+        a = assess(img, img.read_directory().entries)[b"b0"]
     assert a.trusted
     qemu.qemu_io(path, "write 0 4k")  # QEMU's read-write open clears autoclear bit 63
     assert not qemu.read_autoclear(path) & (1 << 63)
     with Image.open(path) as img:
-        a = levels.assess(img, img.read_directory().entries)[b"b0"]
+        a = assess(img, img.read_directory().entries)[b"b0"]
     assert a.status == "stale" and "autoclear bit 63" in a.reason
     # The extension itself is still there: QEMU keeps unknown extensions.
     assert any(m == 0x71626C76 for _, m, _ in qemu.header_extensions(path))

@@ -13,6 +13,7 @@ import qemu
 from levels_helpers import granules
 
 from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.errors import ImageBusyError, RefusedError, UsageError
 from qbitmap.format import AutoclearFeature, Image, layout, read_bits
 from qbitmap.track import FlushPolicy, Tracker
@@ -34,7 +35,7 @@ def state_of(path, name="b0"):
         entry = next(e for e in entries if e.display_name == name)
         return (
             entry,
-            levels.assess(img, entries)[entry.name],
+            assess(img, entries)[entry.name],
             img.header.autoclear,
             img.read_levels(),
         )

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import qemu
 
-from qbitmap.format.guest import COMPRESSED, DATA, ZERO, GuestDisk
+from qbitmap.format.guest import COMPRESSED, DATA, GuestDisk
 from qbitmap.recover.reference import diff_bits
 
 MiB = 1 << 20

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from recover_helpers import SIZE
 
 from qbitmap.check import check_path
 from qbitmap.recover import Options, recover
-from qbitmap.store import CrashingDisk, SimulatedCrash
 from qbitmap.track import Tracker
 
 MiB = 1 << 20

@@ -9,6 +9,7 @@ import struct
 import corrupt
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from recover_helpers import SIZE, assert_qemu_accepts, run_cli, sha
 
 
@@ -90,8 +91,7 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     import pytest
 
     from qbitmap.recover import Options, recover
-    from qbitmap.store import CrashingDisk, SimulatedCrash
-
+    
     image = _image(tmp_path)
     # Kill the run right after its commit: recovered, old clusters leaked.
     probe = tmp_path / "p.qcow2"

@@ -6,12 +6,13 @@ import random
 import struct
 
 import pytest
+from crashdisk import CrashingDisk, SimulatedCrash
 from store_helpers import check_counts
 
 from qbitmap.errors import RefusedError, UnsupportedImageError
 from qbitmap.format import Image
 from qbitmap.format.references import reference_map
-from qbitmap.store import CrashingDisk, SimulatedCrash, WriteSession
+from qbitmap.store import WriteSession
 
 REFCOUNT_BITS = [1, 2, 4, 8, 16, 32, 64]
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from qbitmap.store import CrashingDisk, SimulatedCrash
+from crashdisk import CrashingDisk, SimulatedCrash
 
 
 class MemoryDisk:
