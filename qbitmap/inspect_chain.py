@@ -138,9 +138,7 @@ def chain_dump_report(
         if names and not here:
             # None of the names is in this layer: show the layer, none of its bitmaps.
             shown = {b["name"] for b in report.info["bitmaps"]}
-            report.warnings = [
-                w for w in report.warnings if not any(repr(n) in w for n in shown)
-            ]
+            report.warnings = [w for w in report.warnings if not any(repr(n) in w for n in shown)]
             report.info["bitmaps"], report.extents = [], []
         layers.append(LayerDump(layer, report))
     found: dict[str, list[int]] = {}

@@ -225,8 +225,7 @@ def judge_bitmap(
                     "corrupt",
                     view.index,
                     view.filename,
-                    f"layer {view.index} ({view.filename}) is corrupt "
-                    f"({_codes(report, code)})",  # type: ignore[arg-type]
+                    f"layer {view.index} ({view.filename}) is corrupt ({_codes(report, code)})",  # type: ignore[arg-type]
                     False,
                 )
             )

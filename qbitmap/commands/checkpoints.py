@@ -117,9 +117,7 @@ def checkpoints(
         assert domain is not None
         path = config_dir / f"{domain}.xml"
         if not config_dir.is_dir():
-            ui.error(
-                f"{config_dir}: no such directory (is this a libvirt host? see --config-dir)"
-            )
+            ui.error(f"{config_dir}: no such directory (is this a libvirt host? see --config-dir)")
             ctx.exit(1)
         if not path.exists():
             raise click.UsageError(f"no domain named {domain!r} is defined (no {path})")

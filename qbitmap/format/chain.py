@@ -31,6 +31,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError
 from qbitmap.format import layout
@@ -105,7 +106,7 @@ class BackingChain:
             image.close()
         self.images.clear()
 
-    def __enter__(self) -> BackingChain:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -135,8 +136,7 @@ def protocol_of(name: str) -> str | None:
 
 def resolve_backing_name(referrer: Path, name: str) -> Path:
     """The file QEMU opens for backing file *name* of image *referrer* (a local name)."""
-    if name.startswith("file:"):
-        name = name[len("file:") :]
+    name = name.removeprefix("file:")
     if os.path.isabs(name):
         return Path(name)
     return referrer.parent / name
@@ -349,7 +349,7 @@ __all__ = [
     "backing_format_of",
     "open_chain",
     "protocol_of",
-    "require_image_file",
     "read_backing_name",
+    "require_image_file",
     "resolve_backing_name",
 ]

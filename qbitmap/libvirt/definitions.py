@@ -65,7 +65,8 @@ class DomainDefinition:
     uuid: str | None
     disks: tuple[DiskDefinition, ...]
     path: str | None  # the file it was read from
-    running_id: int | None = None  # <domain id=N>: present in live XML (virsh dumpxml of a running domain)
+    # <domain id=N>: only in live XML (virsh dumpxml of a running domain).
+    running_id: int | None = None
 
     def disk(self, target: str) -> DiskDefinition | None:
         for disk in self.disks:

@@ -417,7 +417,11 @@ def _judge(
         elif state.not_checkable is not None:
             out.append(
                 DiskVerdict(
-                    cp.name, cd.name, cp.name, "not-checkable", state.not_checkable + note,
+                    cp.name,
+                    cd.name,
+                    cp.name,
+                    "not-checkable",
+                    state.not_checkable + note,
                     recorded_bitmap=recorded,
                 )
             )
@@ -535,8 +539,14 @@ def remedies_for(report: DomainReport) -> list[Remedy]:
     domain = report.domain
     found: dict[tuple[str, tuple[str, ...]], Remedy] = {}
 
-    def add(problem: str, argv: Sequence[str], note: str, checkpoint: str | None = None,
-            disk: str | None = None, available: bool = True) -> None:
+    def add(
+        problem: str,
+        argv: Sequence[str],
+        note: str,
+        checkpoint: str | None = None,
+        disk: str | None = None,
+        available: bool = True,
+    ) -> None:
         key = (problem, tuple(argv))
         old = found.get(key)
         names = () if checkpoint is None else (checkpoint,)

@@ -117,4 +117,3 @@ def text_of(element: Element | None) -> str | None:
 
 
 __all__ = ["MAX_XML_SIZE", "XmlProblem", "parse_xml_bytes", "read_xml", "text_of"]
-

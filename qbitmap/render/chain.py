@@ -65,7 +65,9 @@ def write_dump_json(out: IO[bytes], report: ChainDumpReport) -> None:
     error = report.error
     out.write(b'], "chain_error": ')
     out.write(
-        json.dumps(None if error is None else {"kind": error.kind, "message": error.message}).encode()
+        json.dumps(
+            None if error is None else {"kind": error.kind, "message": error.message}
+        ).encode()
     )
     out.write(b', "chain_bitmaps": [')
     for i, bm in enumerate(report.bitmaps):
@@ -155,7 +157,13 @@ def dump_human(report: ChainDumpReport) -> RenderableType:
         if ld.report is None:
             names = ld.error or ("no bitmaps (raw)" if ld.layer.format == "raw" else "-")
         rows.append(
-            (ld.layer.index, ld.layer.filename, ld.layer.format, ld.layer.backing_name, names or "-")
+            (
+                ld.layer.index,
+                ld.layer.filename,
+                ld.layer.format,
+                ld.layer.backing_name,
+                names or "-",
+            )
         )
     parts: list[RenderableType] = [_chain_table(rows)]
     if report.error is not None:
@@ -167,7 +175,10 @@ def dump_human(report: ChainDumpReport) -> RenderableType:
         parts.append(bitmaps_table(ld.report.info["bitmaps"]))
     if report.bitmaps:
         table = Table(
-            title="Bitmaps over the chain", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+            title="Bitmaps over the chain",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
         table.add_column("name", overflow="fold")
         table.add_column("in layers", no_wrap=True)

@@ -104,19 +104,24 @@ def domain_view(report: DomainReport) -> RenderableType:
                 state = _t("held by a running writer", "cyan")
             else:
                 chain = " <- ".join(
-                    printable(v.filename) + ("" if v.layer.format == "qcow2" else f" ({v.layer.format})")
+                    printable(v.filename)
+                    + ("" if v.layer.format == "qcow2" else f" ({v.layer.format})")
                     for v in disk.views
                 )
-                state = _t("chain stopped: " + disk.chain_error.message, "bold red") if (
-                    disk.chain_error is not None
-                ) else _t("read")
+                state = (
+                    _t("chain stopped: " + disk.chain_error.message, "bold red")
+                    if (disk.chain_error is not None)
+                    else _t("read")
+                )
             table.add_row(_t(disk.target), Text(chain), state)
         parts.append(table)
     if report.running:
         parts.append(_t(running_message(report), "cyan"))
     if report.checkpoints:
         table = Table(
-            title="Checkpoints (oldest first)", title_justify="left", box=box.SIMPLE_HEAD,
+            title="Checkpoints (oldest first)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
             pad_edge=False,
         )
         table.add_column("checkpoint", overflow="fold")
@@ -139,7 +144,9 @@ def domain_view(report: DomainReport) -> RenderableType:
         parts.append(Text("No checkpoints."))
     if report.orphans:
         table = Table(
-            title="Bitmaps no checkpoint names", title_justify="left", box=box.SIMPLE_HEAD,
+            title="Bitmaps no checkpoint names",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
             pad_edge=False,
         )
         table.add_column("disk", no_wrap=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
-import qemu  # noqa: E402
+import qemu
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -35,9 +35,7 @@ def make_chain(directory: Path, depth: int = 3, *, raw_bottom: bool = False) -> 
         name = "top.qcow2" if i == depth - 1 else f"mid{i}.qcow2"
         below = paths[-1]
         fmt = "raw" if below.suffix == ".raw" else "qcow2"
-        qemu.qemu_img(
-            "create", "-q", "-f", "qcow2", "-b", below.name, "-F", fmt, directory / name
-        )
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", below.name, "-F", fmt, directory / name)
         paths.append(directory / name)
     return paths[::-1]
 

@@ -6,10 +6,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from chain_helpers import MiB, make_chain, set_backing_name
+import qemu
+from chain_helpers import make_chain, set_backing_name
 from click.testing import CliRunner
 
-import qemu
 from qbitmap.check.chain import check_chain_path, worst_exit_code
 from qbitmap.cli import cli
 
@@ -32,7 +32,7 @@ def chain(tmp_path: Path) -> list[Path]:
 
 
 def test_consecutive_from_the_top_is_ok(chain):
-    top, mid, base = chain
+    top, mid, _base = chain
     for image in (top, mid):
         qemu.add_bitmap(image, "cp1")
     qemu.add_bitmap(top, "cp2")
@@ -52,7 +52,7 @@ def test_absent_from_the_top_image_is_missing(chain):
 
 
 def test_absent_between_two_layers_is_a_gap(chain):
-    top, mid, base = chain
+    top, _mid, base = chain
     qemu.add_bitmap(top, "cp1")
     qemu.add_bitmap(base, "cp1")
     report, v = verdict(top, "cp1")
@@ -63,14 +63,14 @@ def test_absent_between_two_layers_is_a_gap(chain):
 
 
 def test_missing_from_top_and_middle_lists_both_layers(chain):
-    top, mid, base = chain
+    top, _mid, base = chain
     qemu.add_bitmap(base, "cp1")
     _, v = verdict(top, "cp1")
     assert [(p.kind, p.index) for p in v.problems] == [("missing", 0), ("gap", 1)]
 
 
 def test_in_use_in_a_lower_layer(chain):
-    top, mid, base = chain
+    top, mid, _base = chain
     qemu.add_bitmap(top, "cp1")
     qemu.crash_image(mid, [(0, 65536)], bitmaps=("cp1",))
     report, v = verdict(top, "cp1")
@@ -80,7 +80,7 @@ def test_in_use_in_a_lower_layer(chain):
 
 
 def test_disabled_is_not_recording(chain):
-    top, mid, base = chain
+    top, _mid, _base = chain
     qemu.add_bitmap(top, "cp1", disabled=True)
     _, v = verdict(top, "cp1")
     assert v.verdict == "not-recording"
@@ -88,7 +88,7 @@ def test_disabled_is_not_recording(chain):
 
 
 def test_in_use_and_disabled_in_one_layer_are_two_problems(chain):
-    top, mid, base = chain
+    top, _mid, _base = chain
     qemu.add_bitmap(top, "cp1", disabled=True)
     qemu.crash_image(top, [], bitmaps=("cp1",))
     _, v = verdict(top, "cp1")
@@ -112,7 +112,7 @@ def test_a_corrupt_bitmap_in_the_base(chain):
 
 
 def test_an_ignored_bitmaps_extension_hides_the_layer_bitmaps(chain):
-    top, mid, base = chain
+    top, mid, _base = chain
     for image in chain:
         qemu.add_bitmap(image, "cp1")
     autoclear = qemu.read_autoclear(mid)
@@ -126,7 +126,7 @@ def test_an_ignored_bitmaps_extension_hides_the_layer_bitmaps(chain):
 
 
 def test_a_raw_bottom_layer_ends_the_chain(tmp_path):
-    top, mid, base = make_chain(tmp_path, raw_bottom=True)
+    top, _mid, _base = make_chain(tmp_path, raw_bottom=True)
     qemu.add_bitmap(top, "cp1")
     report, v = verdict(top, "cp1")
     assert v.verdict == "ok"
@@ -135,7 +135,7 @@ def test_a_raw_bottom_layer_ends_the_chain(tmp_path):
 
 
 def test_a_chain_that_cannot_be_followed_is_unreadable_and_exit_1(chain):
-    top, mid, base = chain
+    top, mid, _base = chain
     qemu.add_bitmap(top, "cp1")
     set_backing_name(mid, b'json:{"file.filename": "base.qcow2"}')
     report, v = verdict(top, "cp1")
@@ -163,7 +163,7 @@ def test_exit_status_is_the_worst_layer_by_checks_precedence(chain):
 
 
 def test_cli_json_is_one_object_with_every_layer_and_the_rule(chain):
-    top, mid, base = chain
+    top, _mid, base = chain
     qemu.add_bitmap(top, "cp1")
     qemu.add_bitmap(base, "cp1")
     qemu.add_bitmap(top, "cp2")
@@ -180,7 +180,7 @@ def test_cli_json_is_one_object_with_every_layer_and_the_rule(chain):
 
 
 def test_cli_bitmap_selection(chain):
-    top, mid, base = chain
+    top, _mid, base = chain
     qemu.add_bitmap(top, "cp1")
     qemu.add_bitmap(base, "other")
     result = run_check("--backing-chain", "--json", "-b", "other", top)
@@ -193,7 +193,7 @@ def test_cli_bitmap_selection(chain):
 
 
 def test_cli_human_view_escapes_names_and_says_the_verdict(chain):
-    top, mid, base = chain
+    top, _mid, base = chain
     qemu.add_bitmap(base, "evil\x1b]0;title\x07")
     result = run_check("--backing-chain", top)
     assert result.exit_code == 0

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qemu
 from chain_helpers import MiB, make_chain, set_backing_name
 from click.testing import CliRunner
 
-import qemu
 from qbitmap.cli import cli
 from qbitmap.inspect_chain import union_extents
 
@@ -92,7 +92,7 @@ def test_human_view_shows_the_chain_and_the_union(written):
 
 
 def test_raw_bottom_layer_is_shown_as_such(tmp_path):
-    top, mid, base = make_chain(tmp_path, raw_bottom=True)
+    top, _mid, _base = make_chain(tmp_path, raw_bottom=True)
     qemu.add_bitmap(top, "cp1")
     result = run_dump("--backing-chain", "--json", top)
     chain = json.loads(result.stdout)["backing_chain"]
@@ -103,7 +103,7 @@ def test_raw_bottom_layer_is_shown_as_such(tmp_path):
 
 
 def test_a_json_backing_name_is_refused_with_one_line_and_exit_1(written):
-    top, mid, base = written
+    top, mid, _base = written
     set_backing_name(mid, b'json:{"file.driver":"file","file.filename":"base.qcow2"}')
     result = run_dump("--backing-chain", "--json", top)
     assert result.exit_code == 1
@@ -121,7 +121,7 @@ def test_an_unknown_name_is_a_usage_error(written):
 
 
 def test_in_use_layers_are_warned_about(written):
-    top, mid, base = written
+    top, mid, _base = written
     qemu.crash_image(mid, [], bitmaps=("cp1",))
     result = run_dump("--backing-chain", "-b", "cp1", top)
     assert result.exit_code == 0

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import qemu
 from chain_helpers import (
     SIZE,
     drop_backing_format_extension,
@@ -14,7 +15,6 @@ from chain_helpers import (
     set_backing_name,
 )
 
-import qemu
 from qbitmap.errors import ImageFormatError, ImageIOError
 from qbitmap.format.chain import open_chain, protocol_of
 
@@ -115,7 +115,7 @@ def test_a_missing_backing_file(tmp_path):
 
 
 def test_a_loop_is_reported_not_followed(tmp_path):
-    top, mid, base = make_chain(tmp_path)
+    top, _mid, base = make_chain(tmp_path)
     qemu.qemu_img("rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", base)
     proc = qemu.qemu_img("info", "-U", "--backing-chain", top, check=False)
     assert proc.returncode != 0 and "loop" in proc.stderr

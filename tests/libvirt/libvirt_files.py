@@ -24,7 +24,7 @@ sys.path.insert(0, str(TESTS))
 FIXTURES = TESTS / "fixtures" / "libvirt"
 DOMAIN_TEMPLATE = (FIXTURES / "vm1.xml").read_text()
 CHECKPOINT_TEMPLATE = (FIXTURES / "cp2.xml").read_text()
-_DISK = re.compile(r"    <disk .*?</disk>\n", re.S)
+_DISK = re.compile(r"    <disk .*?</disk>\n", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def checkpoint_xml(
     head = CHECKPOINT_TEMPLATE.partition("  <domain ")[0]
     head = head.replace("<name>cp2</name>", f"<name>{_escape(name)}</name>", 1)
     if parent is None:
-        head = re.sub(r"  <parent>\n.*?</parent>\n", "", head, flags=re.S)
+        head = re.sub(r"  <parent>\n.*?</parent>\n", "", head, flags=re.DOTALL)
     else:
         head = head.replace("<name>cp1</name>", f"<name>{_escape(parent)}</name>", 1)
     head = re.sub(
@@ -98,7 +98,7 @@ def checkpoint_xml(
             )
         else:
             lines.append(f"    <disk name={quoteattr(target)} checkpoint='no'/>\n")
-    head = re.sub(r"    <disk .*?/>\n(    <disk .*?/>\n)*", "".join(lines), head, flags=re.S)
+    head = re.sub(r"    <disk .*?/>\n(    <disk .*?/>\n)*", "".join(lines), head, flags=re.DOTALL)
     if domain_disks is None:
         domain_disks = [Disk("vda", "/var/lib/libvirt/images/vm1.qcow2")]
     inner = domain_xml(domain, domain_disks)

@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import qemu
 from click.testing import CliRunner
 from libvirt_files import FIXTURES, Disk, Host
 
-import qemu
 from qbitmap.cli import cli
 from qbitmap.libvirt import read_checkpoint, read_domain
 
@@ -33,9 +33,7 @@ def run_json(host: Host, *args: str | Path) -> tuple[int, dict]:
 
 
 def verdicts(report: dict) -> dict[tuple[str, str], str]:
-    return {
-        (c["name"], d["disk"]): d["verdict"] for c in report["checkpoints"] for d in c["disks"]
-    }
+    return {(c["name"], d["disk"]): d["verdict"] for c in report["checkpoints"] for d in c["disks"]}
 
 
 def commands(report: dict) -> list[str]:
@@ -98,7 +96,7 @@ def test_healthy_domain_exit_0(host, vm):
 
 
 def test_in_use_after_a_crash_is_repairable_exit_4(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     qemu.crash_image(vda, [(0, 1 << 20)], bitmaps=("cp1", "cp2"))
     code, report = run_json(host, "vm")
     assert code == 4
@@ -128,7 +126,7 @@ def test_in_use_after_a_crash_is_repairable_exit_4(host, vm):
 
 
 def test_checkpoint_metadata_without_a_bitmap_is_missing(host, vm):
-    vda, vdb = vm
+    _vda, _vdb = vm
     host.checkpoint("vm", "cp3", parent="cp2", disks=(("vda", "bitmap"), ("vdb", "bitmap")))
     code, report = run_json(host, "vm")
     assert code == 4
@@ -159,9 +157,9 @@ def test_gap_and_not_recording_in_a_chain(host, tmp_path):
 
 
 def test_corrupt_bitmap_is_not_repairable_exit_2(host, vm):
-    vda, vdb = vm
+    _vda, vdb = vm
     qemu.qemu_io(vdb, "write 0 64k")
-    entry = [e for e in qemu.bitmap_directory(vdb) if e["name"] == "cp1"][0]
+    entry = next(e for e in qemu.bitmap_directory(vdb) if e["name"] == "cp1")
     with open(vdb, "r+b") as f:
         f.seek(entry["table_offset"])
         f.write(struct.pack(">Q", 0x12345600))
@@ -175,7 +173,7 @@ def test_corrupt_bitmap_is_not_repairable_exit_2(host, vm):
 
 
 def test_missing_disk_image_is_unreadable_exit_1(host, vm):
-    vda, vdb = vm
+    _vda, vdb = vm
     os.unlink(vdb)
     code, report = run_json(host, "vm")
     assert code == 1
@@ -185,7 +183,7 @@ def test_missing_disk_image_is_unreadable_exit_1(host, vm):
 
 
 def test_orphan_bitmaps_are_listed_with_their_remedy(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     qemu.add_bitmap(vda, "virtnbdbackup.7")
     code, report = run_json(host, "vm")
     assert code == 0  # no checkpoint is unusable
@@ -203,7 +201,7 @@ def test_orphan_bitmaps_are_listed_with_their_remedy(host, vm):
 
 
 def test_a_checkpoint_whose_disk_is_gone(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     host.define("vm", [Disk("vda", str(vda))])  # vdb detached since
     code, report = run_json(host, "vm")
     assert code == 0
@@ -216,7 +214,7 @@ def test_a_checkpoint_whose_disk_is_gone(host, vm):
 
 
 def test_disks_qbitmap_cannot_check(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     raw = host.images / "data.raw"
     raw.write_bytes(b"\0" * 65536)
     host.define(
@@ -241,7 +239,7 @@ def test_disks_qbitmap_cannot_check(host, vm):
 
 
 def test_a_running_domain_exit_75(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     qemu.require_tools("qemu-storage-daemon")
     with qemu.StorageDaemon(vda, writable=True):
         code, report = run_json(host, "vm")
@@ -255,7 +253,7 @@ def test_a_running_domain_exit_75(host, vm):
 
 def test_recorded_bitmap_name_is_shown_but_the_checkpoint_name_is_looked_up(host, vm):
     host.checkpoint("vm", "cp3", parent="cp2", disks=(("vda", "bitmap", "cp1"),))
-    code, report = run_json(host, "vm")
+    _code, report = run_json(host, "vm")
     (cp3,) = [c for c in report["checkpoints"] if c["name"] == "cp3"]
     disk = cp3["disks"][0]
     assert disk["verdict"] == "missing" and disk["recorded_bitmap"] == "cp1"
@@ -287,7 +285,10 @@ EXTERNAL_ENTITY = """<?xml version="1.0"?>
 HOSTILE = {
     "billion-laughs": (BILLION_LAUGHS, "document type declaration"),
     "external-entity": (EXTERNAL_ENTITY, "document type declaration"),
-    "undefined-entity": ("<domaincheckpoint><name>&x;</name></domaincheckpoint>", "undefined entity"),
+    "undefined-entity": (
+        "<domaincheckpoint><name>&x;</name></domaincheckpoint>",
+        "undefined entity",
+    ),
     "malformed": ("<domaincheckpoint><name>cp</domaincheckpoint>", "not well-formed"),
     "empty": ("", "not well-formed"),
     "not-utf8": (b"<domaincheckpoint><name>\xff\xfe</name></domaincheckpoint>", "not well-formed"),
@@ -339,7 +340,7 @@ def test_oversized_and_special_files_are_refused_without_reading_them(host, vm, 
 
 
 def test_names_from_files_are_escaped_on_the_terminal(host, vm):
-    vda, vdb = vm
+    _vda, _vdb = vm
     # XML 1.0 has no ESC, but a newline and a right-to-left override are valid text.
     host.checkpoint("vm", "cp\nfake\u202eevil", parent="cp2", disks=(("vda", "bitmap"),))
     result = run(*host.args(), "vm")
@@ -361,7 +362,7 @@ def test_a_control_character_in_a_checkpoint_file_is_malformed_xml(host, vm):
 
 
 def test_domain_xml_from_virsh_dumpxml(host, vm, tmp_path):
-    vda, vdb = vm
+    vda, _vdb = vm
     live = (FIXTURES / "vm1-dumpxml-running.xml").read_text()
     live = live.replace("vm1", "vm").replace("/var/lib/libvirt/images/vm.qcow2", str(vda))
     path = tmp_path / "dump.xml"
@@ -377,7 +378,7 @@ def test_domain_xml_from_virsh_dumpxml(host, vm, tmp_path):
 
 
 def test_all_domains_one_object_worst_exit(host, vm):
-    vda, vdb = vm
+    _vda, _vdb = vm
     other = qemu.create_image(host.images / "other.qcow2", 64 << 20)
     host.define("other", [Disk("vda", str(other))])
     host.checkpoint("other", "c1")
@@ -415,7 +416,7 @@ def test_no_config_directory_exit_1(tmp_path):
 
 
 def test_the_command_never_writes(host, vm):
-    vda, vdb = vm
+    vda, _vdb = vm
     qemu.crash_image(vda, [(0, 65536)], bitmaps=("cp1", "cp2"))
     files = [p for p in host.root.rglob("*") if p.is_file()]
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}

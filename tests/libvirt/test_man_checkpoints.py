@@ -10,10 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import qemu
 from libvirt_files import Disk, Host
 from manpage import plain, section
 
-import qemu
 from qbitmap.commands.checkpoints import checkpoints as command
 from qbitmap.libvirt import VERDICT_ORDER
 
@@ -32,20 +32,20 @@ def test_every_option_is_documented():
         if name not in ("-h", "--help"):
             assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", synopsis), name
     documented = set()
-    for item in re.findall(r"^\.TP\n(.*)$", options, re.M):
+    for item in re.findall(r"^\.TP\n(.*)$", options, re.MULTILINE):
         documented |= set(re.findall(r"(?<![\w-])--?[a-z][a-z-]*", item))
     assert documented == set(names)
 
 
 def test_every_verdict_is_documented():
     text = plain(PAGE.read_text())
-    listed = re.findall(r"^\.TP\n\.B ([a-z-]+)$", section(text, "VERDICTS"), re.M)
+    listed = re.findall(r"^\.TP\n\.B ([a-z-]+)$", section(text, "VERDICTS"), re.MULTILINE)
     assert listed == list(VERDICT_ORDER)
 
 
 def test_exit_codes_are_documented():
     text = plain(PAGE.read_text())
-    listed = re.findall(r"^\.TP\n\.B (\d+)$", section(text, "EXIT STATUS"), re.M)
+    listed = re.findall(r"^\.TP\n\.B (\d+)$", section(text, "EXIT STATUS"), re.MULTILINE)
     assert listed == ["0", "1", "2", "4", "64", "75"]
     assert "the first of 1, 75, 2, 4 wins" in section(text, "EXIT STATUS")
 
@@ -77,7 +77,7 @@ def test_every_json_key_is_documented(tmp_path):
     assert report["checkpoints"] and report["orphans"] and report["findings"]
     assert report["remedies"] and report["checkpoints"][0]["disks"][0]["chain"]["layers"]
     keys = _keys(report) | _keys(json.loads(every.stdout))
-    text = section(plain(PAGE.read_text()), "JSON OUTPUT").replace("\\(dq", "\"")
+    text = section(plain(PAGE.read_text()), "JSON OUTPUT").replace("\\(dq", '"')
     words = set(re.findall(r"[a-z_]+", text))
     assert keys - words == set()
 
