@@ -78,9 +78,16 @@ def checkpoints(
     by --repair, 75 the domain is running, 64 usage; the first of 1, 75,
     2, 4 wins.
     """
-    from qbitmap.libvirt import ImageCache, domain_files, examine_domain, read_domain
-    from qbitmap.libvirt.verdicts import DomainReport, Finding, examine_domain_file
-    from qbitmap.libvirt.xmlsafe import XmlProblem
+    from qbitmap.libvirt import (
+        DomainReport,
+        Finding,
+        ImageCache,
+        XmlProblem,
+        domain_files,
+        examine_domain,
+        examine_domain_files,
+        read_domain,
+    )
 
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
     if all_domains and (domain is not None or domain_xml is not None):
@@ -97,8 +104,7 @@ def checkpoints(
         except OSError as exc:
             ui.error(f"{config_dir}: cannot list domain definitions: {exc.strerror}")
             ctx.exit(1)
-        for path in files:
-            reports.append(examine_domain_file(path, checkpoint_dir=checkpoint_dir, cache=cache))
+        reports = examine_domain_files(files, checkpoint_dir=checkpoint_dir, cache=cache)
     elif domain_xml is not None:
         try:
             definition = read_domain(domain_xml)
@@ -121,7 +127,7 @@ def checkpoints(
             ctx.exit(1)
         if not path.exists():
             raise click.UsageError(f"no domain named {domain!r} is defined (no {path})")
-        reports.append(examine_domain_file(path, checkpoint_dir=checkpoint_dir, cache=cache))
+        reports.extend(examine_domain_files([path], checkpoint_dir=checkpoint_dir, cache=cache))
     if as_json:
         from qbitmap.render.checkpoints import write_json
 

@@ -3,7 +3,8 @@
 Reads, never writes, libvirt's files: domain definitions (:mod:`definitions`)
 parsed by a hardened XML reader (:mod:`xmlsafe`), and per checkpoint x disk
 the verdict libvirt would reach (:mod:`verdicts`), built on the backing-chain
-rule of :mod:`qbitmap.check.chain`.  Sits at the level of ``check`` and
+rule of :mod:`qbitmap.check.chain`; :mod:`disks` examines one disk's chain and
+:mod:`parallel` many at once.  Sits at the level of ``check`` and
 ``recover``: no click, no rich.
 """
 
@@ -17,21 +18,21 @@ from qbitmap.libvirt.definitions import (
     read_checkpoint,
     read_domain,
 )
+from qbitmap.libvirt.disks import DiskState, ImageCache, examine_disk
 from qbitmap.libvirt.verdicts import (
     DEFAULT_CHECKPOINT_DIR,
     DEFAULT_CONFIG_DIR,
     VERDICT_ORDER,
     CheckpointState,
-    DiskState,
     DiskVerdict,
     DomainReport,
     Finding,
-    ImageCache,
     Orphan,
     Remedy,
     domain_files,
     examine_domain,
-    examine_domain_file,
+    examine_domain_files,
+    examine_domains,
 )
 from qbitmap.libvirt.xmlsafe import XmlProblem
 
@@ -53,8 +54,10 @@ __all__ = [
     "Remedy",
     "XmlProblem",
     "domain_files",
+    "examine_disk",
     "examine_domain",
-    "examine_domain_file",
+    "examine_domain_files",
+    "examine_domains",
     "read_checkpoint",
     "read_domain",
 ]

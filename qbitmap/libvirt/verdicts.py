@@ -27,7 +27,6 @@ in place, so that a repair can be planned from it alone.
 
 from __future__ import annotations
 
-import os
 import shlex
 import stat
 from collections.abc import Iterable, Sequence
@@ -35,25 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qbitmap.check import CheckReport, check_image
-from qbitmap.check.chain import (
-    PROBLEMS,
-    ChainBitmapVerdict,
-    LayerView,
-    bitmaps_ignored,
-    judge_bitmap,
-    worst_exit_code,
-)
-from qbitmap.check.live import held_lock_bytes, writer_present
-from qbitmap.errors import ExitCode, QbitmapError
-from qbitmap.format.chain import BackingChain, ChainError, open_chain
+from qbitmap.check.chain import PROBLEMS, ChainBitmapVerdict, judge_bitmap, worst_exit_code
+from qbitmap.errors import ExitCode
 from qbitmap.libvirt.definitions import (
     CheckpointDefinition,
-    DiskDefinition,
     DomainDefinition,
     read_checkpoint,
     read_domain,
 )
+from qbitmap.libvirt.disks import DiskState, ImageCache
+from qbitmap.libvirt.parallel import examine_disks
 from qbitmap.libvirt.xmlsafe import XmlProblem
 
 #: Where libvirt's QEMU driver keeps persistent domain definitions (system instance).
@@ -65,81 +55,6 @@ DEFAULT_CHECKPOINT_DIR = Path("/var/lib/libvirt/qemu/checkpoint")
 NOT_JUDGED = ("running", "not-checkable", "disk-gone")
 #: Every checkpoint x disk verdict, worst first (a checkpoint's verdict is its worst disk's).
 VERDICT_ORDER = (*PROBLEMS, *NOT_JUDGED, "ok")
-
-
-class ImageCache:
-    """Check results per image file for one run, so a shared backing file is checked once."""
-
-    def __init__(self) -> None:
-        self._reports: dict[tuple[int, int, int, int], CheckReport] = {}
-
-    def report(self, fd: int, check: Any) -> CheckReport:
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in self._reports:
-            self._reports[key] = check()
-        return self._reports[key]
-
-
-@dataclass
-class DiskState:
-    """One disk of the domain definition, with its backing chain examined."""
-
-    definition: DiskDefinition
-    not_checkable: str | None = None  # why qbitmap cannot look at it
-    error: str | None = None  # the top image could not be opened
-    views: list[LayerView] = field(default_factory=list)
-    chain_error: ChainError | None = None
-    held: tuple[int, ...] = ()  # lock bytes of the top image another process holds
-
-    @property
-    def target(self) -> str:
-        return self.definition.target
-
-    @property
-    def running(self) -> bool:
-        return writer_present(self.held)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = self.definition
-        return {
-            "target": d.target,
-            "device": d.device,
-            "type": d.type,
-            "format": d.format,
-            "source": d.source,
-            "readonly": d.readonly,
-            "checkable": self.not_checkable is None,
-            "not_checkable_reason": self.not_checkable,
-            "error": self.error,
-            "held_lock_bytes": list(self.held),
-            "backing_chain": [
-                {
-                    "index": v.index,
-                    "filename": v.filename,
-                    "format": v.layer.format,
-                    "bitmaps_ignored": v.bitmaps_ignored,
-                    "check_exit_code": None if v.report is None else v.report.exit_code,
-                    "bitmaps": []
-                    if v.report is None
-                    else [
-                        {
-                            "name": b.name,
-                            "status": b.status,
-                            "flags": [] if b.entry is None else b.entry.flag_words,
-                            "granularity": None
-                            if b.entry is None or not 0 <= b.entry.granularity_bits <= 63
-                            else b.entry.granularity,
-                        }
-                        for b in v.report.bitmaps
-                    ],
-                }
-                for v in self.views
-            ],
-            "chain_error": None
-            if self.chain_error is None
-            else {"kind": self.chain_error.kind, "message": self.chain_error.message},
-        }
 
 
 @dataclass(frozen=True)
@@ -325,45 +240,6 @@ class DomainReport:
 # -- reading --------------------------------------------------------------------------------
 
 
-def _chain_views(chain: BackingChain, cache: ImageCache) -> list[LayerView]:
-    views = []
-    for layer in chain.layers:
-        image = chain.images.get(layer.index)
-        report = None
-        if image is not None:
-            report = cache.report(image.fd, lambda image=image: check_image(image))
-        views.append(LayerView(layer, report, bitmaps_ignored(layer, chain)))
-    return views
-
-
-def examine_disk(disk: DiskDefinition, cache: ImageCache) -> DiskState:
-    """Open *disk*'s backing chain read-only and check every layer (no lock taken).
-
-    A disk whose top image a writer holds is returned with its lock bytes
-    and no layers: its bitmaps live in the writer's memory.
-    """
-    state = DiskState(disk)
-    reason = disk.not_checkable_reason()
-    if reason is not None:
-        state.not_checkable = reason
-        return state
-    path = disk.local_path
-    assert path is not None
-    try:
-        chain = open_chain(path)
-    except QbitmapError as exc:
-        message = str(exc)
-        state.error = message if message.startswith(str(path)) else f"{path}: {message}"
-        return state
-    with chain:
-        state.held = held_lock_bytes(chain.top.fd)
-        if state.running:
-            return state
-        state.views = _chain_views(chain, cache)
-        state.chain_error = chain.error
-    return state
-
-
 def _checkpoint_files(directory: Path) -> tuple[list[Path], Finding | None]:
     try:
         entries = sorted(directory.iterdir())
@@ -472,14 +348,7 @@ def _orphans(disks: Sequence[DiskState], known: set[str]) -> list[Orphan]:
     return out
 
 
-def examine_domain(
-    domain: DomainDefinition,
-    *,
-    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
-    cache: ImageCache | None = None,
-) -> DomainReport:
-    """libvirt's view of *domain*'s checkpoints, from its files and images, read-only."""
-    cache = cache or ImageCache()
+def _report(domain: DomainDefinition, disks: list[DiskState], checkpoint_dir: Path) -> DomainReport:
     directory = checkpoint_dir / domain.name
     report = DomainReport(domain.name, domain.path, str(directory))
     files, problem = _checkpoint_files(directory)
@@ -488,6 +357,7 @@ def examine_domain(
     checkpoints: list[CheckpointDefinition] = []
     known: set[str] = set()
     for path in files:
+        # A checkpoint whose file cannot be read is still a checkpoint: its bitmap is no orphan.
         known.add(path.stem)
         try:
             cp = read_checkpoint(path)
@@ -497,29 +367,71 @@ def examine_domain(
         known.add(cp.name)
         checkpoints.append(cp)
     checkpoints.sort(key=lambda c: (c.creation_time or 0, c.name))
-    report.disks = [examine_disk(disk, cache) for disk in domain.disks]
-    by_target = {d.target: d for d in report.disks}
+    report.disks = disks
+    by_target = {d.target: d for d in disks}
     for cp in checkpoints:
         report.checkpoints.append(
             CheckpointState(cp, _judge(cp, by_target, running=report.running))
         )
     if not report.running:
-        report.orphans = _orphans(report.disks, known)
+        report.orphans = _orphans(disks, known)
     report.remedies = remedies_for(report)
     return report
 
 
-def examine_domain_file(
-    path: Path, *, checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR, cache: ImageCache | None = None
+def examine_domains(
+    domains: Sequence[DomainDefinition],
+    *,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    cache: ImageCache | None = None,
+    jobs: int | None = None,
+) -> list[DomainReport]:
+    """libvirt's view of each domain's checkpoints, from its files and images, read-only.
+
+    The disks of every domain are examined together (in parallel when
+    there are enough of them and CPUs for it; *jobs* caps the workers).
+    """
+    cache = cache or ImageCache()
+    states = examine_disks([d for dom in domains for d in dom.disks], cache, jobs=jobs)
+    reports = []
+    for dom in domains:
+        mine, states = states[: len(dom.disks)], states[len(dom.disks) :]
+        reports.append(_report(dom, mine, checkpoint_dir))
+    return reports
+
+
+def examine_domain(
+    domain: DomainDefinition,
+    *,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    cache: ImageCache | None = None,
+    jobs: int | None = None,
 ) -> DomainReport:
-    """:func:`examine_domain` for the definition in *path*; an unreadable file is a report too."""
-    try:
-        domain = read_domain(path)
-    except XmlProblem as exc:
-        report = DomainReport(path.stem, str(path), str(checkpoint_dir / path.stem))
-        report.findings.append(Finding(exc.path, str(exc)))
-        return report
-    return examine_domain(domain, checkpoint_dir=checkpoint_dir, cache=cache)
+    """:func:`examine_domains` for one domain."""
+    (report,) = examine_domains([domain], checkpoint_dir=checkpoint_dir, cache=cache, jobs=jobs)
+    return report
+
+
+def examine_domain_files(
+    paths: Sequence[Path],
+    *,
+    checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
+    cache: ImageCache | None = None,
+    jobs: int | None = None,
+) -> list[DomainReport]:
+    """:func:`examine_domains` for definition files; an unreadable one is a report too."""
+    readable: list[DomainDefinition] = []
+    slots: list[DomainReport | int] = []
+    for path in paths:
+        try:
+            readable.append(read_domain(path))
+            slots.append(len(readable) - 1)
+        except XmlProblem as exc:
+            report = DomainReport(path.stem, str(path), str(checkpoint_dir / path.stem))
+            report.findings.append(Finding(exc.path, str(exc)))
+            slots.append(report)
+    examined = examine_domains(readable, checkpoint_dir=checkpoint_dir, cache=cache, jobs=jobs)
+    return [examined[slot] if isinstance(slot, int) else slot for slot in slots]
 
 
 def domain_files(config_dir: Path) -> list[Path]:
@@ -641,16 +553,14 @@ __all__ = [
     "NOT_JUDGED",
     "VERDICT_ORDER",
     "CheckpointState",
-    "DiskState",
     "DiskVerdict",
     "DomainReport",
     "Finding",
-    "ImageCache",
     "Orphan",
     "Remedy",
     "domain_files",
-    "examine_disk",
     "examine_domain",
-    "examine_domain_file",
+    "examine_domain_files",
+    "examine_domains",
     "remedies_for",
 ]
