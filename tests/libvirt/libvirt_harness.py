@@ -49,6 +49,10 @@ QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 QEMU_CONF_TEXT = 'user = "root"\ngroup = "root"\nsecurity_driver = "none"\n'
 LOG_DIR = Path("/var/log/libvirt")
 LOCK_FILE = Path("/run/lock/qbitmap-libvirt-tests.lock")
+#: What a session changed, written before each change: a run that was killed
+#: leaves it behind, and the next run adopts its daemons and restores qemu.conf.
+STATE_FILE = Path("/run/lock/qbitmap-libvirt-tests.json")
+SAVED_CONF = Path("/run/lock/qbitmap-libvirt-tests.qemu.conf")
 PID_FILES = {"virtlogd": Path("/run/virtlogd.pid"), "libvirtd": Path("/run/libvirtd.pid")}
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
 #: Every domain the tests define has this prefix; stop() removes all of them.
@@ -218,13 +222,19 @@ class LibvirtDaemons:
 
     def _start(self) -> None:
         self._ensure_user()
+        self._adopt_killed_run()
         if self._daemon_answers():
             self.remove_test_domains()  # left by a run that was killed
-            return  # a libvirtd already runs here: use it, leave it running
-        if QEMU_CONF.exists():
-            self._conf_backup = QEMU_CONF.read_bytes()
-        QEMU_CONF.write_text(QEMU_CONF_TEXT)
-        self._conf_written = True
+            if self.started or self._conf_written:
+                self._reaper.start()
+            return  # ours from a killed run (stopped at the end), or not ours (left running)
+        if not self._conf_written:
+            if QEMU_CONF.exists():
+                self._conf_backup = QEMU_CONF.read_bytes()
+                SAVED_CONF.write_bytes(self._conf_backup)
+            self._conf_written = True
+            self._save_state()
+            QEMU_CONF.write_text(QEMU_CONF_TEXT)
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self._reaper.start()
         for name in ("virtlogd", "libvirtd"):
@@ -237,7 +247,25 @@ class LibvirtDaemons:
                 f"{name} started",
             )
             self.started[name] = _pid_of(PID_FILES[name])  # type: ignore[assignment]
+            self._save_state()
         _wait(self._daemon_answers, "libvirtd answers on qemu:///system", timeout=60)
+
+    def _save_state(self) -> None:
+        STATE_FILE.write_text(
+            json.dumps({"started": self.started, "conf_saved": self._conf_backup is not None})
+        )
+
+    def _adopt_killed_run(self) -> None:
+        """Take over what a run killed before its clean-up left: daemons, qemu.conf."""
+        try:
+            state = json.loads(STATE_FILE.read_text())
+        except (OSError, ValueError):
+            return
+        self.started = {
+            name: pid for name, pid in state.get("started", {}).items() if _alive(pid, name)
+        }
+        self._conf_written = True
+        self._conf_backup = SAVED_CONF.read_bytes() if state.get("conf_saved") else None
 
     @staticmethod
     def _ensure_user() -> None:
@@ -301,10 +329,14 @@ class LibvirtDaemons:
         if self._conf_written:
             with contextlib.suppress(Exception):
                 if self._conf_backup is None:
-                    QEMU_CONF.unlink()
+                    QEMU_CONF.unlink(missing_ok=True)
                 else:
                     QEMU_CONF.write_bytes(self._conf_backup)
             self._conf_written = False
+        if not self.started:
+            with contextlib.suppress(Exception):
+                STATE_FILE.unlink(missing_ok=True)
+                SAVED_CONF.unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -442,6 +474,7 @@ class TestDomain:
         )
         proc = virsh("backup-begin", self.name, xml, check=False)
         proc.socket = sock  # type: ignore[attr-defined]
+        proc.scratch = scratch  # type: ignore[attr-defined]
         return proc
 
     def abort_backup(self) -> None:

@@ -117,6 +117,11 @@ def test_disk_only_snapshot_then_a_crash(domain, tmp_path):
     # libvirt gives the overlay recording bitmaps of the same names, in QEMU's memory.
     nodes = domain.node_bitmaps()
     assert {name for name, _rec, _inc in nodes[str(overlay)]} == {"cp1", "cp2"}
+    # ... while the base, read-only from now on, has them stored, recording and not in use.
+    assert {n: b["flags"] for n, b in qemu.img_bitmaps(base).items()} == {
+        "cp1": ["auto"],
+        "cp2": ["auto"],
+    }
     domain.write("200M", "1M")
     domain.kill()
     assert qemu.img_bitmaps(overlay) == {}
@@ -222,6 +227,8 @@ def test_the_reproduction_recover_full_then_the_backup_covers_the_disk(domain):
         assert [(e["offset"], e["length"], e["description"]) for e in extents] == [
             (0, DISK_SIZE, "dirty")
         ]
+        assert proc.scratch.exists()
         domain.abort_backup()
+        assert not proc.scratch.exists()  # libvirt deletes a pull backup's scratch file
     finally:
         domain.stop_cleanly()
