@@ -56,6 +56,16 @@ EXIT_PRECEDENCE = (
 )
 
 
+def qemu_default_granularity(cluster_size: int) -> int:
+    """The granularity QEMU gives a bitmap created without one: the cluster size, 4-64 KiB.
+
+    What ``block-dirty-bitmap-add`` without ``granularity`` (libvirt's
+    checkpoints) and ``qemu-img bitmap --add`` without ``-g`` choose
+    (docs/libvirt-facts.md).
+    """
+    return min(max(cluster_size, 4096), 65536)
+
+
 def worst_exit_code(codes: Iterable[int]) -> int:
     """The exit status that wins among *codes* by check's precedence (0 for none)."""
     present = set(codes)
@@ -126,6 +136,9 @@ class LayerProblem:
     filename: str
     detail: str  # one sentence
     repairable: bool  # whether a repair in this layer alone can fix it
+    #: For missing and gap: the granularity a bitmap created here should have: that of
+    #: the bitmap in the nearest layer that has it, else QEMU's default for this layer.
+    granularity: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +147,7 @@ class LayerProblem:
             "filename": self.filename,
             "detail": self.detail,
             "repairable": self.repairable,
+            "granularity": self.granularity,
         }
 
 
@@ -184,6 +198,16 @@ def _layer_state(view: LayerView, name: str) -> LayerBitmap:
         if 0 <= entry.granularity_bits <= 63:
             granularity = entry.granularity
     return LayerBitmap(view.index, view.filename, True, status.status, recording, granularity)
+
+
+def _granularity_for(view: LayerView, layers: Sequence[LayerBitmap], index: int) -> int | None:
+    """The granularity a bitmap created in layer *index* should get (None: not a qcow2 layer)."""
+    present = [lb for lb in layers if lb.present and lb.granularity is not None]
+    if present:
+        return min(present, key=lambda lb: abs(lb.index - index)).granularity
+    if view.layer.cluster_size is None:
+        return None
+    return qemu_default_granularity(view.layer.cluster_size)
 
 
 def _codes(report: CheckReport, exit_code: int) -> str:
@@ -263,7 +287,11 @@ def judge_bitmap(
             if view.report is None:
                 repairable = False
                 detail = f"layer {i} ({view.filename}) is {view.layer.format}: it holds no bitmaps"
-            problems.append(LayerProblem(kind, i, view.filename, detail, repairable))
+            problems.append(
+                LayerProblem(
+                    kind, i, view.filename, detail, repairable, _granularity_for(view, layers, i)
+                )
+            )
             continue
         if not seen:
             continue
@@ -453,5 +481,6 @@ __all__ = [
     "check_chain_path",
     "judge_bitmap",
     "layer_views",
+    "qemu_default_granularity",
     "worst_exit_code",
 ]

@@ -61,6 +61,8 @@ class ChainLayer:
     backing_format: str | None = None
     #: Guest size in bytes: the qcow2 header's size; a raw file's length.
     virtual_size: int | None = None
+    #: qcow2 cluster size in bytes (None for other formats).
+    cluster_size: int | None = None
 
     @property
     def filename(self) -> str:
@@ -250,6 +252,7 @@ def _walk(chain: BackingChain, top_path: Path, top: Image, max_depth: int) -> No
                 backing_name=backing_name,
                 backing_format=backing_format,
                 virtual_size=size,
+                cluster_size=None if image is None else image.cluster_size,
             )
         )
         if next_error is not None:

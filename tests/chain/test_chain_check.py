@@ -44,11 +44,29 @@ def test_consecutive_from_the_top_is_ok(chain):
 
 def test_absent_from_the_top_image_is_missing(chain):
     top, mid, base = chain
-    qemu.add_bitmap(mid, "cp1")
+    qemu.add_bitmap(mid, "cp1", granularity=1 << 20)
     qemu.add_bitmap(base, "cp1")
     _, v = verdict(top, "cp1")
     assert v.verdict == "missing" and v.repairable
     assert [(p.kind, p.index) for p in v.problems] == [("missing", 0)]
+    # A bitmap made in the top image should match the nearest layer's (mid's 1 MiB).
+    assert v.problems[0].granularity == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("cluster_size", "expected"), [(512, 4096), (65536, 65536), (1 << 21, 65536)]
+)
+def test_a_missing_bitmap_nowhere_gets_qemus_default_granularity(tmp_path, cluster_size, expected):
+    top = qemu.create_image(tmp_path / "top.qcow2", 64 << 20, cluster_size=cluster_size)
+    qemu.add_bitmap(top, "other")
+    report = check_chain_path(str(top))
+    from qbitmap.check.chain import judge_bitmap
+
+    v = judge_bitmap("cp1", report.views)
+    assert v.verdict == "missing" and v.problems[0].granularity == expected
+    # ... which is what QEMU itself picks for a bitmap added without a granularity:
+    qemu.add_bitmap(top, "probe")
+    assert qemu.img_bitmaps(top)["probe"]["granularity"] == expected
 
 
 def test_absent_between_two_layers_is_a_gap(chain):
