@@ -232,3 +232,25 @@ def test_the_reproduction_recover_full_then_the_backup_covers_the_disk(domain):
         assert not proc.scratch.exists()  # libvirt deletes a pull backup's scratch file
     finally:
         domain.stop_cleanly()
+
+
+def test_libvirts_checkpoint_bitmaps_get_qemus_default_granularity(libvirtd, tmp_path):
+    """What a repair that creates a missing bitmap must match (see qemu_default_granularity)."""
+    from qbitmap.check.chain import qemu_default_granularity
+
+    dom = TestDomain(tmp_path, disks=("vda", "vdb"))
+    sizes = {"vda": 512, "vdb": 2 << 20}
+    for target, cluster_size in sizes.items():
+        qemu.create_image(dom.disks[target], "256M", cluster_size=cluster_size)
+    try:
+        dom.define()
+        dom.start()
+        dom.checkpoint("cp1")
+        dom.stop_cleanly()
+        for target, cluster_size in sizes.items():
+            granularity = qemu.img_bitmaps(dom.disks[target])["cp1"]["granularity"]
+            assert granularity == qemu_default_granularity(cluster_size), target
+        assert qemu_default_granularity(512) == 4096
+        assert qemu_default_granularity(2 << 20) == 65536
+    finally:
+        TestDomain.remove(dom.name)
