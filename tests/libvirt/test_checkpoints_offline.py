@@ -121,6 +121,7 @@ def test_in_use_after_a_crash_is_repairable_exit_4(host, vm):
             "filename": str(vda),
             "detail": chain["problems"][0]["detail"],
             "repairable": True,
+            "granularity": None,
         }
     ]
 

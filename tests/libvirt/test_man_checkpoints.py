@@ -93,6 +93,15 @@ def test_page_renders_without_warnings():
         check=False,
     )
     assert proc.returncode == 0 and proc.stderr == ""
+    if shutil.which("mandoc"):
+        lint = subprocess.run(
+            ["mandoc", "-Tlint", "-W", "warning", str(PAGE)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert lint.returncode == 0, lint.stdout + lint.stderr
     qemu.require_tools("man")
     shown = subprocess.run(
         ["man", "-l", str(PAGE)],
