@@ -9,6 +9,7 @@ import click
 
 from qbitmap.ui import Ui, allow_fast_exit
 
+# The same as qbitmap.libvirt.DEFAULT_*; spelt out so that registering the command imports nothing.
 DEFAULT_CONFIG_DIR = "/etc/libvirt/qemu"
 DEFAULT_CHECKPOINT_DIR = "/var/lib/libvirt/qemu/checkpoint"
 

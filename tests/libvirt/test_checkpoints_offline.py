@@ -423,3 +423,11 @@ def test_the_command_never_writes(host, vm):
     before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
     assert run(*host.args(), "vm").exit_code == 4
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in files} == before
+
+
+def test_the_command_defaults_are_libvirts_directories():
+    from qbitmap.commands import checkpoints as command
+    from qbitmap.libvirt import DEFAULT_CHECKPOINT_DIR, DEFAULT_CONFIG_DIR
+
+    assert Path(command.DEFAULT_CONFIG_DIR) == DEFAULT_CONFIG_DIR == Path("/etc/libvirt/qemu")
+    assert Path(command.DEFAULT_CHECKPOINT_DIR) == DEFAULT_CHECKPOINT_DIR
