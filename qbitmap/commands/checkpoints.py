@@ -130,9 +130,12 @@ def checkpoints(
             raise click.UsageError(f"no domain named {domain!r} is defined (no {path})")
         reports.extend(examine_domain_files([path], checkpoint_dir=checkpoint_dir, cache=cache))
     if as_json:
-        from qbitmap.render.checkpoints import write_json
+        from qbitmap.render.checkpoints import running_message, write_json
 
         write_json(sys.stdout, reports, all_domains=all_domains)
+        for report in reports:
+            if report.running:
+                ui.warning(running_message(report))
     else:
         from qbitmap.render.checkpoints import human
 
