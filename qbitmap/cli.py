@@ -129,6 +129,7 @@ def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> Non
     qbitmap dump IMAGE       what the image says about its bitmaps
     qbitmap check IMAGE      validate them; exit code for scripts
     qbitmap recover IMAGE    bring in-use bitmaps back into service
+    qbitmap checkpoints VM   libvirt's checkpoints of VM: will libvirt use them?
 
     Exit status: 0 success, 1 the image could not be read, 64 usage error;
     check and recover add their own (see their --help and qbitmap(1)).
@@ -146,6 +147,10 @@ def _register() -> None:
 
     for command in (dump, check, recover):
         cli.add_command(command)
+
+    from qbitmap.commands.checkpoints import checkpoints
+
+    cli.add_command(checkpoints)
 
 
 _register()

@@ -21,8 +21,16 @@ from qbitmap.ui import Ui, allow_fast_exit
     help="Report only this bitmap (repeatable); image-wide findings are always reported.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option(
+    "--backing-chain",
+    is_flag=True,
+    help="Check every image of IMAGE's backing chain and judge each bitmap name by "
+    "libvirt's rule for a checkpoint bitmap.",
+)
 @click.pass_context
-def check(ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool) -> None:
+def check(
+    ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool, backing_chain: bool
+) -> None:
     """Validate the persistent bitmaps of IMAGE the way QEMU loads them, and more.
 
     Reads only and takes no lock.  Every rule QEMU applies when it loads
@@ -36,6 +44,7 @@ def check(ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool
       qbitmap check disk.qcow2
       qbitmap check --json -b daily disk.qcow2 | jq .bitmaps
       qbitmap check disk.qcow2 || echo "exit $?: do a full backup"
+      qbitmap check --backing-chain overlay.qcow2
 
     Exit status: 0 every bitmap consistent, 1 could not check, 2 corruption
     (or QEMU would refuse the image), 3 leaked clusters only, 4 in-use
@@ -44,6 +53,12 @@ def check(ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool
     from qbitmap.check import check_path
 
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
+    if backing_chain:
+        from qbitmap.commands._chain import check_chain
+
+        code = check_chain(ui, image, names, as_json)
+        allow_fast_exit()
+        ctx.exit(code)
     report = check_path(image, names=list(names) or None)
     if as_json:
         from qbitmap.render.check import write_json

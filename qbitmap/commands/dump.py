@@ -28,9 +28,21 @@ from qbitmap.ui import Ui, allow_fast_exit
     help="Print the dirty ranges as 'START LENGTH' lines (bytes), for shell loops; "
     "a third column holds the bitmap name when more than one bitmap is shown.",
 )
+@click.option(
+    "--backing-chain",
+    is_flag=True,
+    help="Also show every image below IMAGE in its backing chain; with --extents, "
+    "the union of each bitmap's dirty ranges over the layers that have it.",
+)
 @click.pass_obj
 def dump(
-    ui: Ui, image: Path, names: tuple[str, ...], extents: bool, as_json: bool, lines: bool
+    ui: Ui,
+    image: Path,
+    names: tuple[str, ...],
+    extents: bool,
+    as_json: bool,
+    lines: bool,
+    backing_chain: bool,
 ) -> None:
     """Show the header, extensions and bitmaps of IMAGE, down to dirty ranges.
 
@@ -43,11 +55,18 @@ def dump(
       qbitmap dump disk.qcow2
       qbitmap dump --json --extents -b daily disk.qcow2 | jq .bitmaps[0].extents
       qbitmap dump --lines -b daily disk.qcow2 | while read start length; do ...; done
+      qbitmap dump --backing-chain --extents -b cp1 overlay.qcow2
 
     Exit status: 0 success, 1 the image could not be read, 64 usage error.
     """
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
+    if backing_chain:
+        from qbitmap.commands._chain import dump_chain
+
+        code = dump_chain(ui, image, names, extents, as_json, lines)
+        allow_fast_exit()
+        click.get_current_context().exit(code)
     from qbitmap.format import Image
     from qbitmap.inspect import dump_report
 

@@ -3,7 +3,7 @@
 Two ways to die:
 
 * in-process, thousands of times: the image's Disk is wrapped in
-  ``qbitmap.store.disk.CrashingDisk``, which stops at write-or-flush number N
+  ``crashdisk.CrashingDisk`` (tests/crashdisk.py), which stops at write-or-flush number N
   and (power-failure mode) drops the writes not yet flushed, or keeps a
   random subset of them;
 * in a child process, tens of times: ``tracker_child.py`` tracks random
