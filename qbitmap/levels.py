@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from qbitmap.format.bitmap import group_any
+
 MIN_LEVEL_BITS = 1
 MAX_LEVEL_BITS = 16
 DEFAULT_LEVEL_BITS = 6
@@ -49,26 +51,18 @@ def widen(bits: np.ndarray, nbits: int, group: int) -> np.ndarray:
     """
     if group <= 1:
         out = bits.copy()
-    elif group % 8 == 0:
-        gbytes = group // 8
-        nbytes = len(bits)
-        ngroups = -(-nbytes // gbytes)
-        out = np.zeros(nbytes, dtype=np.uint8)
-        for start in range(0, ngroups, max(1, _CHUNK_BYTES // gbytes)):
-            stop = min(ngroups, start + max(1, _CHUNK_BYTES // gbytes))
-            lo, hi = start * gbytes, min(nbytes, stop * gbytes)
-            part = bits[lo:hi]
-            padded = np.zeros((stop - start) * gbytes, dtype=np.uint8)
-            padded[: len(part)] = part
-            hit = padded.reshape(-1, gbytes).any(axis=1)
-            out[lo:hi] = np.repeat(np.where(hit, 0xFF, 0).astype(np.uint8), gbytes)[: hi - lo]
     else:
-        # Groups of 2 or 4 bits: widen inside each byte.
+        gbytes = max(1, group // 8)
+        step = max(gbytes, _CHUNK_BYTES // gbytes * gbytes)  # whole groups per chunk
         out = np.empty_like(bits)
-        for lo in range(0, len(bits), _CHUNK_BYTES):
-            part = np.unpackbits(bits[lo : lo + _CHUNK_BYTES], bitorder="little")
-            hit = part.reshape(-1, group).any(axis=1)
-            out[lo : lo + _CHUNK_BYTES] = np.packbits(np.repeat(hit, group), bitorder="little")
+        for lo in range(0, len(bits), step):
+            part = bits[lo : lo + step]
+            hit = group_any(part, len(part) * 8, group)
+            if group >= 8:
+                wide = np.repeat(np.where(hit, 0xFF, 0).astype(np.uint8), gbytes)
+            else:
+                wide = np.packbits(np.repeat(hit, group), bitorder="little")
+            out[lo : lo + len(part)] = wide[: len(part)]
     rem = nbits % 8
     if rem and len(out):
         out[-1] &= (1 << rem) - 1

@@ -1,6 +1,6 @@
 """Header-level findings: feature bits, the extension area, the bitmaps extension's presence.
 
-Sources: qcow2-digest 1.3, 2.1, 3.1, 4.2 and 4.3; QEMU block/qcow2.c
+QEMU's rules: docs/interop/qcow2.rst "Header", "Header extensions"; block/qcow2.c
 ``qcow2_do_open`` and ``qcow2_read_extensions`` (the bitmaps case checks the
 length first, then ignores the extension when autoclear bit 0 is clear --
 always the case for v2, which has no autoclear field).

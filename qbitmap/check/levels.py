@@ -27,9 +27,9 @@ from qbitmap.format import (
     IncompatibleFeature,
     LevelRecord,
     layout,
-    popcount,
     read_bits,
 )
+from qbitmap.format.bitmap import dirty_bytes_of
 from qbitmap.format.image import LevelsExtension
 from qbitmap.units import iec
 
@@ -127,15 +127,6 @@ class RecoveryEstimate:
     on_disk_dirty_bytes: int | None  # guest bytes the stale on-disk bitmap marks dirty
 
 
-def _dirty_bytes(bits: np.ndarray, geo: Geometry) -> int:
-    """Guest bytes covered by the set bits of *bits*, clipped to the disk's end."""
-    total = popcount(bits) * geo.granularity
-    last = geo.nbits - 1
-    if geo.nbits and geo.virtual_size % geo.granularity and bits[last // 8] >> (last % 8) & 1:
-        total -= geo.granularity - geo.virtual_size % geo.granularity
-    return total
-
-
 def recovery_granularity(image: Image, entry: BitmapEntry, assessment: Assessment) -> int | None:
     c, m, lb = assessment.consistent_level, assessment.max_level, assessment.level_bits
     if c is None or m is None or lb is None:
@@ -173,7 +164,7 @@ def estimate(
     recovered = levels.recover(
         bits, geo.nbits, assessment.consistent_level, assessment.max_level, assessment.level_bits
     )
-    return RecoveryEstimate(gran, _dirty_bytes(recovered, geo), _dirty_bytes(bits, geo))
+    return RecoveryEstimate(gran, dirty_bytes_of(geo, recovered), dirty_bytes_of(geo, bits))
 
 
 def in_use_finding(

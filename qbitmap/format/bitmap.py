@@ -39,6 +39,47 @@ def popcount(buf: np.ndarray) -> int:
     return int(_POPCOUNT[buf].sum(dtype=np.uint64))
 
 
+def group_any(bits: np.ndarray, nbits: int, group: int, *, chunk: int = 1 << 20) -> np.ndarray:
+    """Whether each group of *group* consecutive bits has a set bit: one bool per group.
+
+    *bits* is packed LSB first (``ceil(nbits / 8)`` bytes), *group* a power of
+    two; the last group may be short.  The one group-OR of qbitmap: coarser
+    bitmaps (recover --reference at a bitmap's granularity), consistency
+    levels, level recovery.  Works *chunk* bytes at a time, so memory stays
+    bounded for bitmaps of hundreds of MiB.
+    """
+    ngroups = -(-nbits // group)
+    out = np.empty(ngroups, dtype=bool)
+    if group >= 8:
+        gbytes = group // 8
+        step = max(1, chunk // gbytes)
+        for start in range(0, ngroups, step):
+            stop = min(ngroups, start + step)
+            part = bits[start * gbytes : stop * gbytes]
+            if len(part) < (stop - start) * gbytes:  # the last, short group
+                part = np.concatenate(
+                    [part, np.zeros((stop - start) * gbytes - len(part), np.uint8)]
+                )
+            out[start:stop] = part.reshape(-1, gbytes).any(axis=1)
+        return out
+    per = 8 // group  # groups per byte
+    for start in range(0, -(-nbits // 8), chunk):
+        unpacked = np.unpackbits(bits[start : start + chunk], bitorder="little")
+        got = unpacked.reshape(-1, group).any(axis=1)
+        n = min(len(got), ngroups - start * per)
+        out[start * per : start * per + n] = got[:n]
+    return out
+
+
+def dirty_bytes_of(geo: Geometry, bits: np.ndarray) -> int:
+    """Guest bytes covered by the set bits of a whole packed bitmap, clipped to the disk's end."""
+    total = popcount(bits) * geo.granularity
+    last = geo.nbits - 1
+    if geo.nbits and geo.virtual_size % geo.granularity and bits[last // 8] >> (last % 8) & 1:
+        total -= geo.granularity - geo.virtual_size % geo.granularity
+    return total
+
+
 def unique_sorted(values: np.ndarray) -> np.ndarray:
     """The distinct values of a 1-D integer array, ascending (what ``np.unique`` returns).
 

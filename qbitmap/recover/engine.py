@@ -59,8 +59,8 @@ import numpy as np
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
 from qbitmap.errors import NoModeError, QbitmapError, RefusedError, UsageError
-from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, popcount, read_bits
-from qbitmap.format.bitmap import geometry_of
+from qbitmap.format import BitmapEntry, BitmapFlag, layout, read_bits
+from qbitmap.format.bitmap import dirty_bytes_of, geometry_of
 from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import ReferenceMap, bitmap_references, walk
 from qbitmap.store import (
@@ -489,8 +489,8 @@ class _Plan:
                 "recovered",
                 mode=mode,
                 granularity=entry.granularity,
-                dirty_bytes_before=None if on_disk is None else _dirty_bytes(geo, on_disk),
-                dirty_bytes_after=_dirty_bytes(geo, bits),
+                dirty_bytes_before=None if on_disk is None else dirty_bytes_of(geo, on_disk),
+                dirty_bytes_after=dirty_bytes_of(geo, bits),
                 old_table_offset=entry.bitmap_table_offset,
                 consistent_level=level,
             )
@@ -657,15 +657,6 @@ class _Plan:
         if len(records) == len(lev.records):
             return
         changes[layout.EXT_LEVELS] = levels_extension_bytes(records) if records else None
-
-
-def _dirty_bytes(geo: Geometry, bits: np.ndarray) -> int:
-    total = popcount(bits) * geo.granularity
-    if geo.nbits and geo.virtual_size % geo.granularity:
-        last = geo.nbits - 1
-        if bits[last // 8] >> (last % 8) & 1:
-            total -= geo.granularity - geo.virtual_size % geo.granularity
-    return total
 
 
 def _commit_text(results: dict[int, BitmapResult]) -> str:

@@ -15,7 +15,6 @@ Bytes past the end of the shorter disk compare as zeros.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -26,11 +25,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from qbitmap.errors import UnsupportedImageError, UsageError
-from qbitmap.format.bitmap import unique_sorted
+from qbitmap.format.bitmap import group_any, unique_sorted
 from qbitmap.format.guest import ZERO, GuestDisk, Segment
+from qbitmap.parallel import ordered_map
 
 CHUNK_BYTES = 4 << 20
-WORKERS = min(2, os.cpu_count() or 1)
 
 
 def _load_memcmp() -> Any:
@@ -201,55 +200,24 @@ def _run_tasks(
 ) -> list[np.ndarray]:
     """Compare every task's range; the differing granules of each, in task order.
 
-    Two workers (this thread and one more): page faults, page-cache copies and
-    memcmp release the GIL, so both cores work (the machine has two).  Each
-    worker takes the next task from a shared counter and keeps its own
-    buffers; progress is advanced under a lock.  No executor: a task is a few
-    microseconds of Python around a long memcmp, and the first exception stops
-    both workers and is raised here.
+    On :func:`qbitmap.parallel.ordered_map`'s workers: reads, page-cache
+    copies and memcmp release the GIL.  Each worker keeps its own two
+    buffers; progress is advanced under a lock.
     """
-    results: list[np.ndarray] = [_NO_GRANULES] * len(tasks)
-    take = itertools.count().__next__  # atomic under the GIL
     lock = threading.Lock()
-    failed: list[BaseException] = []
 
-    def work() -> None:
-        bufs: tuple[np.ndarray, np.ndarray] | None = None
-        while not failed:
-            i = take()
-            if i >= len(tasks):
-                return
-            piece, pos, end = tasks[i]
-            n = end - pos
-            if bufs is None:
-                bufs = (np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8))
-            try:
-                results[i] = _compare(
-                    image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity
-                )
-                with lock:
-                    progress.advance(n)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the calling thread
-                failed.append(exc)
-                return
+    def compare(i: int, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        piece, pos, end = tasks[i]
+        n = end - pos
+        found = _compare(image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity)
+        with lock:
+            progress.advance(n)
+        return found
 
-    helpers = [
-        threading.Thread(target=work, name="qbitmap-compare", daemon=True)
-        for _ in range(min(WORKERS, len(tasks)) - 1)
-    ]
-    for helper in helpers:
-        helper.start()
-    try:
-        work()
-    except BaseException as exc:  # KeyboardInterrupt in this thread: stop the others too
-        failed.append(exc)
-        raise
-    finally:
-        for helper in helpers:
-            helper.join()
-    if failed:
-        raise failed[0]
-    return results
+    def buffers() -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8)
+
+    return list(ordered_map(compare, len(tasks), buffers))
 
 
 _NO_GRANULES = np.empty(0, dtype=np.int64)
@@ -357,11 +325,10 @@ def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def reduce_bits(bits: np.ndarray, nbits_fine: int, factor: int, nbits_coarse: int) -> np.ndarray:
-    """OR groups of *factor* fine bits into one coarse bit (granularity * factor)."""
+    """OR groups of *factor* fine bits into one coarse bit (granularity * factor), packed."""
     if factor == 1:
         return bits.copy()
-    unpacked = np.unpackbits(bits, bitorder="little")[:nbits_fine]
-    padded = np.zeros(nbits_coarse * factor, dtype=np.uint8)
-    padded[: len(unpacked)] = unpacked
-    coarse = padded.reshape(nbits_coarse, factor).any(axis=1)
+    coarse = np.zeros(nbits_coarse, dtype=bool)
+    hit = group_any(bits, nbits_fine, factor)
+    coarse[: min(len(hit), nbits_coarse)] = hit[:nbits_coarse]
     return np.packbits(coarse, bitorder="little")

@@ -2,7 +2,7 @@
 
 Follows QEMU's method (block/qcow2-refcount.c ``alloc_clusters_noref``,
 ``update_refcount``, ``alloc_refcount_block``, ``qcow2_refcount_area``;
-shared/reference/qcow2-digest.md sections 5.1, 5.2 and 5.8) with the same
+docs/interop/qcow2.rst "Host cluster management") with the same
 crash-safety invariant: **a cluster is never referenced while its refcount
 is 0**.  A crash at any instant can leave clusters whose refcount is higher
 than their number of references (leaks, which ``qemu-img check`` reports and

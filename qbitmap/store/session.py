@@ -6,7 +6,8 @@ read-write, QEMU's lock bytes held for the whole session
 swapped for a crash-injecting one, and the cluster allocator
 (:mod:`qbitmap.store.alloc`).
 
-Every change follows QEMU's own store order (qcow2-digest.md 4.5), which a
+Every change follows QEMU's own store order (block/qcow2-bitmap.c
+``qcow2_store_persistent_dirty_bitmaps``), which a
 caller composes from the methods here:
 
 1. **stage** -- allocate new clusters (:meth:`allocate`, refcounts written)

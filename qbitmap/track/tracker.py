@@ -1,6 +1,6 @@
 """The Tracker: a writer that keeps the consistency-level invariant true on disk.
 
-Protocol (shared/spec/consistency-levels.md, "The writer's protocol"):
+Protocol (man/qbitmap-levels.5, WRITER PROTOCOL):
 
 1. Opening: record with ``c = max_level`` and autoclear bit 63, flush; then
    ``in_use`` on the bitmap entry, flush (``Backend.begin``).
