@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/levels suites (imported by module name, like qemu)."""
+"""Helpers shared by the consistency-level tests of several packages (imported by module name, like qemu)."""
 
 from __future__ import annotations
 

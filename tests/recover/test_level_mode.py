@@ -32,7 +32,7 @@ from qbitmap.track import FlushPolicy, Tracker
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SIZE = 2 * GiB
-CHILD = Path(__file__).resolve().parent / "tracker_child.py"
+CHILD = Path(__file__).resolve().parents[1] / "track" / "tracker_child.py"
 
 
 def recover(path: Path, *args: str) -> tuple[int, dict | None, str]:

@@ -1,7 +1,7 @@
 """Crash simulation of the Tracker's protocol against a pure in-memory model.
 
 The Tracker code under test is the real one (qbitmap.track.tracker); only
-its Backend is the model of tests/levels/levels_model.py, which can stop at
+its Backend is the model of tests/track/levels_model.py, which can stop at
 any numbered write or flush and lose (or partly keep) what was not flushed.
 The property: whatever the crash point, recovery from what survived covers
 every write whose ``Tracker.write`` returned.
