@@ -1,8 +1,9 @@
 """Rendering of ``qbitmap check``: a rich view for people, one JSON object for scripts.
 
 Everything taken from the image (bitmap names, messages quoting them) goes
-into ``Text`` objects, never through markup, so a bitmap named ``[red]`` is
-printed as those characters.
+through :func:`qbitmap.render.printable` into ``Text`` objects, never through
+markup, so a bitmap named ``[red]`` is printed as those characters and one
+holding an escape sequence as ``\x1b...``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.check import BitmapStatus, CheckReport, Severity
-from qbitmap.render import hexoff, iec
+from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -28,13 +29,6 @@ _SEVERITY_STYLE = {
     Severity.FAILED: "bold red",
 }
 _STATUS_STYLE = {"consistent": "green", "in-use": "bold yellow", "corrupt": "bold red"}
-
-
-def printable(text: str) -> str:
-    """*text* with control characters (newlines, escape sequences) shown as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 _VERDICT = {
@@ -93,7 +87,7 @@ def bitmaps_table(report: CheckReport) -> Table:
     from rich.text import Text
 
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("consistency levels", overflow="fold")
@@ -107,7 +101,7 @@ def bitmaps_table(report: CheckReport) -> Table:
             gran,
             _levels_text(b),
         )
-    return table
+    return keep_whole(table)
 
 
 def human(report: CheckReport) -> RenderableType:

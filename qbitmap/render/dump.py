@@ -3,7 +3,8 @@
 The machine forms (:func:`write_json`, :func:`write_lines`) never import
 rich, and format extents a block at a time with one C-level ``%`` per block
 (hundreds of thousands of extents per second, memory bounded by the block).
-The rich form builds every name from the image as ``Text``: never markup.
+The rich form builds every name from the image as ``Text``, never markup, and
+passes it through :func:`qbitmap.render.printable` first.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from qbitmap.render import hexoff, iec
+from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,7 +106,8 @@ def _kv_table(title: str) -> Table:
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
-    table.add_column("value")
+    # One fact per row, file names among them: kept whole on their line.
+    table.add_column("value", no_wrap=True)
     return table
 
 
@@ -120,7 +122,7 @@ def header_table(info: dict[str, Any]) -> Table:
 
     header = info["header"]
     table = _kv_table("Header")
-    table.add_row("file", Text(info["filename"]))
+    table.add_row("file", Text(printable(info["filename"])))
     table.add_row("version", str(header["version"]))
     table.add_row("virtual size", f"{iec(info['virtual_size'])} ({info['virtual_size']} bytes)")
     table.add_row(
@@ -135,7 +137,8 @@ def header_table(info: dict[str, Any]) -> Table:
             words = info["features"].get(kind, [])
             raw = header[f"{kind}_features"]
             table.add_row(
-                f"{kind} features", Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else ""))
+                f"{kind} features",
+                Text(printable(f"{raw:#x}" + (f": {', '.join(words)}" if words else ""))),
             )
     if header["crypt_method"]:
         method = {1: "AES (legacy)", 2: "LUKS"}.get(header["crypt_method"], "unknown")
@@ -154,8 +157,8 @@ def header_table(info: dict[str, Any]) -> Table:
         f"{snapshots} at {hexoff(header['snapshots_offset'])}" if snapshots else "none",
     )
     if "backing_file" in info:
-        table.add_row("backing file", Text(info["backing_file"]))
-    return table
+        table.add_row("backing file", Text(printable(info["backing_file"])))
+    return keep_whole(table)
 
 
 def extensions_table(extensions: list[dict[str, Any]]) -> Table:
@@ -177,7 +180,7 @@ def extensions_table(extensions: list[dict[str, Any]]) -> Table:
             ext["magic"],
             ext["name"],
             str(ext["length"]),
-            Text(_extension_summary(ext)),
+            Text(printable(_extension_summary(ext))),
         )
     return table
 
@@ -217,7 +220,7 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
     from rich.text import Text
 
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("name", min_width=8, overflow="fold")
+    table.add_column("name", min_width=8, no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
     table.add_column("type", justify="right", no_wrap=True)
@@ -233,14 +236,14 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
         if bm["stale"]:
             dirty.append(" STALE", style="bold yellow")
         table.add_row(
-            Text(bm["name"]),
+            Text(printable(bm["name"])),
             iec(bm["granularity"]),
             flags,
             str(bm["type"]),
             f"{bm['table_size']} at {hexoff(bm['table_offset'])}",
             dirty,
         )
-    return table
+    return keep_whole(table)
 
 
 def extents_title(name: str, count: int) -> Text:

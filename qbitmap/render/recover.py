@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import IO, TYPE_CHECKING, Any
 
-from qbitmap.render import hexoff, iec
+from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -38,7 +38,7 @@ def bitmaps_table(report: RecoverReport) -> Table:
     from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
-    table.add_column("bitmap", min_width=8)
+    table.add_column("bitmap", min_width=8, no_wrap=True)
     table.add_column("action", no_wrap=True)
     table.add_column("mode", no_wrap=True)
     table.add_column("dirty before", justify="right", no_wrap=True)
@@ -50,15 +50,15 @@ def bitmaps_table(report: RecoverReport) -> Table:
         if b.mode == "level" and b.consistent_level is not None:
             note = f"consistent_level {b.consistent_level}"
         table.add_row(
-            Text(b.name),
+            Text(printable(b.name)),
             b.action,
             b.mode or "-",
             _size(b.dirty_bytes_before),
             _size(b.dirty_bytes_after),
             hexoff(b.new_table_offset) if b.new_table_offset else "-",
-            Text(note),
+            Text(printable(note)),
         )
-    return table
+    return keep_whole(table)
 
 
 def steps_table(steps: list[dict[str, Any]]) -> Table:
@@ -78,7 +78,7 @@ def steps_table(steps: list[dict[str, Any]]) -> Table:
             s["action"],
             hexoff(s["offset"]),
             "-" if s["length"] is None else str(s["length"]),
-            Text(s["what"]),
+            Text(printable(s["what"])),
         )
     return table
 
@@ -88,7 +88,7 @@ def human(report: RecoverReport) -> RenderableType:
     from rich.text import Text
 
     parts: list[RenderableType] = [
-        Text(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}")
+        Text(printable(f"{report.filename}: {_HEADLINE.get(report.status, report.status)}"))
     ]
     if report.bitmaps:
         parts.append(bitmaps_table(report))
@@ -96,8 +96,11 @@ def human(report: RecoverReport) -> RenderableType:
         r = report.reference
         parts.append(
             Text(
-                f"reference {r['path']}: compared {iec(r['compared_bytes'])}, skipped "
-                f"{iec(r['skipped_bytes'])} by allocation maps, {r['differing_granules']} granules differ"
+                printable(
+                    f"reference {r['path']}: compared {iec(r['compared_bytes'])}, skipped "
+                    f"{iec(r['skipped_bytes'])} by allocation maps, "
+                    f"{r['differing_granules']} granules differ"
+                )
             )
         )
     if report.leaked_clusters_reclaimed:
