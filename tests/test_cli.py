@@ -101,7 +101,7 @@ def test_internal_errors_are_one_line_unless_debug(
     result = CliRunner().invoke(cli, ["dump", str(path)], catch_exceptions=False)
     assert result.exit_code == 1
     assert result.stderr == (
-        "qbitmap: error: internal error (RuntimeError: synthetic failure); "
+        f"qbitmap: error: {path}: internal error (RuntimeError: synthetic failure); "
         "rerun with --debug for details\n"
     )
     with pytest.raises(RuntimeError, match="synthetic failure"):
@@ -179,7 +179,7 @@ def test_man_page_lists_exactly_the_click_options(command: click.Command, man_se
 def test_man_page_documents_every_exit_code() -> None:
     text = section(man_source(), "EXIT STATUS")
     listed = {int(n) for n in re.findall(r"^\.TP\n\.B (\d+)$", text, re.M)}
-    assert listed == {int(code) for code in ExitCode} == {0, 1, 2, 3, 4, 64, 75}
+    assert listed == {int(code) for code in ExitCode} == {0, 1, 2, 3, 4, 64, 75, 130}
 
 
 def test_man_page_documents_the_json_keys(tmp_path: Path) -> None:

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from qbitmap.commands import QbitmapCommand, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(path_type=Path))
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("image", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "-b",
     "--bitmap",
@@ -44,13 +45,15 @@ def dump(
       qbitmap dump --json --extents -b daily disk.qcow2 | jq .bitmaps[0].extents
       qbitmap dump --lines -b daily disk.qcow2 | while read start length; do ...; done
 
-    Exit status: 0 success, 1 the image could not be read, 64 usage error.
+    Exit status: 0 success, 1 the image could not be read, 64 usage error,
+    130 interrupted.
     """
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
     from qbitmap.format import Image
     from qbitmap.inspect import dump_report
 
+    require_image_file(image)
     with Image.open(image) as img:
         report = dump_report(img, filename=str(image), names=names, with_extents=extents or lines)
     for warning in report.warnings:

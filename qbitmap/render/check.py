@@ -121,10 +121,33 @@ def human(report: CheckReport) -> RenderableType:
     return Group(*parts)
 
 
+def error_line(report: CheckReport) -> str | None:
+    """Why the image could not be checked (exit 1), naming the file; None for any other verdict."""
+    failed = [f for f in report.findings if f.severity is Severity.FAILED]
+    if report.exit_code != 1 or not failed:
+        return None
+    message = failed[0].message
+    return message if report.filename in message else f"{report.filename}: {message}"
+
+
 def to_json(report: CheckReport) -> dict[str, Any]:
-    return report.to_dict()
+    """The report's own keys, plus ``error``: :func:`error_line`, or null."""
+    out = report.to_dict()
+    out["error"] = error_line(report)
+    return out
 
 
 def write_json(out: IO[str], report: CheckReport) -> None:
     """One JSON object and a newline."""
     out.write(json.dumps(to_json(report)) + "\n")
+
+
+def write_failure_json(out: IO[str], filename: str | None, exit_code: int, error: str) -> None:
+    """The JSON object of a run that produced no report (usage error, interrupt, failure).
+
+    Every key of a report is there (no findings, no bitmaps), so a script
+    reads ``exit_code`` and ``error`` the same way whatever happened.
+    """
+    document = to_json(CheckReport(filename=filename))  # type: ignore[arg-type]
+    document.update(exit_code=exit_code, error=error)
+    out.write(json.dumps(document) + "\n")

@@ -23,8 +23,40 @@ _HEADLINE = {
 }
 
 
+#: ``status`` of a run that produced no report, by exit status.
+FAILURE_STATUS = {1: "failed", 2: "refused", 64: "usage-error", 75: "busy", 130: "interrupted"}
+
+
+def to_json(report: RecoverReport, error: str | None = None) -> dict[str, Any]:
+    """The report's own keys, plus ``error``: why the run failed, or null."""
+    return {**report.as_dict(), "error": error}
+
+
 def write_json(stream: IO[str], report: RecoverReport) -> None:
-    json.dump(report.as_dict(), stream, indent=2)
+    _dump(stream, to_json(report))
+
+
+def write_failure_json(
+    stream: IO[str], filename: str | None, dry_run: bool, exit_code: int, error: str
+) -> None:
+    """The JSON object of a run that stopped without a report (refused, busy, failed, ...).
+
+    Every key of a report is there; ``status`` says why (:data:`FAILURE_STATUS`),
+    and ``error`` is the line printed on stderr.
+    """
+    from qbitmap.recover import RecoverReport
+
+    report = RecoverReport(
+        filename=filename,  # type: ignore[arg-type]
+        dry_run=dry_run,
+        status=FAILURE_STATUS.get(exit_code, "failed"),
+        exit_code=exit_code,
+    )
+    _dump(stream, to_json(report, error))
+
+
+def _dump(stream: IO[str], document: dict[str, Any]) -> None:
+    json.dump(document, stream, indent=2)
     stream.write("\n")
 
 

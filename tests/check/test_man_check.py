@@ -57,7 +57,7 @@ def test_every_option_is_documented():
 def test_exit_codes_and_json_fields_are_documented():
     text = plain(PAGE.read_text())
     exits = section(text, "EXIT STATUS")
-    for code in ("0", "1", "2", "3", "4", "64"):
+    for code in ("0", "1", "2", "3", "4", "64", "130"):
         assert re.search(rf"^\.B {code}$", exits, re.MULTILINE), code
     json_part = section(text, "JSON OUTPUT")
     for field in (
@@ -74,6 +74,7 @@ def test_exit_codes_and_json_fields_are_documented():
         "status",
         "levels",
         "exit_code",
+        "error",
         "consistent_level",
         "max_level",
         "level_bits",

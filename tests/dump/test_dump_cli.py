@@ -218,7 +218,8 @@ def test_truncated_at_many_lengths(sample: Path, tmp_path: Path) -> None:
             assert result.exit_code == 1, (length, need)
             assert result.stdout == ""
             assert re.fullmatch(
-                r"qbitmap: error: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n", result.stderr
+                rf"qbitmap: error: {re.escape(str(path))}: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n",
+                result.stderr,
             ), (length, result.stderr)
 
 

@@ -145,6 +145,25 @@ def test_error_lines_escape_names(hostile: Path) -> None:
     assert err.count("\n") == 1 and SHOWN[TITLE] + "x" in err
 
 
+def test_error_lines_name_hostile_files_escaped(hostile: Path, tmp_path: Path) -> None:
+    # A file whose name attacks the terminal, and one whose name is not UTF-8.
+    for raw_name in (b"bad\x1b]0;pwned\x07\nname.qcow2", b"bad\xff\xfe.qcow2"):
+        path = Path(os.fsdecode(bytes(tmp_path) + b"/" + raw_name))
+        path.write_bytes(b"not an image\n" * 100)
+        for command in ("dump", "check", "recover"):
+            proc = qbitmap(command, *(["--mode", "full"] if command == "recover" else []), path)
+            assert proc.returncode == 1, (command, proc.stderr)
+            err = assert_inert(proc.stderr)
+            assert err.count("\n") == 1 and err.startswith("qbitmap: error: "), err
+            assert printable(str(path)) in err
+            assert_inert(proc.stdout)
+        copy = path.with_suffix(".copy")
+        shutil.copyfile(hostile, copy)
+        proc = qbitmap("dump", copy)
+        assert proc.returncode == 0
+        assert_whole_on_one_line(assert_inert(proc.stdout), printable(str(copy)))
+
+
 @pytest.fixture(scope="module")
 def long_names(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A crashed image whose bitmaps, all in use, have the names in LONG."""
@@ -158,7 +177,9 @@ def long_names(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("columns", [20, 40, 80, 200])
 @pytest.mark.parametrize("command", ["dump", "check", "recover"])
-def test_tables_never_cut_a_name(long_names: Path, tmp_path: Path, command: str, columns: int) -> None:
+def test_tables_never_cut_a_name(
+    long_names: Path, tmp_path: Path, command: str, columns: int
+) -> None:
     args: list[object] = [command, long_names]
     if command == "recover":
         image = tmp_path / "long.qcow2"
