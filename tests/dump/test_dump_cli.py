@@ -329,8 +329,8 @@ def test_block_device(sample: Path, tmp_path: Path) -> None:
     """An image on a block device (LVM, a loop device here) is read like a file."""
     import subprocess
 
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup to attach a loop device")
+    qemu.require_tools("losetup")
+    qemu.require(os.geteuid() == 0, "attaching a loop device needs root")
     backing = tmp_path / "loop.img"
     shutil.copyfile(sample, backing)
     backing.chmod(0o644)
@@ -339,8 +339,7 @@ def test_block_device(sample: Path, tmp_path: Path) -> None:
         ["losetup", "--find", "--show", "--read-only", str(backing)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    if attach.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {attach.stderr.strip()}")
+    qemu.require(attach.returncode == 0, f"cannot attach a loop device: {attach.stderr.strip()}")
     device = attach.stdout.strip()
     try:
         on_device = dump("--json", "--extents", device)

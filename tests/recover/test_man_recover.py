@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
+import qemu
 from manpage import plain, section
 from qbitmap.commands.recover import MODE_CHOICES
 from qbitmap.commands.recover import recover as recover_command
@@ -71,8 +71,7 @@ def test_json_fields_are_documented():
 
 
 def test_man_renders():
-    if shutil.which("man") is None:
-        return
+    qemu.require_tools("man")
     proc = subprocess.run(
         ["man", "-l", "-Tutf8", str(PAGE)],
         capture_output=True,
