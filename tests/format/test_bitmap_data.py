@@ -319,7 +319,7 @@ def test_lying_sizes_are_read_in_bounded_memory(
     assert base_code == 0
     assert code == expected_code, stderr
     if code:
-        assert stderr.startswith("qbitmap: error: offset 0x") and "\n" not in stderr.strip()
+        assert stderr.startswith(f"qbitmap: error: {path}: offset 0x") and "\n" not in stderr.strip()
     # The honest image's run already holds every module; a lying size may add
     # at most a few MiB (the limit is far below what the lies would cost).
     assert hwm - base_hwm < 24 * 1024, (hwm, base_hwm)
