@@ -2,14 +2,17 @@
 
 :func:`dump_report` reads an image and returns a :class:`DumpReport`: a
 dictionary of JSON-ready values (bytes as hex strings, flags as the words
-``qemu-img info --output=json`` uses) plus, per bitmap, its dirty extents as
-numpy arrays.  The JSON writer, the line writer and the rich renderer all
-start from it, so the views cannot drift apart.  Nothing here prints.
+``qemu-img info --output=json`` uses) plus, per bitmap, a source of its dirty
+extents that streams them from the still open image in blocks of numpy
+arrays, so that no output form holds every range at once.  The JSON writer,
+the line writer and the rich renderer all start from it, so the views cannot
+drift apart.  Nothing here prints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +23,9 @@ from qbitmap.format import (
     AutoclearFeature,
     BitmapEntry,
     Image,
+    Geometry,
     dirty_bytes,
-    extent_arrays,
+    extent_blocks,
     geometry_of,
     iter_chunks,
     layout,
@@ -34,8 +38,11 @@ FEATURE_KINDS = {
     layout.FEATURE_AUTOCLEAR: "autoclear",
 }
 
-#: One bitmap's dirty ranges: ``(starts, lengths)`` in bytes, sorted and merged.
+#: A block of one bitmap's dirty ranges: ``(starts, lengths)`` in bytes, sorted and merged.
 Extents = tuple[np.ndarray, np.ndarray]
+
+#: One bitmap's dirty ranges, read from the open image again at each call, as blocks.
+ExtentSource = Callable[[], Iterator[Extents]]
 
 
 def feature_words(image: Image) -> dict[str, list[str]]:
@@ -152,13 +159,20 @@ def bitmap_summary(entry: BitmapEntry, *, extension_consistent: bool) -> dict[st
 
 @dataclass
 class DumpReport:
-    """Everything ``qbitmap dump`` shows, ready for any renderer."""
+    """Everything ``qbitmap dump`` shows, ready for any renderer.
+
+    The extent sources read the image: render the report before closing it.
+    """
 
     info: dict[str, Any]
-    #: Per bitmap, in ``info["bitmaps"]`` order: its extents, or None when not asked for.
-    extents: list[Extents | None] = field(default_factory=list)
+    #: Per bitmap, in ``info["bitmaps"]`` order: its extent source, or None when not asked for.
+    extents: list[ExtentSource | None] = field(default_factory=list)
     #: Things to tell the user on stderr (stale data), one sentence each.
     warnings: list[str] = field(default_factory=list)
+
+
+def _extent_source(image: Image, entry: BitmapEntry, geo: Geometry) -> Iterator[Extents]:
+    return extent_blocks(geo, iter_chunks(image, entry))
 
 
 def select_bitmaps(
@@ -179,14 +193,21 @@ def select_bitmaps(
 
 
 def dump_report(
-    image: Image, *, filename: str, names: Sequence[str] = (), with_extents: bool = False
+    image: Image,
+    *,
+    filename: str,
+    names: Sequence[str] = (),
+    with_extents: bool = False,
 ) -> DumpReport:
     """Read what dump shows from *image*.
 
     Raises ImageFormatError when a structure dump needs (header extensions,
     bitmap directory, bitmap tables and data) cannot be read; UsageError for
-    an unknown name in *names*.  With *with_extents* every selected bitmap's
-    dirty ranges are computed in the same pass as its dirty byte count.
+    an unknown name in *names*.  Every selected bitmap's data is read here
+    once (its dirty byte count), so a damaged table or data cluster is
+    reported before anything is printed; with *with_extents* each bitmap
+    also gets an extent source, which reads the data again while the
+    report is rendered.
     """
     if image.extension_error is not None:
         raise image.extension_error
@@ -222,13 +243,10 @@ def dump_report(
     for entry in entries:
         summary = bitmap_summary(entry, extension_consistent=consistent)
         geo = geometry_of(image, entry)
-        if with_extents:
-            starts, lengths = extent_arrays(geo, iter_chunks(image, entry))
-            summary["dirty_bytes"] = int(lengths.sum())
-            report.extents.append((starts, lengths))
-        else:
-            summary["dirty_bytes"] = dirty_bytes(geo, iter_chunks(image, entry))
-            report.extents.append(None)
+        summary["dirty_bytes"] = dirty_bytes(geo, iter_chunks(image, entry))
+        report.extents.append(
+            functools.partial(_extent_source, image, entry, geo) if with_extents else None
+        )
         bitmaps.append(summary)
         if entry.in_use:
             report.warnings.append(

@@ -56,22 +56,23 @@ def dump(
     require_image_file(image)
     with Image.open(image) as img:
         report = dump_report(img, filename=str(image), names=names, with_extents=extents or lines)
-    for warning in report.warnings:
-        ui.warning(warning)
-    if as_json:
-        from qbitmap.render.dump import write_json
+        for warning in report.warnings:
+            ui.warning(warning)
+        # The extents stream from the open image while they are written.
+        if as_json:
+            from qbitmap.render.dump import write_json
 
-        sys.stdout.flush()
-        write_json(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    elif lines:
-        from qbitmap.render.dump import write_lines
+            sys.stdout.flush()
+            write_json(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        elif lines:
+            from qbitmap.render.dump import write_lines
 
-        sys.stdout.flush()
-        write_lines(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    else:
-        from qbitmap.render.dump import write_human
+            sys.stdout.flush()
+            write_lines(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        else:
+            from qbitmap.render.dump import write_human
 
-        write_human(ui, report)
+            write_human(ui, report)
     allow_fast_exit()
