@@ -157,6 +157,19 @@ def bitmap_summary(entry: BitmapEntry, *, extension_consistent: bool) -> dict[st
     }
 
 
+def in_use_warning(name: str, writer_running: bool) -> str:
+    """Why an in-use bitmap's on-disk contents are stale: a live writer, or one that stopped."""
+    if writer_running:
+        return (
+            f"bitmap {name!r} is in use: the image is held by a running writer, whose bitmaps "
+            "live in its memory, so the on-disk contents shown are stale"
+        )
+    return (
+        f"bitmap {name!r} is in use (its writer did not close it cleanly): the on-disk "
+        "contents shown are stale"
+    )
+
+
 @dataclass
 class DumpReport:
     """Everything ``qbitmap dump`` shows, ready for any renderer.
@@ -169,6 +182,8 @@ class DumpReport:
     extents: list[ExtentSource | None] = field(default_factory=list)
     #: Things to tell the user on stderr (stale data), one sentence each.
     warnings: list[str] = field(default_factory=list)
+    #: Whether a running writer holds the image (asked only when a bitmap is in use).
+    writer_running: bool = False
 
 
 def _extent_source(image: Image, entry: BitmapEntry, geo: Geometry) -> Iterator[Extents]:
@@ -198,6 +213,7 @@ def dump_report(
     filename: str,
     names: Sequence[str] = (),
     with_extents: bool = False,
+    writer_running: Callable[[], bool] | None = None,
 ) -> DumpReport:
     """Read what dump shows from *image*.
 
@@ -207,7 +223,9 @@ def dump_report(
     once (its dirty byte count), so a damaged table or data cluster is
     reported before anything is printed; with *with_extents* each bitmap
     also gets an extent source, which reads the data again while the
-    report is rendered.
+    report is rendered.  *writer_running* says whether a running process
+    holds the image for writing; it is asked once, when an in-use bitmap is
+    met, to tell a live writer's bitmaps from a crashed writer's.
     """
     if image.extension_error is not None:
         raise image.extension_error
@@ -240,6 +258,7 @@ def dump_report(
             f"{why}, so QEMU considers every bitmap inconsistent; the on-disk contents are stale"
         )
     bitmaps: list[dict[str, Any]] = []
+    asked = False
     for entry in entries:
         summary = bitmap_summary(entry, extension_consistent=consistent)
         geo = geometry_of(image, entry)
@@ -249,9 +268,9 @@ def dump_report(
         )
         bitmaps.append(summary)
         if entry.in_use:
-            report.warnings.append(
-                f"bitmap {entry.display_name!r} is in use (its writer did not close it "
-                "cleanly): the on-disk contents shown are stale"
-            )
+            if writer_running is not None and not asked:
+                report.writer_running = writer_running()
+                asked = True
+            report.warnings.append(in_use_warning(entry.display_name, report.writer_running))
     info["bitmaps"] = bitmaps
     return report

@@ -55,7 +55,21 @@ def dump(
 
     require_image_file(image)
     with Image.open(image) as img:
-        report = dump_report(img, filename=str(image), names=names, with_extents=extents or lines)
+
+        def writer_running() -> bool:
+            # Asked only when a bitmap is in use: check's probe tests QEMU's lock bytes and
+            # takes no lock (and check's modules are not imported for a clean image).
+            from qbitmap.check.live import held_lock_bytes, writer_present
+
+            return writer_present(held_lock_bytes(img.fd))
+
+        report = dump_report(
+            img,
+            filename=str(image),
+            names=names,
+            with_extents=extents or lines,
+            writer_running=writer_running,
+        )
         for warning in report.warnings:
             ui.warning(warning)
         # The extents stream from the open image while they are written.

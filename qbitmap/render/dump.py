@@ -341,9 +341,16 @@ def extent_text(
     yield "\n"
 
 
-def stale_warning(name: str, in_use: bool) -> Text:
+def stale_warning(name: str, in_use: bool, writer_running: bool = False) -> Text:
     from rich.text import Text
 
+    if in_use and writer_running:
+        return Text.assemble(
+            ("warning: ", "bold yellow"),
+            f"bitmap {name!r} is in use: the image is held by a running writer, which keeps "
+            "its bitmaps in its memory and stores them when it closes the image. The "
+            "contents shown are what is on disk and are stale.",
+        )
     why = (
         "is in use: a writer did not close it cleanly"
         if in_use
@@ -374,7 +381,7 @@ def human(report: DumpReport) -> RenderableType:
         parts.append(Text("No bitmaps."))
     for bm in info["bitmaps"]:
         if bm["stale"]:
-            parts.append(stale_warning(bm["name"], bm["in_use"]))
+            parts.append(stale_warning(bm["name"], bm["in_use"], report.writer_running))
     return Group(*parts)
 
 
