@@ -64,6 +64,10 @@ def _size(value: int | None) -> str:
     return "-" if value is None else iec(value)
 
 
+# A dry run wrote nothing: its table says what a real run would do.
+_DRY_RUN_ACTION = {"recovered": "would recover", "dropped": "would drop"}
+
+
 def bitmaps_table(report: RecoverReport) -> Table:
     from rich import box
     from rich.table import Table
@@ -83,7 +87,7 @@ def bitmaps_table(report: RecoverReport) -> Table:
             note = f"consistent_level {b.consistent_level}"
         table.add_row(
             Text(printable(b.name)),
-            b.action,
+            _DRY_RUN_ACTION.get(b.action, b.action) if report.dry_run else b.action,
             b.mode or "-",
             _size(b.dirty_bytes_before),
             _size(b.dirty_bytes_after),
@@ -136,7 +140,8 @@ def human(report: RecoverReport) -> RenderableType:
             )
         )
     if report.leaked_clusters_reclaimed:
-        parts.append(Text(f"leaked clusters freed: {report.leaked_clusters_reclaimed}"))
+        freed = "that would be freed" if report.dry_run else "freed"
+        parts.append(Text(f"leaked clusters {freed}: {report.leaked_clusters_reclaimed}"))
     if report.dry_run and report.steps:
         parts.append(steps_table(report.steps))
     return Group(*parts)
