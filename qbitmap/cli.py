@@ -312,7 +312,10 @@ def main() -> None:
     _set_sigint(exit_interrupted)
     closed = False
     try:
-        sys.stdout.flush()
+        # After Ctrl-C what is left in stdout's buffer is dropped: a reader that has
+        # stopped reading must not keep an interrupted process waiting.
+        if code != INTERRUPTED:
+            sys.stdout.flush()
     except (BrokenPipeError, ValueError):
         closed = True
     except OSError as exc:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -328,6 +329,38 @@ def test_sigint_while_check_reads(images: dict[str, Path]) -> None:
         document = one_json_object(proc.stdout)
         assert set(document) == CHECK_KEYS
         assert document["exit_code"] == 130 and document["error"] == "interrupted"
+
+
+def test_sigint_while_blocked_writing_to_a_reader_that_stopped_reading(many_ranges: Path) -> None:
+    """A real kill(SIGINT), as a terminal sends it, while write() waits on a full pipe."""
+    for form in (["--lines"], ["--extents"], ["--json", "--extents"]):
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen(
+            [SCRIPT, "dump", *form, str(many_ranges)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        os.close(write_end)
+        try:
+            # The pipe fills (64 KiB) and the writer blocks: wait for that, then interrupt.
+            deadline = time.monotonic() + 60
+            while "pipe_write" not in _wchan(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert "pipe_write" in _wchan(proc.pid), form
+            proc.send_signal(signal.SIGINT)
+            # Nobody reads: the interrupted process must not wait for a reader.
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            os.close(read_end)
+        assert (proc.returncode, stderr.decode()) == (130, "qbitmap: interrupted\n"), form
+
+
+def _wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return ""
 
 
 @pytest.mark.parametrize(("syscall", "nth"), [("pwrite64", 1), ("pwrite64", 3), ("fsync", 1)])
