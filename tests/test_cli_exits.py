@@ -445,3 +445,22 @@ def test_head_in_a_shell_pipeline_exits_0(many_ranges: Path) -> None:
 def test_script_is_the_installed_entry_point() -> None:
     assert Path(SCRIPT).is_file() and stat.S_IMODE(Path(SCRIPT).stat().st_mode) & 0o111
     assert "qbitmap.entry" in Path(SCRIPT).read_text()
+
+
+def test_the_entry_point_imports_nothing_before_its_handler() -> None:
+    """Everything imported before the SIGINT handler is a window for a traceback."""
+    from qbitmap import entry
+    from qbitmap.errors import ExitCode
+
+    assert entry.INTERRUPTED == ExitCode.INTERRUPTED
+    listing = "import sys; {}print('\\n'.join(sys.modules))"
+    bare, loaded = (
+        subprocess.run(
+            [sys.executable, "-c", listing.format(extra)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        for extra in ("", "import qbitmap.entry; ")
+    )
+    assert set(loaded) - set(bare) <= {"qbitmap", "qbitmap.entry", "signal"}
