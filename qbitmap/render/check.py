@@ -37,6 +37,7 @@ _VERDICT = {
     2: "corruption found",
     3: "leaked clusters only",
     4: "in-use bitmaps (metadata sound)",
+    75: "the image is held by a running writer (its bitmaps live in its memory)",
 }
 
 
@@ -116,7 +117,7 @@ def human(report: CheckReport) -> RenderableType:
     if report.findings:
         parts.append(findings_block(report))
     code = report.exit_code
-    style = "green" if code == 0 else ("yellow" if code in (3, 4) else "bold red")
+    style = "green" if code == 0 else ("yellow" if code in (3, 4, 75) else "bold red")
     parts.append(Text(f"Result: {_VERDICT.get(code, '?')} (exit {code})", style=style))
     return Group(*parts)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -201,3 +202,21 @@ def test_check_takes_no_lock(base_image, tmp_path):
     qemu.require_tools("qemu-img")
     with Image.open(base_image):
         assert qemu.lock_bytes_held(base_image) == set()
+
+
+def test_every_exit_status_has_a_verdict_line():
+    """The human report names its verdict for every status check gives, 75 included."""
+    from rich.console import Console
+
+    from qbitmap.render.check import human
+
+    for code in (0, 1, 2, 3, 4, 75):
+
+        class Verdict(CheckReport):
+            exit_code = code  # type: ignore[assignment]
+
+        out = io.StringIO()
+        Console(file=out, width=200, color_system=None).print(human(Verdict("x.qcow2")))
+        last = out.getvalue().splitlines()[-1]
+        assert last.startswith("Result: ") and last.endswith(f"(exit {code})"), last
+        assert "?" not in last
