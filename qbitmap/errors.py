@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     IN_USE = 4  # check: in-use bitmaps with sound metadata
     USAGE = 64  # sysexits EX_USAGE; click's default 2 would read as CORRUPT
     BUSY = 75  # sysexits EX_TEMPFAIL: another process holds the image
+    INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for an interrupted command
 
 
 class QbitmapError(Exception):

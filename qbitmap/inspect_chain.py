@@ -19,7 +19,7 @@ import numpy as np
 
 from qbitmap.errors import QbitmapError, UsageError
 from qbitmap.format.chain import BackingChain, ChainError, ChainLayer
-from qbitmap.inspect import DumpReport, Extents, dump_report
+from qbitmap.inspect import DumpReport, Extents, ExtentSource, dump_report
 
 
 @dataclass
@@ -80,6 +80,15 @@ class ChainDumpReport:
         }
 
 
+def _gathered(source: ExtentSource) -> Extents:
+    """All the extents a layer's source streams, as one pair of arrays."""
+    blocks = list(source())
+    if not blocks:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy()
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+
+
 def union_extents(parts: Sequence[Extents], limit: int) -> Extents:
     """The union of several sorted extent lists, merged and cut at byte *limit*."""
     parts = [p for p in parts if len(p[0])]
@@ -123,9 +132,8 @@ def chain_dump_report(
         try:
             here: list[str] = []
             if names:
-                directory = image.read_directory()
-                present = {e.display_name for e in directory.entries}
-                here = [n for n in dict.fromkeys(names) if n in present]
+                entries = image.read_directory().entries
+                here = [n for n in dict.fromkeys(names) if any(e.named(n) for e in entries)]
             report = dump_report(
                 image,
                 filename=layer.filename,
@@ -168,9 +176,9 @@ def chain_dump_report(
             for ld in layers:
                 if ld.report is None:
                     continue
-                for bm, ext in zip(ld.report.info["bitmaps"], ld.report.extents, strict=True):
-                    if bm["name"] == name and ext is not None:
-                        parts.append(ext)
+                for bm, source in zip(ld.report.info["bitmaps"], ld.report.extents, strict=True):
+                    if bm["name"] == name and source is not None:
+                        parts.append(_gathered(source))
             bitmap.extents = union_extents(parts, top_size)
             bitmap.dirty_bytes = int(bitmap.extents[1].sum())
         out.bitmaps.append(bitmap)

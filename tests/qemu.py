@@ -74,6 +74,7 @@ __all__ = [
     "qemu_io",
     "qemu_io_write",
     "read_autoclear",
+    "require",
     "require_tools",
     "set_autoclear_bits",
 ]
@@ -122,6 +123,20 @@ def require_tools(*names: str) -> None:
     import pytest
 
     pytest.skip(msg + " (install qemu-utils, qemu-system-common, libnbd-bin)")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Go on only if *condition* holds: otherwise skip the test, or fail it when ``CI`` is set.
+
+    For needs :func:`require_tools` cannot see (root, a loop device).
+    """
+    if condition:
+        return
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{reason} (CI is set: tests may not skip)")
+    import pytest
+
+    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------

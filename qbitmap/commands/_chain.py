@@ -20,26 +20,27 @@ def dump_chain(
     from qbitmap.format.chain import open_chain
     from qbitmap.inspect_chain import chain_dump_report
 
+    # The layers' extents stream from the open images: render before closing them.
     with open_chain(image) as chain:
         report = chain_dump_report(chain, names=names, with_extents=extents or lines)
-    for warning in report.warnings:
-        ui.warning(warning)
-    if as_json:
-        from qbitmap.render.chain import write_dump_json
+        for warning in report.warnings:
+            ui.warning(warning)
+        if as_json:
+            from qbitmap.render.chain import write_dump_json
 
-        sys.stdout.flush()
-        write_dump_json(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    elif lines:
-        from qbitmap.render.chain import write_dump_lines
+            sys.stdout.flush()
+            write_dump_json(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        elif lines:
+            from qbitmap.render.chain import write_dump_lines
 
-        sys.stdout.flush()
-        write_dump_lines(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    else:
-        from qbitmap.render.chain import write_dump_human
+            sys.stdout.flush()
+            write_dump_lines(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        else:
+            from qbitmap.render.chain import write_dump_human
 
-        write_dump_human(ui, report)
+            write_dump_human(ui, report)
     failures = [ld.error for ld in report.layers if ld.error is not None]
     if report.error is not None:
         failures.append(report.error.message)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from qbitmap.commands import QbitmapCommand, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("image", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "-b",
     "--bitmap",
@@ -47,10 +48,14 @@ def check(
       qbitmap check --backing-chain overlay.qcow2
 
     Exit status: 0 every bitmap consistent, 1 could not check, 2 corruption
-    (or QEMU would refuse the image), 3 leaked clusters only, 4 in-use
-    bitmaps with sound metadata; the first of 1, 2, 4, 3 wins; 64 usage.
+    anywhere in the image (or QEMU would refuse it), 3 leaked clusters only,
+    4 stale bitmaps with sound metadata that recover can bring back, 75 a
+    running writer holds the image (its bitmaps live in its memory); the
+    first of 1, 75, 2, 4, 3 wins; 64 usage, 130 interrupted.  With --json
+    there is one JSON object for every status.
     """
-    from qbitmap.check import check_path
+    from qbitmap.check import CheckReport, Finding, check_path
+    from qbitmap.errors import ImageIOError
 
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
     if backing_chain:
@@ -59,7 +64,17 @@ def check(
         code = check_chain(ui, image, names, as_json)
         allow_fast_exit()
         ctx.exit(code)
-    report = check_path(image, names=list(names) or None)
+    try:
+        require_image_file(image)
+    except ImageIOError as exc:
+        # Not an image file at all: reported like any file check cannot read.
+        report = CheckReport(str(image), [Finding("image-unreadable", str(exc))])
+    else:
+        report = check_path(image, names=list(names) or None)
+    if report.exit_code == 1:
+        from qbitmap.render.check import error_line
+
+        ui.error(error_line(report) or f"{image}: could not check the image")
     if as_json:
         from qbitmap.render.check import write_json
 

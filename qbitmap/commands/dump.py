@@ -7,11 +7,12 @@ from pathlib import Path
 
 import click
 
+from qbitmap.commands import QbitmapCommand, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(path_type=Path))
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("image", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "-b",
     "--bitmap",
@@ -57,7 +58,8 @@ def dump(
       qbitmap dump --lines -b daily disk.qcow2 | while read start length; do ...; done
       qbitmap dump --backing-chain --extents -b cp1 overlay.qcow2
 
-    Exit status: 0 success, 1 the image could not be read, 64 usage error.
+    Exit status: 0 success, 1 the image could not be read, 64 usage error,
+    130 interrupted.
     """
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
@@ -70,24 +72,40 @@ def dump(
     from qbitmap.format import Image
     from qbitmap.inspect import dump_report
 
+    require_image_file(image)
     with Image.open(image) as img:
-        report = dump_report(img, filename=str(image), names=names, with_extents=extents or lines)
-    for warning in report.warnings:
-        ui.warning(warning)
-    if as_json:
-        from qbitmap.render.dump import write_json
 
-        sys.stdout.flush()
-        write_json(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    elif lines:
-        from qbitmap.render.dump import write_lines
+        def writer_running() -> bool:
+            # Asked only when a bitmap is in use: the probe tests QEMU's lock bytes and
+            # takes no lock.
+            from qbitmap import lockbytes
 
-        sys.stdout.flush()
-        write_lines(sys.stdout.buffer, report)
-        sys.stdout.buffer.flush()
-    else:
-        from qbitmap.render.dump import write_human
+            return lockbytes.writer_present(lockbytes.probe(img.fd))
 
-        write_human(ui, report)
+        report = dump_report(
+            img,
+            filename=str(image),
+            names=names,
+            with_extents=extents or lines,
+            writer_running=writer_running,
+        )
+        for warning in report.warnings:
+            ui.warning(warning)
+        # The extents stream from the open image while they are written.
+        if as_json:
+            from qbitmap.render.dump import write_json
+
+            sys.stdout.flush()
+            write_json(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        elif lines:
+            from qbitmap.render.dump import write_lines
+
+            sys.stdout.flush()
+            write_lines(sys.stdout.buffer, report)
+            sys.stdout.buffer.flush()
+        else:
+            from qbitmap.render.dump import write_human
+
+            write_human(ui, report)
     allow_fast_exit()

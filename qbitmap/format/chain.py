@@ -35,7 +35,7 @@ from typing import Self
 
 from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError
 from qbitmap.format import layout
-from qbitmap.format.image import Image
+from qbitmap.format.image import Image, open_image_file
 
 #: Deepest chain followed (a loop is reported as such before this is reached).
 MAX_CHAIN_DEPTH = 64
@@ -191,15 +191,18 @@ def require_image_file(path: Path) -> None:
 
 
 def _probe_format(path: Path) -> str:
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == layout.MAGIC else "raw"
+    fd = open_image_file(path)
+    try:
+        return "qcow2" if os.pread(fd, len(layout.MAGIC), 0) == layout.MAGIC else "raw"
+    finally:
+        os.close(fd)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int]:
     st = os.stat(path)
     size = st.st_size
     if stat.S_ISBLK(st.st_mode):
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_image_file(path)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
         finally:

@@ -45,7 +45,7 @@ from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError, Unsuppo
 from qbitmap.format import entries as ent
 from qbitmap.format import layout
 from qbitmap.format.entries import ClusterType
-from qbitmap.format.image import Image
+from qbitmap.format.image import Image, open_image_file
 from qbitmap.format.layout import QCOW_MAX_L1_SIZE
 from qbitmap.format.model import IncompatibleFeature
 
@@ -146,10 +146,7 @@ class RawLayer:
     def __init__(self, path: Path, stats: ReadStats) -> None:
         self.path = path
         self.stats = stats
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        self.fd = open_image_file(path)
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
@@ -419,11 +416,12 @@ class Qcow2Layer:
                 )
         except zlib.error as exc:
             raise ImageFormatError(
-                f"compressed cluster does not decompress: {exc}", offset=offset
+                f"{self.path}: compressed cluster does not decompress: {exc}", offset=offset
             ) from exc
         if len(out) < cs:
             raise ImageFormatError(
-                f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset=offset
+                f"{self.path}: compressed cluster decompresses to {len(out)} bytes, not {cs}",
+                offset=offset,
             )
         out = out[:cs]
         self.stats.decompressed_clusters += 1
@@ -470,11 +468,13 @@ def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
 def open_layer(path: Path, stats: ReadStats, *, fmt: str | None = None, depth: int = 0) -> _Layer:
     """Open *path* as a qcow2 or raw layer (*fmt*, or probed from the magic)."""
     if fmt is None:
+        fd = open_image_file(path)
         try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
+            magic = os.pread(fd, len(layout.MAGIC), 0)
         except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+            raise ImageIOError(f"{path}: cannot read: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
         fmt = "qcow2" if magic == layout.MAGIC else "raw"
     if fmt == "qcow2":
         return Qcow2Layer(path, stats, depth)

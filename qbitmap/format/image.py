@@ -100,6 +100,31 @@ class LevelsExtension:
     error: ImageFormatError | None
 
 
+def open_image_file(path: str | os.PathLike[str], *, writable: bool = False) -> int:
+    """Open an image file and return its descriptor: a regular file or a block device only.
+
+    Opened with O_NONBLOCK first, so that a FIFO (or a device that would block)
+    is refused at once instead of hanging the caller, then switched back to
+    blocking reads.  Raises ImageIOError naming the file.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageIOError(f"{path}: is a directory, not an image")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ImageIOError(f"{path}: not a regular file or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _be32(data: bytes, offset: int) -> int:
     """The big-endian 32-bit field at *offset* of *data* (header fields read before parsing)."""
     return int.from_bytes(data[offset : offset + 4], "big")
@@ -148,17 +173,8 @@ class Image:
     def open(cls, path: str | os.PathLike[str]) -> Image:
         """Open *path* read-only (writers open their own descriptor: ``qbitmap.store``)."""
         path = Path(path)
-        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+        fd = open_image_file(path)
         try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
-        try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise ImageIOError(f"{path}: is a directory, not an image")
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise ImageIOError(f"{path}: not a regular file or block device")
             return cls(path, fd)
         except BaseException:
             os.close(fd)

@@ -12,13 +12,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from qbitmap import lockbytes
 from qbitmap.check import CheckReport, check_image
 from qbitmap.check.chain import LayerView, bitmaps_ignored
-from qbitmap import lockbytes
-from qbitmap.lockbytes import writer_present
 from qbitmap.errors import QbitmapError
 from qbitmap.format.chain import BackingChain, ChainError, open_chain
 from qbitmap.libvirt.definitions import DiskDefinition
+from qbitmap.lockbytes import writer_present
 
 
 class ImageCache:

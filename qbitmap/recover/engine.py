@@ -446,8 +446,9 @@ class _Plan:
             )
             if stats.reference_size != self.image.virtual_size:
                 self.warn(
-                    f"the reference is {stats.reference_size} bytes and the image "
-                    f"{self.image.virtual_size}: bytes past the shorter end compare as zeros"
+                    f"the reference {self.options.reference} holds {stats.reference_size} bytes "
+                    f"of guest data and {self.image.path} {self.image.virtual_size}: bytes past "
+                    "the shorter end compare as zeros"
                 )
             self.report.reference = {"path": str(self.options.reference), **stats.as_dict()}
         tables = self.structures.tables if self.structures else {}
@@ -664,7 +665,7 @@ def _commit_text(results: dict[int, BitmapResult]) -> str:
     dropped = [r.name for r in results.values() if r.action == "dropped"]
     parts = []
     if rec:
-        parts.append("switch to the new directory: recovered " + ", ".join(repr(n) for n in rec))
+        parts.append("switch to the new directory: recover " + ", ".join(repr(n) for n in rec))
     if dropped:
-        parts.append("dropped " + ", ".join(repr(n) for n in dropped))
+        parts.append("drop " + ", ".join(repr(n) for n in dropped))
     return "; ".join(parts) or "header"

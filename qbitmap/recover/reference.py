@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from qbitmap.errors import UnsupportedImageError, UsageError
+from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import group_any, unique_sorted
 from qbitmap.format.guest import ZERO, GuestDisk, Segment
 from qbitmap.parallel import ordered_map
@@ -299,8 +299,13 @@ def validate_reference(
     try:
         with GuestDisk(image_path, fmt="qcow2"):
             pass
-        with GuestDisk(reference_path, fmt=reference_format) as reference:
-            theirs = reference.sources()
+        try:
+            with GuestDisk(reference_path, fmt=reference_format) as reference:
+                theirs = reference.sources()
+        except ImageFormatError as exc:
+            raise ImageFormatError(
+                f"the reference {reference_path}: {exc.reason}", offset=exc.offset, field=exc.field
+            ) from exc
     except UnsupportedImageError as exc:
         raise UnsupportedImageError(
             f"{exc}; --reference compares guest data, which qbitmap cannot read here: "

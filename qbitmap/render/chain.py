@@ -197,7 +197,7 @@ def write_dump_human(ui: Any, report: ChainDumpReport) -> None:
     """Print the chain dump through *ui* (a qbitmap.ui.Ui), then each name's union extents."""
     from rich.text import Text
 
-    from qbitmap.render.dump import extent_text
+    from qbitmap.render.dump import extent_stats, extent_text
 
     ui.print(dump_human(report))
     for bm in report.bitmaps:
@@ -212,7 +212,8 @@ def write_dump_human(ui: Any, report: ChainDumpReport) -> None:
                 f"({count} range{'' if count == 1 else 's'})",
             )
         )
-        for block in extent_text(*bm.extents):
+        blocks = [bm.extents] if count else []
+        for block in extent_text(blocks, extent_stats(blocks)):
             ui.write(block)
 
 

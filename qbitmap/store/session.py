@@ -52,10 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qbitmap.errors import ImageIOError, RefusedError, UnsupportedImageError
+from qbitmap.errors import RefusedError, UnsupportedImageError
 from qbitmap.format import layout
 from qbitmap.format.bitmap import Geometry
-from qbitmap.format.image import Image
+from qbitmap.format.image import Image, open_image_file
 from qbitmap.format.model import (
     AutoclearFeature,
     BitmapEntry,
@@ -221,11 +221,7 @@ class WriteSession:
             RefusedError / UnsupportedImageError: see :func:`validate_for_write`.
         """
         path = Path(path)
-        flags = (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        fd = open_image_file(path, writable=not dry_run)
         lock = ImageLock(fd, path)
         try:
             lock.acquire()

@@ -33,10 +33,12 @@ from qbitmap.format import (  # noqa: E402
     bit_runs,
     dirty_bytes,
     extent_arrays,
+    extent_blocks,
     extents,
     iter_chunks,
     read_bits,
     run_arrays,
+    run_blocks,
 )
 from qbitmap.format import bitmap as bitmap_module  # noqa: E402
 
@@ -112,6 +114,16 @@ def test_runs_extents_and_counts_match_the_naive_model(case, block: int) -> None
         starts, lengths = extent_arrays(geo, iter(chunks))
         assert list(zip(starts.tolist(), lengths.tolist(), strict=True)) == expected
         assert dirty_bytes(geo, iter(chunks)) == sum(n for _, n in expected)
+        # Streamed: the same ranges, block by block, no block empty, none merged across.
+        blocks = list(run_blocks(iter(chunks)))
+        assert all(len(f) == len(e) > 0 for f, e in blocks)
+        assert [r for f, e in blocks for r in zip(f.tolist(), e.tolist(), strict=True)] == runs
+        streamed = [
+            r
+            for s, n in extent_blocks(geo, iter(chunks))
+            for r in zip(s.tolist(), n.tolist(), strict=True)
+        ]
+        assert streamed == expected
     finally:
         bitmap_module._UNPACK_BYTES = old
 
@@ -319,7 +331,9 @@ def test_lying_sizes_are_read_in_bounded_memory(
     assert base_code == 0
     assert code == expected_code, stderr
     if code:
-        assert stderr.startswith("qbitmap: error: offset 0x") and "\n" not in stderr.strip()
+        assert (
+            stderr.startswith(f"qbitmap: error: {path}: offset 0x") and "\n" not in stderr.strip()
+        )
     # The honest image's run already holds every module; a lying size may add
     # at most a few MiB (the limit is far below what the lies would cost).
     assert hwm - base_hwm < 24 * 1024, (hwm, base_hwm)

@@ -146,3 +146,27 @@ def test_an_unreadable_backing_file_is_named_with_the_image_that_refers_to_it(tm
     with pytest.raises(QbitmapError) as info:
         GuestDisk(top)
     assert f"the backing file of {top}" in str(info.value)
+
+
+def test_a_fifo_in_the_backing_chain_is_refused_at_once(tmp_path):
+    import os
+    import signal
+
+    from qbitmap.errors import QbitmapError
+
+    base = qemu.create_image(tmp_path / "base.qcow2", 1 << 20)
+    top = qemu.create_image(tmp_path / "top.qcow2", None, backing=base)
+    base.unlink()
+    os.mkfifo(base)  # opening it for reading would wait for a writer forever
+
+    def hung(signum, frame):
+        raise TimeoutError("opening the chain hung on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(QbitmapError, match="not a regular file or block device"):
+            GuestDisk(top)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
