@@ -12,16 +12,13 @@ from pathlib import Path
 
 import click
 import pytest
+import qemu
 from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import qemu  # noqa: E402
-
-from qbitmap import __version__  # noqa: E402
-from qbitmap.cli import cli  # noqa: E402
-from qbitmap.commands.dump import dump  # noqa: E402
-from qbitmap.errors import ExitCode  # noqa: E402
+from qbitmap import __version__
+from qbitmap.cli import cli
+from qbitmap.commands.dump import dump
+from qbitmap.errors import ExitCode
 
 REPO = Path(__file__).resolve().parents[1]
 MAN = REPO / "man" / "qbitmap.1"

@@ -27,14 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+import corrupt
 import pytest
-
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS / "check"))
-
-import corrupt  # noqa: E402
-import qemu  # noqa: E402
+import qemu
 
 MiB = 1 << 20
 SCRIPT = shutil.which("qbitmap", path=str(Path(sys.executable).parent)) or "qbitmap"

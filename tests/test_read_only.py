@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import qemu  # noqa: E402
+import qemu
 
 MiB = 1 << 20
 SCRIPT = shutil.which("qbitmap", path=str(Path(sys.executable).parent)) or "qbitmap"

@@ -8,11 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-import sys
 from pathlib import Path
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
 
 import qemu
 

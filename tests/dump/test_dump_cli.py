@@ -11,22 +11,17 @@ import random
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+import qemu
 from click.testing import CliRunner
+from dumprun import dump, dump_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qemu  # noqa: E402
-from dumprun import dump, dump_process  # noqa: E402
-
-from qbitmap.cli import cli  # noqa: E402
-from qbitmap.format.model import HEADER_FIELDS  # noqa: E402
+from qbitmap.cli import cli
+from qbitmap.format.model import HEADER_FIELDS
 
 MiB = 1 << 20
 NASTY = ["[bold]x[/bold]", "[/nope]", "tab\there", "new\nline", "sp ace", "100%"]

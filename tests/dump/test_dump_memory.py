@@ -19,13 +19,9 @@ import sys
 import textwrap
 from pathlib import Path
 
+import corrupt
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "check"))
-
-import corrupt  # noqa: E402
-import qemu  # noqa: E402
+import qemu
 
 GiB = 1 << 30
 GRANULARITY = 512

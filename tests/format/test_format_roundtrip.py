@@ -8,16 +8,12 @@ accepts).  Each structure is checked at two levels: the construct schema in
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+import qemu
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qemu  # noqa: E402
-
-from qbitmap.format import (  # noqa: E402
+from qbitmap.format import (
     BitmapEntry,
     Extension,
     Header,

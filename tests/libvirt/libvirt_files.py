@@ -13,13 +13,11 @@ A plain module: test modules import it by name.
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
 
 FIXTURES = TESTS / "fixtures" / "libvirt"
 DOMAIN_TEMPLATE = (FIXTURES / "vm1.xml").read_text()

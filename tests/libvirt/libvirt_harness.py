@@ -32,15 +32,11 @@ import os
 import pwd
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
 
 import qemu
 

@@ -60,4 +60,4 @@ def test_dry_run_writes_are_the_real_writes(tmp_path, make, options):
     ]
     assert dry.clusters_allocated == real.clusters_allocated
     assert dry.clusters_freed == real.clusters_freed
-    assert [b.as_dict() for b in dry.bitmaps] == [b.as_dict() for b in real.bitmaps]
+    assert [b.to_dict() for b in dry.bitmaps] == [b.to_dict() for b in real.bitmaps]

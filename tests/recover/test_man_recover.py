@@ -55,9 +55,9 @@ def test_json_fields_are_documented():
     json_part = section(plain(PAGE.read_text()), "JSON OUTPUT")
     report = to_json(RecoverReport("x", dry_run=False))
     fields = (
-        set(report) | set(BitmapResult("n", "recovered").as_dict()) | set(DiffStats().as_dict())
+        set(report) | set(BitmapResult("n", "recovered").to_dict()) | set(DiffStats().to_dict())
     )
-    fields |= set(Step("p", "a", 0, 0, "w").as_dict()) | {"path"}
+    fields |= set(Step("p", "a", 0, 0, "w").to_dict()) | {"path"}
     for field in sorted(fields):
         assert _has(field, json_part), field
     for status in (

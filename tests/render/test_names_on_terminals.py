@@ -17,16 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import corrupt
 import pytest
+import qemu
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS / "check"))
-
-import corrupt  # noqa: E402
-import qemu  # noqa: E402
-
-from qbitmap.render import printable  # noqa: E402
+from qbitmap.render import printable
 
 MiB = 1 << 20
 

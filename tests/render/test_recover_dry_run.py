@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import corrupt
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(TESTS / "check"))
-
-import corrupt  # noqa: E402
-import qemu  # noqa: E402
+import qemu
 
 MiB = 1 << 20
 PAST = re.compile(r"(?<!would be )\b(freed|recovered|dropped|reclaimed|written|wrote)\b")

@@ -15,10 +15,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-
-from qbitmap.cli import cli  # noqa: E402
+from qbitmap.cli import cli
 
 
 @dataclass
