@@ -308,15 +308,16 @@ def bit_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[int, int]]:
 
 
 # Bits are unpacked this many bytes at a time (8 bytes of transient memory per
-# bitmap byte), so memory stays bounded for bitmaps of hundreds of MiB.
-_UNPACK_BYTES = 1 << 18
+# bitmap byte), so memory stays bounded for bitmaps of hundreds of MiB.  Any
+# value from 1 up gives the same runs (tests vary it to cross piece edges).
+UNPACK_BYTES = 1 << 18
 
 
 def _data_runs(chunk: Chunk) -> Iterator[tuple[int, int]]:
     data = chunk.data
     assert data is not None
-    for pos in range(0, len(data), _UNPACK_BYTES):
-        part = data[pos : pos + _UNPACK_BYTES]
+    for pos in range(0, len(data), UNPACK_BYTES):
+        part = data[pos : pos + UNPACK_BYTES]
         if not part.any():
             continue
         base = chunk.first_bit + pos * 8
@@ -439,7 +440,7 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def _piece_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Runs of set bits per chunk piece (a "ones" chunk, or up to ``_UNPACK_BYTES`` of data).
+    """Runs of set bits per chunk piece (a "ones" chunk, or up to ``UNPACK_BYTES`` of data).
 
     Each block's runs are maximal within its piece; a run that crosses a piece
     or chunk boundary comes out as two runs, one ending and one starting there.
@@ -455,8 +456,8 @@ def _piece_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarra
             continue
         data = chunk.data
         assert data is not None
-        for pos in range(0, len(data), _UNPACK_BYTES):
-            firsts, ends = _byte_runs(data[pos : pos + _UNPACK_BYTES], chunk.first_bit + pos * 8)
+        for pos in range(0, len(data), UNPACK_BYTES):
+            firsts, ends = _byte_runs(data[pos : pos + UNPACK_BYTES], chunk.first_bit + pos * 8)
             if firsts.size:
                 yield firsts, ends
 
@@ -464,7 +465,7 @@ def _piece_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarra
 def run_blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Merged runs of set bits, in order, as blocks of ``(first_bits, end_bits)`` int64 arrays.
 
-    A block holds the runs of one piece of at most ``_UNPACK_BYTES`` bytes of
+    A block holds the runs of one piece of at most ``UNPACK_BYTES`` bytes of
     bitmap data, so memory follows that size and never the number of runs; the
     last run of each block is held back until the next block shows whether
     it goes on there.  No block is empty.

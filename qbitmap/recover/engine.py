@@ -90,13 +90,13 @@ class BitmapResult:
     freed_clusters: int = 0
     consistent_level: int | None = None
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 @dataclass
 class RecoverReport:
-    """The outcome of one run; :meth:`as_dict` is the ``--json`` document."""
+    """The outcome of one run; :meth:`to_dict` is the ``--json`` document."""
 
     filename: str
     dry_run: bool
@@ -113,12 +113,12 @@ class RecoverReport:
     findings: list[dict[str, Any]] = field(default_factory=list)
     exit_code: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "filename": self.filename,
             "dry_run": self.dry_run,
             "status": self.status,
-            "bitmaps": [b.as_dict() for b in self.bitmaps],
+            "bitmaps": [b.to_dict() for b in self.bitmaps],
             "reference": self.reference,
             "leaked_clusters_reclaimed": self.leaked_clusters_reclaimed,
             "clusters_allocated": self.clusters_allocated,
@@ -199,7 +199,7 @@ def recover(
             report.status = "recovered"
         else:
             report.status = "leaks-reclaimed"
-        report.steps = [step.as_dict() for step in session.journal]
+        report.steps = [step.to_dict() for step in session.journal]
         report.writes = list(session.write_log)
         report.clusters_allocated = sum(e.count for e in session.allocator.allocated)
         report.clusters_freed = sum(e.count for e in session.allocator.freed)
@@ -450,7 +450,7 @@ class _Plan:
                     f"of guest data and {self.image.path} {self.image.virtual_size}: bytes past "
                     "the shorter end compare as zeros"
                 )
-            self.report.reference = {"path": str(self.options.reference), **stats.as_dict()}
+            self.report.reference = {"path": str(self.options.reference), **stats.to_dict()}
         tables = self.structures.tables if self.structures else {}
         for index, mode in self.targets.items():
             entry = by_index[index]

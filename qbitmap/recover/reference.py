@@ -77,7 +77,7 @@ class DiffStats:
     differing_granules: int = 0
     reference_size: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 

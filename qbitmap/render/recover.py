@@ -29,7 +29,7 @@ FAILURE_STATUS = {1: "failed", 2: "refused", 64: "usage-error", 75: "busy", 130:
 
 def to_json(report: RecoverReport, error: str | None = None) -> dict[str, Any]:
     """The report's own keys, plus ``error``: why the run failed, or null."""
-    return {**report.as_dict(), "error": error}
+    return {**report.to_dict(), "error": error}
 
 
 def write_json(stream: IO[str], report: RecoverReport) -> None:

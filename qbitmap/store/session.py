@@ -93,7 +93,7 @@ class Step:
     length: int | None
     what: str
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
