@@ -246,6 +246,31 @@ class BitmapEntry:
             padding=c.padding,
         )
 
+    @classmethod
+    def new(
+        cls,
+        name: bytes,
+        *,
+        granularity_bits: int,
+        bitmap_table_offset: int,
+        bitmap_table_size: int,
+        flags: BitmapFlag,
+    ) -> BitmapEntry:
+        """A fresh dirty-tracking entry without extra data (offset and index 0 until placed)."""
+        pad = layout.dir_entry_size(len(name), 0) - (layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(name))
+        return cls(
+            offset=0,
+            index=0,
+            bitmap_table_offset=bitmap_table_offset,
+            bitmap_table_size=bitmap_table_size,
+            flags=flags,
+            type=layout.BT_DIRTY_TRACKING_BITMAP,
+            granularity_bits=granularity_bits,
+            extra_data=b"",
+            name=name,
+            padding=bytes(pad),
+        )
+
     def to_container(self) -> dict[str, Any]:
         return {
             "bitmap_table_offset": self.bitmap_table_offset,
