@@ -37,11 +37,11 @@ def verdicts(report: dict) -> dict[tuple[str, str], str]:
     return {(c["name"], d["disk"]): d["verdict"] for c in report["checkpoints"] for d in c["disks"]}
 
 
-def done(report: dict) -> list[tuple[str, str, int, str, str, str, int | None]]:
-    return [
-        (r["checkpoint"], r["disk"], r["layer"], r["problem"], r["action"], r["mode"], r["granularity"])
-        for r in report["repair"]["repairs"]
-    ]
+KEYS = ("checkpoint", "disk", "layer", "problem", "action", "mode", "granularity")
+
+
+def done(report: dict) -> list[tuple]:
+    return [tuple(r[k] for k in KEYS) for r in report["repair"]["repairs"]]
 
 
 def sha(path: Path) -> str:
@@ -53,10 +53,11 @@ def merged(*extents: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 def granules(writes, granularity: int) -> list[tuple[int, int]]:
-    return qemu.merge_extents(
-        (o // granularity * granularity, -(-(o + n) // granularity) * granularity - o // granularity * granularity)
-        for o, n in writes
-    )
+    out = []
+    for offset, length in writes:
+        start = offset // granularity * granularity
+        out.append((start, -(-(offset + length) // granularity) * granularity - start))
+    return qemu.merge_extents(out)
 
 
 @pytest.fixture
@@ -137,7 +138,7 @@ def test_a_gap_is_filled_with_the_granularity_of_the_nearest_layer(host):
 
 
 def test_what_cannot_be_repaired_is_left_for_a_person(host):
-    """A v2 top image holds no bitmaps: its checkpoints can only be dropped; the rest is repaired."""
+    """A v2 top image holds no bitmaps: its checkpoints can only be dropped, the rest is repaired."""
     disks = _domain(host, vda=65536)
     vdb = qemu.create_image(host.images / "vm-vdb.qcow2", SIZE, compat="0.10")
     host.define("vm", [Disk("vda", str(disks["vda"])), Disk("vdb", str(vdb))])
@@ -225,7 +226,8 @@ def test_a_reference_marks_only_what_changed(host, tmp_path):
     restore = tmp_path / "restore.qcow2"  # the backup taken with cp2
     qemu.qemu_img("convert", "-O", "qcow2", vda, restore)
     qemu.qemu_io_write(vda, [(10 * MiB, 64 * 1024)], pattern=0x42)  # stored at the close
-    qemu.crash_image(vda, [(30 * MiB, 4096), (40 * MiB, 8192)], bitmaps=("cp1", "cp2"), pattern=0x43)
+    crash_writes = [(30 * MiB, 4096), (40 * MiB, 8192)]
+    qemu.crash_image(vda, crash_writes, bitmaps=("cp1", "cp2"), pattern=0x43)
     code, report = run_json(host, "vm", "--repair", "--reference", f"vda={restore}")
     assert code == 0, report["repair"]
     assert [r[4:6] for r in done(report)] == [("recover", "reference")] * 2
@@ -236,7 +238,7 @@ def test_a_reference_marks_only_what_changed(host, tmp_path):
 
 
 def test_a_reference_makes_the_newest_missing_bitmap_from_what_changed(host, tmp_path):
-    """Killed before the first clean close: both bitmaps missing; the newest is made from the diff."""
+    """Killed before the first clean close: both missing; the newest is made from the diff."""
     vda = qemu.create_image(host.images / "vda.qcow2", SIZE)
     qemu.qemu_io_write(vda, [(0, 2 * MiB)], pattern=0x51)
     host.define("vm", [Disk("vda", str(vda))])
@@ -256,7 +258,7 @@ def test_a_reference_makes_the_newest_missing_bitmap_from_what_changed(host, tmp
 
 
 def test_a_reference_is_not_used_where_the_newest_bitmap_was_never_stored(host, tmp_path):
-    """cp2 was made after the last clean close: cp1's stored bits end before it, so cp1 gets full."""
+    """cp2 was made after the last clean close: cp1's stored bits end before it: full."""
     vda = qemu.create_image(host.images / "vda.qcow2", SIZE)
     host.define("vm", [Disk("vda", str(vda))])
     host.checkpoint("vm", "cp1")
