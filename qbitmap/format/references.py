@@ -338,7 +338,7 @@ class _Walker:
     # -- refcount structure ----------------------------------------------------------
 
     def refcount_table_location(self) -> bool:
-        """QEMU's rules for the refcount table's order, size and place; False (and a defect) if broken."""
+        """QEMU's rules for the refcount table's order, size and place (False: a defect)."""
         header, cs = self.image.header, self.cs
         order = header.effective_refcount_order
         off, nclus = header.refcount_table_offset, header.refcount_table_clusters
