@@ -61,7 +61,7 @@ from qbitmap.libvirt.verdicts import (
 )
 from qbitmap.recover import NewBitmap, Options, RecoverReport, Recovery, prepare
 
-#: What each problem becomes, in the order a layer's problems are looked at.
+#: What each repairable problem becomes.
 ACTIONS = {"in-use": "recover", "missing": "create", "gap": "create", "not-recording": "enable"}
 #: Repair statuses.
 STATUSES = ("repaired", "dry-run", "nothing-to-do", "refused", "failed", "running")
@@ -141,13 +141,13 @@ def plan_repairs(
 ) -> list[ImagePlan]:
     """The repairs of every repairable checkpoint x disk of *report*, grouped by image.
 
-    Images in the order the domain's disks and their layers (top first)
-    come; an image shared by several disks (a common backing file) is
-    planned once.  Nothing is read or written.
+    Images in the order of the domain's disks, each disk's layers top
+    first; an image shared by several disks (a common backing file) is
+    planned once, and the reference of the disk that planned it first is
+    the only one used there.  Nothing is read or written.
     """
     references = dict(references or {})
     plans: dict[str, ImagePlan] = {}
-    order: list[str] = []
     newest = {d.target: _newest_for(report, d.target) for d in report.disks}
     for v in report.verdicts():
         if not (v.problem and v.repairable and v.chain is not None):
@@ -175,7 +175,8 @@ def plan_repairs(
             plan = plans.get(key)
             if plan is None:
                 plan = plans[key] = ImagePlan(p.filename, v.disk, p.index, reference)
-                order.append(key)
+            elif plan.reference != reference:
+                mode = "full"  # another disk's reference says nothing about this one's writes
             plan.repairs.append(
                 BitmapRepair(
                     v.checkpoint,
@@ -196,7 +197,14 @@ def plan_repairs(
             plan.repairs = [
                 r if r.action != "recover" else _with_mode(r, "full") for r in plan.repairs
             ]
-    return [plans[k] for k in order]
+    targets = [d.target for d in report.disks]
+    return sorted(
+        plans.values(),
+        key=lambda plan: (
+            targets.index(plan.disk) if plan.disk in targets else len(targets),
+            plan.layer,
+        ),
+    )
 
 
 def _with_mode(repair: BitmapRepair, mode: str) -> BitmapRepair:
