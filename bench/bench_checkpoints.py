@@ -13,7 +13,8 @@ qemu-img and qemu-io (one disk chain, copied).
 
 qbitmap: one process, ``checkpoints --all --json``, which reads every
 definition and checkpoint file, follows every chain and checks every layer
-as ``check`` does.  The peer gathers the same image information the way
+by the rules QEMU applies when it opens an image (``check_image``'s open
+scope, what libvirt's verdict depends on).  The peer gathers the same image information the way
 scripts do today: ``qemu-img info --backing-chain --output=json -U`` once
 per disk (40 processes, run one after the other by one shell).  Whole
 wall time, the two alternating in the same run, median of N rounds

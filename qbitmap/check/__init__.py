@@ -13,6 +13,17 @@ reading what the earlier ones learnt (see ``context.py``):
 Exit codes: the first of 1 (could not check), 75 (a running writer holds the
 image), 2 (corrupt), 4 (stale bitmaps recover can bring back), 3 (leaks) that
 applies, else 0.
+
+Two scopes (:data:`SCOPES`).  ``full``, the default, is all of the above:
+``qbitmap check``, and what ``recover`` runs before it writes.  ``open`` is
+what QEMU checks when it opens the image -- the header, the extensions, the
+bitmap directory and every entry, the bitmap tables' entries, and where the
+refcount, L1 and snapshot tables and the encryption header lie -- and the
+bitmaps' flags: everything libvirt's verdict on a checkpoint depends on
+(``qbitmap checkpoints``), without walking every L1/L2 table and refcount
+and without the consistency-level records.  On an image QEMU refuses to
+open, both scopes give the same exit status and bitmap statuses
+(tests/check/test_scope.py pins it over the corruption catalogue).
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ from qbitmap.format import BitmapEntry, Image, select_entries
 from qbitmap.format.references import Kind, ReferenceMap
 
 STATUSES = ("consistent", "in-use", "corrupt", "ignored")
+#: What check_image looks at: everything, or what QEMU checks when it opens the image.
+SCOPES = ("full", "open")
 
 
 @dataclass
@@ -123,27 +136,37 @@ def check_image(
     *,
     names: Sequence[str] | None = None,
     held_locks: tuple[int, ...] | None = None,
+    scope: str = "full",
 ) -> CheckReport:
     """Check the bitmaps of an open image.
 
     *names* restricts the bitmaps reported (image-wide findings are kept);
     a name the directory does not have raises :class:`UsageError` when the
     directory could be read.  *held_locks* overrides the lock-byte probe
-    (tests); by default the image's lock bytes are tested.
+    (tests); by default the image's lock bytes are tested.  *scope* is one
+    of :data:`SCOPES` (see the module docstring); with ``open`` the report
+    has no reference map and no consistency-level assessments.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown check scope {scope!r}")
     if held_locks is None:
         held_locks = lockbytes.probe(image.fd)
-    ctx = Context(image=image, held_locks=held_locks)
+    ctx = Context(image=image, held_locks=held_locks, scope=scope)
     findings: list[Finding] = []
     assessments: dict[int, levels_mod.Assessment] = {}
     estimates: dict[int, RecoveryEstimate | None] = {}
     try:
-        for module in (header, directory, tables, clusters):
+        for module in (header, directory, tables):
             findings.extend(module.check(ctx))
-        corrupt, area_corrupt = _statuses(ctx, findings)
-        sound = {e.index for e in ctx.entries if e.index not in corrupt and not area_corrupt}
-        more, assessments, estimates = levels.check(ctx, sound)
-        findings.extend(more)
+        if scope == "open":
+            findings.extend(clusters.open_check(ctx))
+            findings.extend(levels.in_use_findings(ctx))
+        else:
+            findings.extend(clusters.check(ctx))
+            corrupt, area_corrupt = _statuses(ctx, findings)
+            sound = {e.index for e in ctx.entries if e.index not in corrupt and not area_corrupt}
+            more, assessments, estimates = levels.check(ctx, sound)
+            findings.extend(more)
     except ImageIOError as exc:
         findings.append(Finding("image-read-error", f"the check stopped: {exc}", field="read"))
     except QbitmapError as exc:
@@ -215,6 +238,7 @@ def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = No
 __all__ = [
     "CODES",
     "REPAIRS",
+    "SCOPES",
     "STATUSES",
     "BitmapStatus",
     "CheckReport",

@@ -287,6 +287,9 @@ def judge_bitmap(
             if view.report is None:
                 repairable = False
                 detail = f"layer {i} ({view.filename}) is {view.layer.format}: it holds no bitmaps"
+            elif (view.layer.qcow2_version or 3) < 3:
+                repairable = False
+                detail += " (a version 2 image, which holds no bitmaps)"
             problems.append(
                 LayerProblem(
                     kind, i, view.filename, detail, repairable, _granularity_for(view, layers, i)

@@ -14,7 +14,7 @@ to learn which clusters it may free and which it must never allocate.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from qbitmap.format.references import (
     Kind,
     ReferenceMap,
     bitmap_references,
+    open_defects,
     walk,
 )
 
@@ -60,9 +61,9 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def defect_findings(refmap: ReferenceMap, *, dirty: bool) -> Iterator[Finding]:
+def defect_findings(defects: Iterable[Defect], *, dirty: bool) -> Iterator[Finding]:
     """One finding per class of bad references the walk found."""
-    for defect in refmap.defects:
+    for defect in defects:
         message = defect.reason
         if defect.count > 1:
             message += f" ({defect.count - 1} more like it)"
@@ -375,6 +376,19 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
         )
 
 
+def open_check(ctx: Context) -> Iterator[Finding]:
+    """The ``open`` scope: where QEMU's open finds the image's tables, no table walked.
+
+    The bitmaps of an extension QEMU ignores are listed (as ``ignored``)
+    without judging whether recover could bring them back: that needs the
+    reference map.
+    """
+    yield from defect_findings(open_defects(ctx.image), dirty=False)
+    if ctx.extension is not None and not ctx.honored:
+        bitmaps = ctx.image.bitmap_structures(honored_only=False)
+        ctx.ignored = list(bitmaps.entries) if bitmaps is not None else []
+
+
 def check(ctx: Context) -> Iterator[Finding]:
     image = ctx.image
     ext = ctx.extension
@@ -393,7 +407,7 @@ def check(ctx: Context) -> Iterator[Finding]:
     dirty = header.version >= 3 and bool(
         (header.incompatible_features or 0) & IncompatibleFeature.DIRTY
     )
-    yield from defect_findings(refmap, dirty=dirty)
+    yield from defect_findings(refmap.defects, dirty=dirty)
     yield from bitmap_cluster_findings(refmap, ctx.entries)
     yield from _ignored_extension(ctx, refmap)
     unparsed = ext is None and image.extension(layout.EXT_BITMAPS) is not None

@@ -24,6 +24,7 @@ class Context:
 
     image: Image
     held_locks: tuple[int, ...] = ()
+    scope: str = "full"  # "full" or "open" (see qbitmap.check.SCOPES)
     # The bitmaps extension (first one) if its data could be parsed, and whether
     # QEMU would load bitmaps from it (v3, autoclear bit 0 set, length 24).
     extension: BitmapsExtension | None = None

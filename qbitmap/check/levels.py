@@ -169,7 +169,7 @@ def estimate(
 
 def in_use_finding(
     entry: BitmapEntry,
-    assessment: Assessment,
+    assessment: Assessment | None,
     est: RecoveryEstimate | None,
     *,
     live_writer: bool,
@@ -190,7 +190,9 @@ def in_use_finding(
             "as expected while it runs; its on-disk contents are stale until that process closes it",
             **common,  # type: ignore[arg-type]
         )
-    if assessment.trusted:
+    if assessment is None:  # records not read (the open scope)
+        how = "'qbitmap recover --mode full' or '--reference FILE'"
+    elif assessment.trusted:
         cost = ""
         if est is not None and est.dirty_bytes is not None:
             cost = f", marks {iec(est.dirty_bytes)} dirty"
@@ -216,6 +218,20 @@ def in_use_finding(
         f"contents are stale; recover it with {how}",
         **common,  # type: ignore[arg-type]
     )
+
+
+def in_use_findings(ctx: Context) -> Iterator[Finding]:
+    """The in-use findings alone, consistency-level records unread (the ``open`` scope)."""
+    if not ctx.honored:
+        return
+    image = ctx.image
+    live_writer = lockbytes.writer_present(ctx.held_locks)
+    dirty = image.header.version >= 3 and bool(
+        image.header.incompatible & IncompatibleFeature.DIRTY
+    )
+    for entry in ctx.entries:
+        if entry.in_use:
+            yield in_use_finding(entry, None, None, live_writer=live_writer, dirty=dirty)
 
 
 def check(

@@ -18,7 +18,7 @@ import numpy as np
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
 from qbitmap.format import BitmapEntry, Geometry, Image, layout
-from qbitmap.format.entries import bitmap_table_entries
+from qbitmap.format.entries import bitmap_table_entries, bitmap_table_sound
 
 _TABLE_ENTRY = "bitmap table entry"
 
@@ -27,9 +27,14 @@ def _more(count: int) -> str:
     return "" if count == 1 else f" ({count - 1} more entries likewise)"
 
 
-def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Iterator[Finding]:
-    """QEMU's ``check_table_entry`` over a whole table, and data clusters inside the file."""
+def entry_problems(
+    image: Image, entry: BitmapEntry, table: np.ndarray, *, qemu_only: bool = False
+) -> Iterator[Finding]:
+    """QEMU's ``check_table_entry`` over a whole table, and (unless *qemu_only*) data clusters
+    inside the file."""
     cs = image.cluster_size
+    if qemu_only and bitmap_table_sound(table, cs):
+        return
     name = entry.display_name
     base = entry.bitmap_table_offset
     classes = bitmap_table_entries(table, cs)
@@ -67,6 +72,8 @@ def entry_problems(image: Image, entry: BitmapEntry, table: np.ndarray) -> Itera
             base + 8 * i,
             _TABLE_ENTRY,
         )
+    if qemu_only:
+        return
     outside = np.flatnonzero(classes.data & (offsets >= np.uint64(image.file_size)))
     if len(outside):
         i = int(outside[0])
@@ -116,6 +123,14 @@ def tail_problem(image: Image, entry: BitmapEntry, table: np.ndarray) -> Finding
 
 def check(ctx: Context) -> Iterator[Finding]:
     image = ctx.image
+    if ctx.scope == "open":
+        # QEMU's open reads the tables and checks their entries, nothing past them.
+        ctx.tables = image.read_bitmap_tables(ctx.entries)
+        for entry in ctx.entries:
+            table = ctx.tables.get(entry.index)
+            if table is not None:
+                yield from entry_problems(image, entry, table, qemu_only=True)
+        return
     for entry in ctx.entries:
         off, n = entry.bitmap_table_offset, entry.bitmap_table_size
         located = off and off % image.cluster_size == 0 and 0 < n <= layout.BME_MAX_TABLE_SIZE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -47,6 +48,24 @@ def _safe_domain_name(name: str) -> str:
     metavar="DIR",
     help="Where libvirt keeps checkpoint metadata (DIR/DOMAIN/NAME.xml).",
 )
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Make every repairable checkpoint usable again, in place (domain shut off): recover "
+    "in-use bitmaps, create missing ones, re-enable disabled ones, every change marked.",
+)
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    metavar="DISK=FILE",
+    help="With --repair: FILE holds disk DISK's guest data as of the newest checkpoint (a "
+    "restore of the backup chain), so that repaired bitmaps mark only what changed "
+    "(repeatable, one per disk).",
+)
+@click.option(
+    "--dry-run", "-n", is_flag=True, help="With --repair: print what would be done; write nothing."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.pass_context
 def checkpoints(
@@ -56,6 +75,9 @@ def checkpoints(
     domain_xml: Path | None,
     config_dir: Path,
     checkpoint_dir: Path,
+    repair: bool,
+    references: tuple[str, ...],
+    dry_run: bool,
     as_json: bool,
 ) -> None:
     """Say, for each checkpoint of DOMAIN and each disk, whether libvirt will use it.
@@ -65,19 +87,27 @@ def checkpoints(
     libvirt's rule for a checkpoint bitmap: present in the top image, in
     consecutive layers only, and in every layer recording and not in use.
     Reports bitmaps no checkpoint names, and a command line to remedy each
-    problem.  Never writes; for a shut-off domain (a running one holds its
-    disks: libvirt's own view is authoritative then).
+    problem.  Without --repair it never writes; for a shut-off domain (a
+    running one holds its disks: libvirt's own view is authoritative then).
+
+    --repair makes every repairable checkpoint usable again so that the
+    backup chain survives: each repaired bitmap marks at least every change
+    made since its checkpoint.  It writes only the disk images, crash-safely
+    and under QEMU's lock bytes, never libvirt's files; if any image refuses
+    (as 'qbitmap recover' would), nothing is written.
 
     \b
     Examples:
       qbitmap checkpoints vm1
+      qbitmap checkpoints vm1 --repair --dry-run
+      qbitmap checkpoints vm1 --repair --reference vda=/restore/vda.qcow2
       qbitmap checkpoints --all --json | jq '.domains[] | {domain, exit_code}'
       virsh dumpxml vm1 > vm1.xml; qbitmap checkpoints --domain-xml vm1.xml
 
     Exit status: 0 every checkpoint usable, 1 could not read, 2 some
-    checkpoint unusable and not repairable here, 4 every problem repairable
-    by --repair, 75 the domain is running, 64 usage; the first of 1, 75,
-    2, 4 wins.
+    checkpoint unusable and not repairable here (or --repair refused:
+    nothing written), 4 every problem repairable by --repair, 75 the domain
+    is running, 64 usage; the first of 1, 75, 2, 4 wins.
     """
     from qbitmap.libvirt import (
         DomainReport,
@@ -97,6 +127,10 @@ def checkpoints(
         raise click.UsageError("name a DOMAIN, or give --domain-xml FILE or --all")
     if domain is not None:
         _safe_domain_name(domain)
+    if not repair and (references or dry_run):
+        raise click.UsageError("--reference and --dry-run go with --repair")
+    if references and all_domains:
+        raise click.UsageError("--reference names a disk of one domain: not with --all")
     cache = ImageCache()
     reports: list[DomainReport] = []
     if all_domains:
@@ -129,21 +163,63 @@ def checkpoints(
         if not path.exists():
             raise click.UsageError(f"no domain named {domain!r} is defined (no {path})")
         reports.extend(examine_domain_files([path], checkpoint_dir=checkpoint_dir, cache=cache))
+    results: list[Any] = list(reports)
+    if repair:
+        results = _repair(ui, reports, references, checkpoint_dir, dry_run=dry_run)
     if as_json:
         from qbitmap.render.checkpoints import running_message, write_json
 
-        write_json(sys.stdout, reports, all_domains=all_domains)
+        write_json(sys.stdout, results, all_domains=all_domains)
         for report in reports:
             if report.running:
                 ui.warning(running_message(report))
     else:
         from qbitmap.render.checkpoints import human
 
-        ui.print(human(reports))
+        ui.print(human(results))
     for report in reports:
         for finding in report.findings:
             ui.warning(finding.message)
     from qbitmap.check.chain import worst_exit_code
 
     allow_fast_exit()
-    ctx.exit(worst_exit_code(r.exit_code for r in reports))
+    ctx.exit(worst_exit_code(r.exit_code for r in results))
+
+
+def _repair(
+    ui: Ui,
+    reports: list[Any],
+    references: tuple[str, ...],
+    checkpoint_dir: Path,
+    *,
+    dry_run: bool,
+) -> list[Any]:
+    """Each readable domain's repair report (an unreadable definition keeps its diagnosis)."""
+    from qbitmap.libvirt import XmlProblem, read_domain
+    from qbitmap.libvirt.repair import parse_references, repair_domain
+
+    out: list[Any] = []
+    for report in reports:
+        try:
+            definition = read_domain(report.definition) if report.definition else None
+        except XmlProblem:
+            definition = None
+        if definition is None:
+            out.append(report)
+            continue
+        try:
+            refs = parse_references(references, definition)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        out.append(
+            repair_domain(
+                definition,
+                report,
+                checkpoint_dir=checkpoint_dir,
+                references=refs,
+                dry_run=dry_run,
+                progress_factory=ui.progress,
+                warn=ui.warning,
+            )
+        )
+    return out

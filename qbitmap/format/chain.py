@@ -63,6 +63,8 @@ class ChainLayer:
     virtual_size: int | None = None
     #: qcow2 cluster size in bytes (None for other formats).
     cluster_size: int | None = None
+    #: qcow2 version (2 or 3; None for other formats).
+    qcow2_version: int | None = None
 
     @property
     def filename(self) -> str:
@@ -256,6 +258,7 @@ def _walk(chain: BackingChain, top_path: Path, top: Image, max_depth: int) -> No
                 backing_format=backing_format,
                 virtual_size=size,
                 cluster_size=None if image is None else image.cluster_size,
+                qcow2_version=None if image is None else image.header.version,
             )
         )
         if next_error is not None:

@@ -103,6 +103,23 @@ def bitmap_table_entries(table: np.ndarray, cluster_size: int) -> BitmapTableEnt
     )
 
 
+def bitmap_table_sound(table: np.ndarray, cluster_size: int) -> bool:
+    """Whether every entry passes QEMU's ``check_table_entry``: one pass, for the common case.
+
+    The same rule as :func:`bitmap_table_entries` (``not classes.invalid.any()``),
+    in three array operations instead of a dozen: on a sound image every
+    table is sound, and most are a few entries long.
+    """
+    if not len(table):
+        return True
+    # Reserved bits, or offset bits below the cluster size (an unaligned offset).
+    low_offset = layout.BITMAP_TABLE_OFFSET_MASK & (cluster_size - 1)
+    if (table & _U(layout.BITMAP_TABLE_RESERVED_MASK | low_offset)).any():
+        return False
+    ones = (table & BITMAP_TABLE_ALL_ONES) != 0
+    return not (table[ones] & BITMAP_TABLE_OFFSET).any()
+
+
 def valid_data_entries(table: np.ndarray, cluster_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the table entries that pass ``check_table_entry`` and name a data cluster,
     and those data offsets."""

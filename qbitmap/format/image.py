@@ -528,10 +528,14 @@ class Image:
                 problem = "broken"
                 break
             have(pos + layout.BITMAP_DIR_ENTRY_FIXED_SIZE)
-            fixed = layout.BitmapDirectoryEntryFixed.parse(
-                bytes(data[pos : pos + layout.BITMAP_DIR_ENTRY_FIXED_SIZE])
+            fixed = dict(
+                zip(
+                    layout.BITMAP_DIR_ENTRY_FIXED.names,
+                    layout.BITMAP_DIR_ENTRY_FIXED.unpack_from(data, pos),
+                    strict=True,
+                )
             )
-            name_size, extra_size = fixed.name_size, fixed.extra_data_size
+            name_size, extra_size = fixed["name_size"], fixed["extra_data_size"]
             full = layout.dir_entry_size(name_size, extra_size)
             if pos + full > size:
                 error = ImageFormatError(
@@ -544,8 +548,9 @@ class Image:
                 problem = "broken"
                 break
             have(pos + full)
-            c = layout.BitmapDirectoryEntry.parse(bytes(data[pos : pos + full]))
-            entries.append(BitmapEntry.from_container(c, offset=entry_offset, index=len(entries)))
+            entries.append(
+                BitmapEntry.decode(data[pos : pos + full], offset=entry_offset, index=len(entries))
+            )
             pos += full
         if error is None and len(entries) != ext.nb_bitmaps:
             error = ImageFormatError(

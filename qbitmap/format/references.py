@@ -337,9 +337,9 @@ class _Walker:
 
     # -- refcount structure ----------------------------------------------------------
 
-    def refcount_structure(self) -> None:
-        """Add the refcount table and blocks; read the refcounts of the file's clusters."""
-        image, header, cs = self.image, self.image.header, self.cs
+    def refcount_table_location(self) -> bool:
+        """QEMU's rules for the refcount table's order, size and place (False: a defect)."""
+        header, cs = self.image.header, self.cs
         order = header.effective_refcount_order
         off, nclus = header.refcount_table_offset, header.refcount_table_clusters
         reason = None
@@ -365,7 +365,16 @@ class _Walker:
             where, fld = H.refcount_table_offset, "refcount_table_offset"
         if reason is not None:
             self.incomplete(DefectKind.REFCOUNT_TABLE, "location", reason, where, fld)
+            return False
+        return True
+
+    def refcount_structure(self) -> None:
+        """Add the refcount table and blocks; read the refcounts of the file's clusters."""
+        if not self.refcount_table_location():
             return
+        image, header, cs = self.image, self.image.header, self.cs
+        order = header.effective_refcount_order
+        off, nclus = header.refcount_table_offset, header.refcount_table_clusters
         self.add_range(off, nclus * cs, Kind.REFCOUNT_TABLE)
         table = ent.be64(image.read(off, nclus * cs, what="refcount table"))
         epb = cs * 8 >> order
@@ -445,11 +454,26 @@ class _Walker:
 
     # -- L1 tables ------------------------------------------------------------------
 
-    def l1_table(self, offset: int, size: int, *, active: bool, where: int, label: str) -> None:
+    def l1_too_small(self) -> None:
+        """QEMU's 'L1 table is too small': l1_size below what the disk size needs."""
+        header = self.image.header
+        needed = -(-header.size // (self.cs * self.l2_entries)) if header.size else 0
+        if header.l1_size < needed:
+            self.problem(
+                DefectKind.L1_TABLE,
+                "too-small",
+                f"l1_size is {header.l1_size}, a disk of {header.size} bytes needs at least "
+                f"{needed} entries (QEMU: 'L1 table is too small')",
+                H.l1_size,
+                "l1_size",
+            )
+
+    def l1_table_location(
+        self, offset: int, size: int, *, active: bool, where: int, label: str
+    ) -> bool:
+        """QEMU's rules for an L1 table's size and place; False (and a defect) if broken."""
         cs = self.cs
         nbytes = size * 8
-        if size == 0:
-            return
         kind = DefectKind.L1_TABLE if active else DefectKind.SNAPSHOT_TABLE
         reason = None
         if nbytes > QCOW_MAX_L1_SIZE:
@@ -464,8 +488,17 @@ class _Walker:
             reason = f"{label} would take the snapshots' L1 tables past the size of the file"
         if reason is not None:
             self.incomplete(kind, "location", reason, where, "l1_table_offset")
-            return
+            return False
         self.l1_bytes_read += nbytes
+        return True
+
+    def l1_table(self, offset: int, size: int, *, active: bool, where: int, label: str) -> None:
+        cs = self.cs
+        nbytes = size * 8
+        if size == 0:
+            return
+        if not self.l1_table_location(offset, size, active=active, where=where, label=label):
+            return
         self.add_range(offset, nbytes, Kind.L1 if active else Kind.SNAPSHOT_L1)
         l1 = ent.be64(self.image.read(offset, nbytes, what=label))
         nz = np.flatnonzero(l1)
@@ -782,7 +815,8 @@ class _Walker:
 
     # -- snapshots ----------------------------------------------------------------------
 
-    def snapshots(self) -> None:
+    def snapshots(self, *, walk_tables: bool = True) -> None:
+        """The snapshot table and each snapshot's L1 table (only located unless *walk_tables*)."""
         header = self.image.header
         count, offset = header.nb_snapshots, header.snapshots_offset
         kind = DefectKind.SNAPSHOT_TABLE
@@ -862,9 +896,11 @@ class _Walker:
             pos = full
         self.add_range(offset, pos, Kind.SNAPSHOT_TABLE)
         for n, (l1_off, l1_size, where) in enumerate(l1s):
-            self.l1_table(
-                l1_off, l1_size, active=False, where=where, label=f"the L1 table of snapshot {n}"
-            )
+            label = f"the L1 table of snapshot {n}"
+            if walk_tables:
+                self.l1_table(l1_off, l1_size, active=False, where=where, label=label)
+            elif l1_size:
+                self.l1_table_location(l1_off, l1_size, active=False, where=where, label=label)
 
     def _grow(self, offset: int, buf: bytes, need: int, limit: int) -> bytes:
         if need > limit:
@@ -997,16 +1033,7 @@ def walk(
     header = image.header
     w.add_range(0, w.cs, Kind.HEADER)
     w.refcount_structure()
-    needed = -(-header.size // (w.cs * w.l2_entries)) if header.size else 0
-    if header.l1_size < needed:
-        w.problem(
-            DefectKind.L1_TABLE,
-            "too-small",
-            f"l1_size is {header.l1_size}, a disk of {header.size} bytes needs at least {needed} "
-            "entries (QEMU: 'L1 table is too small')",
-            H.l1_size,
-            "l1_size",
-        )
+    w.l1_too_small()
     w.l1_table(
         header.l1_table_offset,
         header.l1_size,
@@ -1039,6 +1066,33 @@ def walk(
         defects=w.defects.list(),
         complete=w.complete,
     )
+
+
+def open_defects(image: Image) -> list[Defect]:
+    """The defects of *image* QEMU notices when it opens it, without walking a table.
+
+    Where the refcount table, the active L1 table (and whether it is large
+    enough), the snapshot table with each snapshot's L1 table, and the
+    encryption header are, and their sizes -- the rules ``qcow2_do_open``
+    applies -- with the same wording as :func:`walk`.  Entries of the L1, L2
+    and refcount tables, and refcounts against references, are left to
+    :func:`walk`: QEMU reads them only when the guest touches them.
+    """
+    w = _Walker(image, workers=1, scan_window=SCAN_WINDOW)
+    header = image.header
+    w.refcount_table_location()
+    w.l1_too_small()
+    if header.l1_size:
+        w.l1_table_location(
+            header.l1_table_offset,
+            header.l1_size,
+            active=True,
+            where=H.l1_table_offset,
+            label="the active L1 table",
+        )
+    w.snapshots(walk_tables=False)
+    w.crypto()
+    return w.defects.list()
 
 
 def reference_map(image: Image, *, honored_only: bool = True) -> ReferenceMap:

@@ -102,7 +102,9 @@ def _chain_views(chain: BackingChain, cache: ImageCache) -> list[LayerView]:
         image = chain.images.get(layer.index)
         report = None
         if image is not None:
-            report = cache.report(image.fd, lambda image=image: check_image(image))
+            # libvirt's verdict depends on what QEMU checks at open and on the flags: the
+            # open scope (the deep walk is 'qbitmap check', and recover runs it before writing).
+            report = cache.report(image.fd, lambda image=image: check_image(image, scope="open"))
         views.append(LayerView(layer, report, bitmaps_ignored(layer, chain)))
     return views
 

@@ -169,7 +169,6 @@ class Remedy:
     note: str  # one sentence: what it does, and its cost
     checkpoints: tuple[str, ...] = ()
     disk: str | None = None
-    available: bool = True  # False: a command a later qbitmap provides
 
     @property
     def command(self) -> str:
@@ -183,7 +182,6 @@ class Remedy:
             "command": self.command,
             "argv": list(self.argv),
             "note": self.note,
-            "available": self.available,
         }
 
 
@@ -446,6 +444,21 @@ def domain_files(config_dir: Path) -> list[Path]:
 # -- remedies -------------------------------------------------------------------------------
 
 
+def repair_argv(report: DomainReport) -> tuple[str, ...]:
+    """``qbitmap checkpoints DOMAIN --repair``, with the options that find the same files."""
+    argv = ["qbitmap", "checkpoints", report.domain, "--repair"]
+    if report.definition is not None:
+        definition = Path(report.definition)
+        if definition.name != f"{report.domain}.xml":
+            argv[2:3] = ["--domain-xml", report.definition]
+        elif definition.parent != DEFAULT_CONFIG_DIR:
+            argv += ["--config-dir", str(definition.parent)]
+    checkpoints = Path(report.checkpoint_dir).parent
+    if checkpoints != DEFAULT_CHECKPOINT_DIR and report.checkpoint_dir != "-":
+        argv += ["--checkpoint-dir", str(checkpoints)]
+    return tuple(argv)
+
+
 def remedies_for(report: DomainReport) -> list[Remedy]:
     """The command lines that remedy every problem of *report*, each once, in a sensible order."""
     domain = report.domain
@@ -457,7 +470,6 @@ def remedies_for(report: DomainReport) -> list[Remedy]:
         note: str,
         checkpoint: str | None = None,
         disk: str | None = None,
-        available: bool = True,
     ) -> None:
         key = (problem, tuple(argv))
         old = found.get(key)
@@ -465,12 +477,12 @@ def remedies_for(report: DomainReport) -> list[Remedy]:
         if old is not None:
             names = tuple(dict.fromkeys(old.checkpoints + names))
             disk = old.disk if old.disk == disk else None
-        found[key] = Remedy(problem, tuple(argv), note, names, disk, available)
+        found[key] = Remedy(problem, tuple(argv), note, names, disk)
 
-    repair = ("qbitmap", "checkpoints", domain, "--repair")
+    repair = repair_argv(report)
     repair_note = (
-        "repairs every repairable checkpoint in place so that the backup chain survives "
-        "(coming in a later qbitmap)"
+        "repairs every repairable checkpoint in place (domain shut off) so that the backup "
+        "chain survives: each repaired bitmap marks at least every change since its checkpoint"
     )
     drop_note = (
         "drops libvirt's record of the checkpoint (metadata only); the next backup of the "
@@ -481,7 +493,7 @@ def remedies_for(report: DomainReport) -> list[Remedy]:
             continue
         problems = () if v.chain is None else v.chain.problems
         if v.repairable:
-            add(v.verdict, repair, repair_note, v.checkpoint, v.disk, available=False)
+            add(v.verdict, repair, repair_note, v.checkpoint, v.disk)
         for p in problems:
             if p.kind == "in-use" and v.repairable:
                 add(
@@ -544,7 +556,7 @@ def remedies_for(report: DomainReport) -> list[Remedy]:
             disk=orphan.disk,
         )
     order = {kind: i for i, kind in enumerate((*PROBLEMS, "orphan"))}
-    return sorted(found.values(), key=lambda r: (order.get(r.problem, 99), not r.available))
+    return sorted(found.values(), key=lambda r: order.get(r.problem, 99))
 
 
 __all__ = [

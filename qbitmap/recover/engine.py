@@ -39,9 +39,18 @@ One run of :func:`recover`:
    leaks`` would free them) are freed; flush.  A crash here: recovered
    bitmaps, old clusters leaked; the next run frees them.
 
+The same run can also add bitmaps (``Options.create``: recording, every
+bit set, or every granule that differs from the reference) and re-enable
+disabled ones (``Options.enable``: every bit set and the ``auto`` flag), as
+``qbitmap checkpoints --repair`` needs for libvirt's checkpoints: they are
+more targets of the plan, staged with the recovered bitmaps, switched in by
+the same one header write, and refused by the same rules (and when QEMU
+ignores the extension, a name exists, or a bitmap breaks QEMU's limits).
+
 With ``dry_run`` the same code runs against an in-memory overlay of the
 file, opened read-only: the report's steps are exactly the writes a real
-run would make.
+run would make.  :func:`prepare` stops after step 2, with the image still
+locked: a caller preparing several images writes none unless all agree.
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +69,7 @@ import numpy as np
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
 from qbitmap.errors import NoModeError, QbitmapError, RefusedError, UsageError
-from qbitmap.format import BitmapEntry, BitmapFlag, layout, read_bits
+from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, read_bits
 from qbitmap.format.bitmap import dirty_bytes_of, geometry_of
 from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import ReferenceMap, bitmap_references, walk
@@ -131,8 +141,30 @@ class RecoverReport:
 
 
 @dataclass(frozen=True)
+class NewBitmap:
+    """A bitmap to add to the image: recording (``auto``), with every change marked.
+
+    *mode* ``full`` sets every bit; ``reference`` sets every granule whose
+    guest data differs from :attr:`Options.reference`, which must then hold
+    the guest data as of the moment the bitmap stands for (its checkpoint).
+    """
+
+    name: str
+    granularity: int  # bytes per bit: a power of two, 512 B to 2 GiB
+    mode: str = "full"  # "full" or "reference"
+
+
+@dataclass(frozen=True)
 class Options:
-    """What the user asked for."""
+    """What the user asked for.
+
+    Without *create* and *enable*, the run recovers the stale bitmaps named in
+    *names* (every stale one when *names* is empty), as ``qbitmap recover``
+    does.  With *create* or *enable*, the run does exactly what they and
+    *names* list: the bitmaps of *create* are added, those of *enable* get
+    every bit set and the ``auto`` flag (in use or not), and the in-use
+    bitmaps of *names* are recovered by *mode* -- all switched in one commit.
+    """
 
     names: Sequence[str] = ()
     mode: str = "auto"
@@ -141,6 +173,13 @@ class Options:
     drop_broken: bool = False
     dry_run: bool = False
     reclaim_leaks: bool = True
+    create: Sequence[NewBitmap] = ()
+    enable: Sequence[str] = ()
+
+    @property
+    def explicit(self) -> bool:
+        """The run does what *names*, *create* and *enable* list, and nothing else."""
+        return bool(self.create or self.enable)
 
 
 ProgressFactory = Callable[[str, int], Any]
@@ -149,6 +188,124 @@ ProgressFactory = Callable[[str, int], Any]
 def _refusing(finding: Finding) -> bool:
     """Findings that stop a writer: corruption, or a structure the check could not read."""
     return finding.severity in (Severity.CORRUPT, Severity.FAILED)
+
+
+def _validate(options: Options) -> None:
+    if options.mode not in MODES:
+        raise UsageError(f"unknown mode {options.mode!r}; choose one of {', '.join(MODES)}")
+    if options.mode == "reference" and options.reference is None:
+        raise UsageError("--mode reference needs --reference FILE")
+    creating_from_reference = any(b.mode == "reference" for b in options.create)
+    if options.reference is not None and options.mode in ("full", "level"):
+        if not creating_from_reference:
+            raise UsageError(f"--reference makes no sense with --mode {options.mode}")
+    if creating_from_reference and options.reference is None:
+        raise UsageError("a bitmap created from a reference needs a reference FILE")
+    if options.explicit and options.drop_broken:
+        raise UsageError("creating or enabling bitmaps cannot be combined with --drop-broken")
+    names = [b.name for b in options.create]
+    if len(set(names)) != len(names):
+        raise UsageError(f"bitmap {names[0]!r} is to be created twice")
+    for new in options.create:
+        _validate_new_bitmap(new)
+
+
+def _validate_new_bitmap(new: NewBitmap) -> None:
+    """QEMU's limits on a new bitmap (block/qcow2-bitmap.c check_constraints_on_bitmap)."""
+    raw = new.name.encode("utf-8", "surrogateescape")
+    if not raw or len(raw) > layout.BME_MAX_NAME_SIZE or b"\0" in raw:
+        raise UsageError(
+            f"bitmap name {new.name!r}: a name is 1 to {layout.BME_MAX_NAME_SIZE} bytes without "
+            "a NUL byte"
+        )
+    g = new.granularity
+    low, high = 1 << layout.BME_MIN_GRANULARITY_BITS, 1 << layout.BME_MAX_GRANULARITY_BITS
+    if g & (g - 1) or not low <= g <= high:
+        raise UsageError(
+            f"bitmap {new.name!r}: granularity {g} is not a power of two from {low} to {high}"
+        )
+    if new.mode not in ("full", "reference"):
+        raise UsageError(f"bitmap {new.name!r}: a new bitmap is made full or from a reference")
+
+
+class Recovery:
+    """A run decided and computed on a locked image, nothing written yet.
+
+    :meth:`apply` writes it (stage, commit, release) and returns the report;
+    leaving the :func:`prepare` block without it writes nothing.  Several
+    can be prepared at once (every image locked) and applied only when none
+    was refused.
+    """
+
+    def __init__(self, session: WriteSession, plan: _Plan, report: RecoverReport) -> None:
+        self.session = session
+        self.plan = plan
+        self.report = report
+        self.applied = False
+
+    @property
+    def path(self) -> Path:
+        return self.session.path
+
+    def has_work(self) -> bool:
+        return self.plan.has_work()
+
+    def apply(self) -> RecoverReport:
+        """Write what was planned (or, for a dry run, into the overlay); once."""
+        if self.applied:
+            raise RuntimeError("a recovery is applied once")
+        self.applied = True
+        plan, report, session = self.plan, self.report, self.session
+        if not plan.has_work():
+            report.status = "nothing-to-do"
+            return report
+        plan.apply()
+        if report.dry_run:
+            report.status = "dry-run"
+        elif plan.changes_bitmaps():
+            report.status = "recovered"
+        else:
+            report.status = "leaks-reclaimed"
+        report.steps = [step.to_dict() for step in session.journal]
+        report.writes = list(session.write_log)
+        report.clusters_allocated = sum(e.count for e in session.allocator.allocated)
+        report.clusters_freed = sum(e.count for e in session.allocator.freed)
+        return report
+
+
+@contextmanager
+def prepare(
+    path: str | os.PathLike[str],
+    options: Options,
+    *,
+    progress_factory: ProgressFactory | None = None,
+    disk_wrapper: Callable[[Disk], Disk] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Iterator[Recovery]:
+    """Lock *path*, check it, decide and compute the run; yield it unwritten.
+
+    Everything that refuses does so here, before any write, with the
+    exceptions :func:`recover` lists; the image stays locked until the block
+    ends.
+    """
+    warn = warn or (lambda _msg: None)
+    _validate(options)
+    path = Path(path)
+    if options.reference is not None:
+        from qbitmap.recover.reference import validate_reference
+
+        validate_reference(path, options.reference, reference_format=options.reference_format)
+    report = RecoverReport(filename=str(path), dry_run=options.dry_run)
+    with WriteSession.open(path, dry_run=options.dry_run, disk_wrapper=disk_wrapper) as session:
+        names = None if options.explicit else (list(options.names) or None)
+        check = check_image(session.image, names=names)
+        report.findings = [f.to_dict() for f in check.findings if f.severity > 0]
+        plan = _Plan(session, check, options, report, warn)
+        plan.decide()
+        plan.compute(progress_factory)
+        plan.find_leaks()
+        report.bitmaps = [plan.results[k] for k in sorted(plan.results)] + plan.created
+        yield Recovery(session, plan, report)
 
 
 def recover(
@@ -166,44 +323,13 @@ def recover(
         RefusedError: exit 2 (corrupt metadata), nothing written.
         NoModeError: exit 1, nothing written.
         UsageError: exit 64 (unknown bitmap name, bad option combination, a
-            reference that is the image itself), nothing written.
+            reference that is the image itself, a bitmap to create that
+            exists or breaks QEMU's constraints), nothing written.
     """
-    warn = warn or (lambda _msg: None)
-    if options.mode not in MODES:
-        raise UsageError(f"unknown mode {options.mode!r}; choose one of {', '.join(MODES)}")
-    if options.mode == "reference" and options.reference is None:
-        raise UsageError("--mode reference needs --reference FILE")
-    if options.reference is not None and options.mode in ("full", "level"):
-        raise UsageError(f"--reference makes no sense with --mode {options.mode}")
-    path = Path(path)
-    if options.reference is not None:
-        from qbitmap.recover.reference import validate_reference
-
-        validate_reference(path, options.reference, reference_format=options.reference_format)
-    report = RecoverReport(filename=str(path), dry_run=options.dry_run)
-    with WriteSession.open(path, dry_run=options.dry_run, disk_wrapper=disk_wrapper) as session:
-        check = check_image(session.image, names=list(options.names) or None)
-        report.findings = [f.to_dict() for f in check.findings if f.severity > 0]
-        plan = _Plan(session, check, options, report, warn)
-        plan.decide()
-        plan.compute(progress_factory)
-        plan.find_leaks()
-        report.bitmaps = [plan.results[k] for k in sorted(plan.results)]
-        if not plan.has_work():
-            report.status = "nothing-to-do"
-            return report
-        plan.apply()
-        if options.dry_run:
-            report.status = "dry-run"
-        elif plan.changes_bitmaps():
-            report.status = "recovered"
-        else:
-            report.status = "leaks-reclaimed"
-        report.steps = [step.to_dict() for step in session.journal]
-        report.writes = list(session.write_log)
-        report.clusters_allocated = sum(e.count for e in session.allocator.allocated)
-        report.clusters_freed = sum(e.count for e in session.allocator.freed)
-    return report
+    with prepare(
+        path, options, progress_factory=progress_factory, disk_wrapper=disk_wrapper, warn=warn
+    ) as recovery:
+        return recovery.apply()
 
 
 class _Plan:
@@ -244,6 +370,10 @@ class _Plan:
         self.rewrite_directory = False  # the directory's clusters are damaged: write a new one
         self.renames: set[int] = set()  # entries QEMU cannot store back: cut at the NUL byte
         self.leaks: list[tuple[int, int]] = []  # (cluster, decrements)
+        self.enabling: set[int] = set()  # targets that also get the auto flag
+        self.creations: list[NewBitmap] = list(options.create)
+        self.created: list[BitmapResult] = []  # one per creation, in order
+        self.created_bits: list[np.ndarray] = []
         # The consistency-level records as check judged them (assessed once, by check).
         self.assessments = {
             b.entry.name: b.levels
@@ -276,8 +406,16 @@ class _Plan:
                 "(qemu-img check -r all)"
             )
         if self.ignored:
+            if self.options.explicit:
+                raise RefusedError(
+                    f"{path}: autoclear bit 0 is clear, so QEMU ignores the bitmaps extension; "
+                    "no bitmap can be added or enabled before its bitmaps are brought back "
+                    "(qbitmap recover --mode full) or dropped (--drop-broken)"
+                )
             self._decide_ignored()
             return
+        if self.options.explicit:
+            self._decide_explicit()
         area_bad = [
             f for f in findings if _refusing(f) and f.area == "bitmaps" and f.code not in REPAIRS
         ]
@@ -303,6 +441,41 @@ class _Plan:
             _refusing(f) and f.area == "bitmaps" and f.code in REPAIRS for f in findings
         )
         self._select()
+
+    def _decide_explicit(self) -> None:
+        """Names to recover, enable and create: known, new, and room for them; before a write."""
+        path = self.image.path
+        options = self.options
+        for name in [*options.names, *options.enable]:
+            if not any(e.named(name) for e in self.entries):
+                raise UsageError(f"{path}: no bitmap named {name!r}")
+        for new in self.creations:
+            if any(e.named(new.name) for e in self.entries):
+                raise UsageError(f"{path}: a bitmap named {new.name!r} already exists")
+            geo = Geometry(self.image.virtual_size, new.granularity, self.image.cluster_size)
+            if geo.table_size > layout.BME_MAX_TABLE_SIZE or geo.nbytes > layout.BME_MAX_PHYS_SIZE:
+                raise UsageError(
+                    f"{path}: bitmap {new.name!r} with granularity {new.granularity} would take "
+                    "more space than QEMU allows: use a larger granularity"
+                )
+        if not self.creations:
+            return
+        count = len(self.entries) + len(self.creations)
+        size = sum(e.size for e in self.entries) + sum(
+            layout.dir_entry_size(len(n.name.encode("utf-8", "surrogateescape")), 0)
+            for n in self.creations
+        )
+        if count > layout.QCOW2_MAX_BITMAPS or size > layout.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+            raise RefusedError(
+                f"{path}: {count} bitmaps ({size} directory bytes) exceed QEMU's limits of "
+                f"{layout.QCOW2_MAX_BITMAPS} bitmaps and {layout.QCOW2_MAX_BITMAP_DIRECTORY_SIZE} "
+                "directory bytes"
+            )
+        if self.image.extension(layout.EXT_BITMAPS) is None:
+            # The first cluster must have room for a new extension: known before any write.
+            self.session.build_cluster0(
+                extensions={layout.EXT_BITMAPS: bitmaps_extension_bytes(count, 0, size)}
+            )
 
     def _decide_ignored(self) -> None:
         path = self.image.path
@@ -344,9 +517,12 @@ class _Plan:
             self.results[-1] = BitmapResult("*", "dropped", reason=reason)
 
     def _select(self, *, ignored: bool = False) -> None:
-        chosen = {
-            b.entry.index for b in self.check.bitmaps if b.entry is not None
-        }  # check_image applied the -b names
+        if self.options.explicit:
+            chosen = {e.index for e in self.entries if any(e.named(n) for n in self.options.names)}
+        else:
+            chosen = {
+                b.entry.index for b in self.check.bitmaps if b.entry is not None
+            }  # check_image applied the -b names
         named = bool(self.options.names)
         for entry in self.entries:
             if entry.index not in chosen:
@@ -389,6 +565,13 @@ class _Plan:
                     )
                 continue
             self.targets[entry.index] = self._mode_for(entry)
+        for name in self.options.enable:
+            for entry in self.entries:
+                if entry.named(name):
+                    # Disabled for a while: which changes it missed is unknown, so every bit.
+                    self.targets[entry.index] = "full"
+                    self.enabling.add(entry.index)
+                    self.results.pop(entry.index, None)
 
     def _mode_for(self, entry: BitmapEntry) -> str:
         mode = self.options.mode
@@ -425,17 +608,20 @@ class _Plan:
     # -- computing ---------------------------------------------------------------------
 
     def compute(self, progress_factory: ProgressFactory | None) -> None:
-        if not self.targets:
+        if not self.targets and not self.creations:
             return
         from qbitmap.recover.reference import diff_bits, reduce_bits
 
         by_index = {e.index: e for e in self.entries}
         ref_targets = [i for i, m in self.targets.items() if m == "reference"]
+        ref_granularities = [by_index[i].granularity for i in ref_targets] + [
+            n.granularity for n in self.creations if n.mode == "reference"
+        ]
         diff: np.ndarray | None = None
         fine = 0
-        if ref_targets:
+        if ref_granularities:
             assert self.options.reference is not None
-            fine = min(by_index[i].granularity for i in ref_targets)
+            fine = min(ref_granularities)
             diff, stats = diff_bits(
                 self.image.path,
                 self.options.reference,
@@ -487,13 +673,34 @@ class _Plan:
             self.new_bits[index] = bits
             self.results[index] = BitmapResult(
                 entry.display_name,
-                "recovered",
+                "enabled" if index in self.enabling else "recovered",
                 mode=mode,
                 granularity=entry.granularity,
                 dirty_bytes_before=None if on_disk is None else dirty_bytes_of(geo, on_disk),
                 dirty_bytes_after=dirty_bytes_of(geo, bits),
                 old_table_offset=entry.bitmap_table_offset,
                 consistent_level=level,
+            )
+        fine_nbits = -(-self.image.virtual_size // fine) if fine else 0
+        for new in self.creations:
+            geo = Geometry(self.image.virtual_size, new.granularity, self.image.cluster_size)
+            if new.mode == "full":
+                bits = np.full(geo.nbytes, 0xFF, dtype=np.uint8)
+            else:
+                assert diff is not None
+                bits = reduce_bits(diff, fine_nbits, new.granularity // fine, geo.nbits)
+            rem = geo.nbits % 8
+            if rem and len(bits):
+                bits[-1] &= (1 << rem) - 1
+            self.created_bits.append(bits)
+            self.created.append(
+                BitmapResult(
+                    new.name,
+                    "created",
+                    mode=new.mode,
+                    granularity=new.granularity,
+                    dirty_bytes_after=dirty_bytes_of(geo, bits),
+                )
             )
 
     def find_leaks(self) -> None:
@@ -516,7 +723,8 @@ class _Plan:
 
     def changes_bitmaps(self) -> bool:
         return bool(
-            self.targets
+            self.creations
+            or self.targets
             or self.drop
             or self.drop_everything
             or self.rewrite_directory
@@ -549,11 +757,14 @@ class _Plan:
                         geo, self.new_bits[entry.index], name=entry.display_name
                     )
                     self.results[entry.index].new_table_offset = written.table_offset
+                    flags = int(entry.flags) & ~int(BitmapFlag.IN_USE)
+                    if entry.index in self.enabling:
+                        flags |= int(BitmapFlag.AUTO)
                     entry = dataclasses.replace(
                         entry,
                         bitmap_table_offset=written.table_offset,
                         bitmap_table_size=written.table_size,
-                        flags=BitmapFlag(int(entry.flags) & ~int(BitmapFlag.IN_USE)),
+                        flags=BitmapFlag(flags),
                     )
                 elif entry.index in self.stale_kept:
                     entry = dataclasses.replace(
@@ -562,6 +773,19 @@ class _Plan:
                 if entry.index in self.renames:
                     entry = entry.renamed(entry.qemu_name)
                 new_entries.append(entry)
+        for new, bits, result in zip(self.creations, self.created_bits, self.created, strict=True):
+            geo = Geometry(self.image.virtual_size, new.granularity, self.image.cluster_size)
+            written = session.write_bitmap(geo, bits, name=new.name)
+            result.new_table_offset = written.table_offset
+            new_entries.append(
+                BitmapEntry.new(
+                    new.name.encode("utf-8", "surrogateescape"),
+                    granularity_bits=new.granularity.bit_length() - 1,
+                    bitmap_table_offset=written.table_offset,
+                    bitmap_table_size=written.table_size,
+                    flags=BitmapFlag.AUTO,
+                )
+            )
         changes: dict[int, bytes | None] = {}
         autoclear_set = 0
         autoclear_clear = 0
@@ -582,7 +806,7 @@ class _Plan:
             extensions=changes,
             autoclear_set=autoclear_set,
             autoclear_clear=autoclear_clear,
-            what=_commit_text(self.results),
+            what=_commit_text([*self.results.values(), *self.created]),
         )
 
     def _removed_references(self) -> Counter[int]:
@@ -652,6 +876,8 @@ class _Plan:
         if lev is None or lev.error is not None or lev.version != layout.LEVELS_VERSION:
             return
         gone = {e.name for e in self.entries if e.index in self.targets or e.index in self.drop}
+        # A record left under the name of a bitmap created now must not be read as its record.
+        gone |= {n.name.encode("utf-8", "surrogateescape") for n in self.creations}
         if self.drop_everything:
             gone = {r.name for r in lev.records}
         records = [r for r in lev.records if r.name not in gone]
@@ -660,12 +886,12 @@ class _Plan:
         changes[layout.EXT_LEVELS] = levels_extension_bytes(records) if records else None
 
 
-def _commit_text(results: dict[int, BitmapResult]) -> str:
-    rec = [r.name for r in results.values() if r.action == "recovered"]
-    dropped = [r.name for r in results.values() if r.action == "dropped"]
+def _commit_text(results: Sequence[BitmapResult]) -> str:
     parts = []
-    if rec:
-        parts.append("switch to the new directory: recover " + ", ".join(repr(n) for n in rec))
-    if dropped:
-        parts.append("drop " + ", ".join(repr(n) for n in dropped))
-    return "; ".join(parts) or "header"
+    # In the present tense: the text names a write, planned or made.
+    verbs = {"recovered": "recover", "enabled": "enable", "created": "create", "dropped": "drop"}
+    for action, verb in verbs.items():
+        names = [r.name for r in results if r.action == action]
+        if names:
+            parts.append(f"{verb} " + ", ".join(repr(n) for n in names))
+    return ("switch to the new directory: " + "; ".join(parts)) if parts else "header"

@@ -17,7 +17,8 @@ from qbitmap.render.check import printable
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from qbitmap.libvirt import DomainReport
+    from qbitmap.libvirt import DomainReport, Remedy
+    from qbitmap.libvirt.repair import BitmapRepair, RepairReport
 
 _VERDICT_STYLE = {
     "ok": "green",
@@ -51,7 +52,9 @@ def running_message(report: DomainReport) -> str:
     )
 
 
-def to_json(reports: Sequence[DomainReport], *, all_domains: bool) -> dict[str, Any]:
+def to_json(
+    reports: Sequence[DomainReport | RepairReport], *, all_domains: bool
+) -> dict[str, Any]:
     """The JSON object: one domain's report, or ``{"domains": [...], "exit_code"}`` for --all."""
     if not all_domains:
         (report,) = reports
@@ -62,7 +65,9 @@ def to_json(reports: Sequence[DomainReport], *, all_domains: bool) -> dict[str, 
     }
 
 
-def write_json(out: IO[str], reports: Sequence[DomainReport], *, all_domains: bool) -> None:
+def write_json(
+    out: IO[str], reports: Sequence[DomainReport | RepairReport], *, all_domains: bool
+) -> None:
     out.write(json.dumps(to_json(reports, all_domains=all_domains)) + "\n")
 
 
@@ -72,11 +77,37 @@ def _t(text: str, style: str = "") -> Any:
     return Text(printable(text), style=style)
 
 
-def domain_view(report: DomainReport) -> RenderableType:
+def remedies_view(title: str, remedies: Sequence[Remedy]) -> RenderableType:
+    """Each command line once, with every problem it remedies under it."""
+    from rich.console import Group
+    from rich.padding import Padding
+    from rich.text import Text
+
+    parts: list[RenderableType] = [Text(title, style="bold")]
+    by_command: dict[str, list[Remedy]] = {}
+    for r in remedies:
+        by_command.setdefault(r.command, []).append(r)
+    for command, group in by_command.items():
+        line = Text("  $ ")
+        line.append(printable(command), style="bold")
+        parts.append(line)
+        for r in group:
+            about = r.problem
+            if r.checkpoints:
+                about += ": " + ", ".join(printable(c) for c in r.checkpoints)
+            if r.disk:
+                about += f" on {printable(r.disk)}"
+            note = "" if r is not group[-1] else f" -- {r.note}"
+            parts.append(Padding(Text(about + note), (0, 0, 0, 6)))
+    return Group(*parts)
+
+
+def domain_view(
+    report: DomainReport, *, result: bool = True, remedies: bool = True
+) -> RenderableType:
     """One domain: its disks, checkpoints x disks, orphans, findings, remedies and result."""
     from rich import box
     from rich.console import Group
-    from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
 
@@ -163,37 +194,115 @@ def domain_view(report: DomainReport) -> RenderableType:
         parts.append(Text("Files that could not be used", style="bold"))
         for f in report.findings:
             parts.append(Text.assemble("  ", ("error: ", "bold red"), printable(f.message)))
-    if report.remedies:
-        parts.append(Text("Remedies", style="bold"))
-        for r in report.remedies:
-            line = Text("  $ ")
-            line.append(printable(r.command), style="bold" if r.available else "dim")
-            parts.append(line)
-            about = r.problem
-            if r.checkpoints:
-                about += ": " + ", ".join(printable(c) for c in r.checkpoints)
-            if r.disk:
-                about += f" on {printable(r.disk)}"
-            parts.append(
-                Padding(
-                    Text(f"{about} -- {r.note}", style="" if r.available else "dim"), (0, 0, 0, 6)
-                )
-            )
-    code = report.exit_code
-    style = "green" if code == 0 else ("yellow" if code in (4, 75) else "bold red")
-    parts.append(Text(f"Result: {RESULTS.get(code, '?')} (exit {code})", style=style))
+    if remedies and report.remedies:
+        parts.append(remedies_view("Remedies", report.remedies))
+    if result:
+        code = report.exit_code
+        style = "green" if code == 0 else ("yellow" if code in (4, 75) else "bold red")
+        parts.append(Text(f"Result: {RESULTS.get(code, '?')} (exit {code})", style=style))
     return Group(*parts)
 
 
-def human(reports: Sequence[DomainReport]) -> RenderableType:
+_DONE = {"recover": "recovered", "create": "created", "enable": "enabled"}
+_PLANNED = {"recover": "recover", "create": "create", "enable": "enable"}
+
+REPAIR_RESULTS = {
+    "repaired": "repaired",
+    "dry-run": "dry run: nothing was written",
+    "nothing-to-do": "nothing repairable",
+    "refused": "refused: nothing was written",
+    "failed": "failed part way",
+    "running": "running: nothing was written",
+}
+
+
+def _action_text(repair: BitmapRepair, *, done: bool) -> str:
+    words = (_DONE if done else _PLANNED)[repair.action]
+    detail = repair.mode
+    if repair.action == "create" and repair.granularity:
+        detail += f", granularity {repair.granularity}"
+    return f"{words} ({detail})"
+
+
+def repair_view(repair: RepairReport) -> RenderableType:
+    """One domain's repair: what was (or would be) done per bitmap, then the domain after it."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    shown = repair.shown
+    parts: list[RenderableType] = [domain_view(shown, result=False, remedies=False)]
+    done = repair.status in ("repaired", "failed")
+    if repair.repairs:
+        written = {i.filename for i in repair.images} if done else set()
+        title = "Repair (dry run: nothing was written)" if repair.dry_run else "Repair"
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("checkpoint", overflow="fold")
+        table.add_column("disk", no_wrap=True)
+        table.add_column("layer", justify="right", no_wrap=True)
+        table.add_column("image", overflow="fold")
+        table.add_column("was", no_wrap=True)
+        table.add_column("done" if done else "plan", overflow="fold")
+        for r in repair.repairs:
+            happened = r.filename in written
+            table.add_row(
+                _t(r.checkpoint),
+                _t(r.disk),
+                str(r.layer),
+                _t(r.filename),
+                _t(r.problem, _VERDICT_STYLE.get(r.problem, "")),
+                _t(
+                    _action_text(r, done=happened),
+                    "green" if happened else ("" if not done else "bold red"),
+                ),
+            )
+        parts.append(table)
+        if repair.references:
+            for disk, path in repair.references.items():
+                parts.append(_t(f"reference for {disk}: {path}"))
+        for image in repair.images:
+            parts.append(
+                _t(
+                    f"{image.filename}: {len(image.writes)} writes, "
+                    f"{image.clusters_allocated} clusters allocated, {image.clusters_freed} freed"
+                    + (" (would be)" if repair.dry_run else "")
+                )
+            )
+    if repair.message:
+        style = "cyan" if repair.status == "running" else "bold red"
+        parts.append(_t(f"Repair {repair.status}: {repair.message}", style))
+    remains = repair.remains
+    if remains:
+        title = "What remains for a person" if repair.status != "refused" else "Remedies"
+        parts.append(remedies_view(title, remains))
+    code = repair.exit_code
+    style = "green" if code == 0 else ("yellow" if code in (4, 75) else "bold red")
+    after = "after the repair: " if repair.status == "dry-run" else ""
+    parts.append(
+        Text(
+            f"Result: {REPAIR_RESULTS.get(repair.status, repair.status)}; "
+            f"{after}{RESULTS.get(code, '?')} (exit {code})",
+            style=style,
+        )
+    )
+    return Group(*parts)
+
+
+def human(reports: Sequence[DomainReport | RepairReport]) -> RenderableType:
     from rich.console import Group
     from rich.text import Text
+
+    from qbitmap.libvirt.repair import RepairReport
 
     parts: list[RenderableType] = []
     for i, report in enumerate(reports):
         if i:
             parts.append(Text(""))
-        parts.append(domain_view(report))
+        if isinstance(report, RepairReport):
+            parts.append(repair_view(report))
+        else:
+            parts.append(domain_view(report))
     if len(reports) > 1:
         code = worst_exit_code(r.exit_code for r in reports)
         parts.append(Text(f"\nOver {len(reports)} domains: exit {code}", style="bold"))

@@ -333,3 +333,22 @@ def test_lying_sizes_are_read_in_bounded_memory(
     # The honest image's run already holds every module; a lying size may add
     # at most a few MiB (the limit is far below what the lies would cost).
     assert hwm - base_hwm < 24 * 1024, (hwm, base_hwm)
+
+
+def test_a_sound_table_is_what_the_classification_calls_sound() -> None:
+    """bitmap_table_sound (the open scope's fast path) agrees with bitmap_table_entries."""
+    import random
+
+    from qbitmap.format.entries import bitmap_table_entries, bitmap_table_sound
+
+    rng = random.Random(3)
+    words = [0, 1, 1 << 9, 1 << 16, 3 << 16, (1 << 16) | 1, 2, 1 << 56, 1 << 60, (5 << 16) | 0x100]
+    for cluster_size in (512, 4096, 65536, 1 << 21):
+        for _ in range(400):
+            picks = [
+                rng.choice(words) if rng.random() < 0.9 else rng.getrandbits(64)
+                for _ in range(rng.randrange(0, 5))
+            ]
+            table = np.array(picks, dtype=np.uint64)
+            expected = not bitmap_table_entries(table, cluster_size).invalid.any()
+            assert bitmap_table_sound(table, cluster_size) == expected, (table, cluster_size)

@@ -423,6 +423,17 @@ class TestDomain:
         if "error" in out.lower() or "failed" in out.lower():
             raise LibvirtError(f"guest write failed: {out.strip()}")
 
+    def flush(self, *, disk: int = 0) -> None:
+        """Flush virtio-disk*disk*'s backend: guest data and qcow2 metadata reach the file.
+
+        A write followed by a SIGKILL without it may not survive the kill
+        (docs/libvirt-facts.md); tests that compare data after a crash flush.
+        """
+        command = f'qemu-io -d /machine/peripheral/virtio-disk{disk}/virtio-backend "flush"'
+        out = virsh("qemu-monitor-command", self.name, "--hmp", command).stdout
+        if "error" in out.lower() or "failed" in out.lower():
+            raise LibvirtError(f"flush failed: {out.strip()}")
+
     def checkpoint(self, name: str) -> None:
         virsh("checkpoint-create-as", self.name, name)
 
@@ -531,6 +542,19 @@ def qbitmap_checkpoints(domain: TestDomain) -> tuple[int, dict]:
     from qbitmap.cli import cli
 
     result = CliRunner().invoke(cli, ["checkpoints", "--json", domain.name], catch_exceptions=False)
+    return result.exit_code, json.loads(result.stdout)
+
+
+def qbitmap_repair(domain: TestDomain, *args: str) -> tuple[int, dict]:
+    """``qbitmap checkpoints --json --repair DOMAIN ARGS`` in-process: (exit status, report)."""
+    from click.testing import CliRunner
+
+    from qbitmap.cli import cli
+
+    assert domain.state() == "shut off"
+    result = CliRunner().invoke(
+        cli, ["checkpoints", "--json", "--repair", domain.name, *args], catch_exceptions=False
+    )
     return result.exit_code, json.loads(result.stdout)
 
 

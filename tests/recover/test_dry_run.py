@@ -9,7 +9,7 @@ import pytest
 import qemu
 from recover_helpers import SIZE
 
-from qbitmap.recover import Options, recover
+from qbitmap.recover import NewBitmap, Options, recover
 
 MiB = 1 << 20
 
@@ -34,6 +34,13 @@ def _ignored(tmp_path):
     return image
 
 
+def _disabled(tmp_path):
+    image = qemu.create_image(tmp_path / "d.qcow2", SIZE)
+    qemu.add_bitmap(image, "b0", disabled=True)
+    qemu.qemu_io_write(image, [(0, MiB)], pattern=0x23)
+    return image
+
+
 @pytest.mark.parametrize(
     ("make", "options"),
     [
@@ -41,8 +48,19 @@ def _ignored(tmp_path):
         (_crashed, Options(mode="full", names=("b1",))),
         (_ignored, Options(mode="full")),
         (_ignored, Options(drop_broken=True)),
+        (_crashed, Options(create=(NewBitmap("cp1", 65536), NewBitmap("cp2", 4096)))),
+        (_crashed, Options(names=("b0",), mode="full", enable=("b1",))),
+        (_disabled, Options(enable=("b0",), create=(NewBitmap("cp1", 1 << 20),))),
     ],
-    ids=["full", "one-bitmap", "ignored-brought-back", "ignored-dropped"],
+    ids=[
+        "full",
+        "one-bitmap",
+        "ignored-brought-back",
+        "ignored-dropped",
+        "created",
+        "recovered-and-enabled",
+        "enabled-and-created",
+    ],
 )
 def test_dry_run_writes_are_the_real_writes(tmp_path, make, options):
     image = make(tmp_path)

@@ -12,83 +12,21 @@ recover again finishes the job.
 
 from __future__ import annotations
 
-import random
-import shutil
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import qemu
-from crashdisk import CrashingDisk, SimulatedCrash
 from recover_helpers import SIZE
+from recover_helpers import clean as _clean
+from recover_helpers import crash_sweep as _sweep
+from recover_helpers import no_corruption as _no_corruption
 
 from qbitmap.check import check_path
 from qbitmap.recover import Options, recover
 from qbitmap.track import Tracker
 
 MiB = 1 << 20
-
-
-def _count_ops(image: Path, options: Options, tmp: Path) -> int:
-    probe = tmp / "probe.qcow2"
-    shutil.copyfile(image, probe)
-    disks: list[CrashingDisk] = []
-
-    def wrap(d):
-        disks.append(CrashingDisk(d, None))
-        return disks[-1]
-
-    recover(probe, options, disk_wrapper=wrap)
-    return disks[0].ops
-
-
-def _sweep(
-    template: Path,
-    options: Options,
-    tmp: Path,
-    *,
-    expected_data: Path,
-    after_crash: Callable[[Path], None],
-    at_the_end: Callable[[Path], None],
-    commits: bool = True,
-) -> int:
-    """Crash at every operation of recover on copies of *template*; returns the count.
-
-    With *commits*, the crashes must land on both sides of the commit: the
-    first cluster (header and extensions) as it was, and as recover wrote it.
-    """
-    total = _count_ops(template, options, tmp)
-    assert total >= 3
-    old_header = template.read_bytes()[:65536]
-    sides = set()
-    for crash_at in range(total):
-        image = tmp / "crashed.qcow2"
-        shutil.copyfile(template, image)
-        power = bool(crash_at % 2)
-
-        def wrap(d, n=crash_at, power=power):
-            return CrashingDisk(d, n, lose_unflushed=power, rng=random.Random(n))
-
-        with pytest.raises(SimulatedCrash):
-            recover(image, options, disk_wrapper=wrap)
-        sides.add(image.read_bytes()[:65536] == old_header)
-        after_crash(image)
-        recover(image, options)  # the rerun finishes the job
-        at_the_end(image)
-        assert qemu.images_identical(expected_data, image), crash_at
-    assert sides == ({True, False} if commits else {True}), "crashes and the commit disagree"
-    return total
-
-
-def _no_corruption(image: Path) -> None:
-    rc, report = qemu.img_check(image)
-    assert report.get("corruptions", 0) == 0 and rc in (0, 3), report
-
-
-def _clean(image: Path) -> None:
-    rc, report = qemu.img_check(image)
-    assert rc == 0, report
 
 
 @pytest.fixture
