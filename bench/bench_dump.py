@@ -11,7 +11,7 @@ default 7).  Target: ratio (qbitmap / pipeline) <= 1.0.
 
 Memory: peak RSS of the qbitmap process (GNU time), split into the bare
 interpreter (``python -c pass``), the imports (the same interpreter after
-importing click, construct, numpy and qbitmap's dump modules) and the
+importing click, numpy and qbitmap's dump modules) and the
 working set above that, which is held against a budget of 4x the bitmap
 data plus the JSON output.  Both outputs are checked to describe the same
 dirty ranges before anything is timed.
@@ -126,7 +126,7 @@ def main() -> int:
     print(
         f"memory: peak {maxrss / 1024:.1f} MiB"
         f" = bare interpreter {interpreter.maxrss_kib / 1024:.1f}"
-        f" + imports (click, construct, numpy, qbitmap) {imports_kib / 1024:.1f}"
+        f" + imports (click, numpy, qbitmap) {imports_kib / 1024:.1f}"
         f" + working set {working_above_imports_kib / 1024:.1f} MiB"
     )
     print(

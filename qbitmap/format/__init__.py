@@ -1,4 +1,4 @@
-"""The qcow2 format layer: construct schemas, typed model, bounded readers.
+"""The qcow2 format layer: schemas, typed model, bounded readers.
 
 Nothing here prints, exits or imports click/rich.  Higher layers
 (``check``, ``recover``, ``track``, the CLI) import from this package.

@@ -19,10 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import numpy as np
-from construct import Construct, ConstructError
 
 from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError
 from qbitmap.format import layout
@@ -38,6 +36,7 @@ from qbitmap.format.model import (
     HeaderArea,
     LevelRecord,
 )
+from qbitmap.format.schema import LayoutError, Parsed, Schema
 
 # The bitmap directory is read in windows of this size, as far as its entries reach.
 DIRECTORY_READ_WINDOW = 64 * 1024
@@ -55,20 +54,14 @@ def _size_of(fd: int) -> int:
     return info.st_size
 
 
-def parse_bytes(schema: Construct, data: bytes, *, offset: int, what: str) -> Any:
+def parse_bytes(schema: Schema, data: bytes, *, offset: int, what: str) -> Parsed:
     """Parse *data* (read from file *offset*) with *schema*, as a qbitmap error on failure."""
     try:
         return schema.parse(data)
-    except ConstructError as exc:
-        path = (getattr(exc, "path", None) or "").replace("(parsing) -> ", "").strip() or None
-        reason = str(exc).splitlines()[-1].strip()
-        if (
-            "stream read less than specified amount" in reason
-            or "expected" in reason
-            and "found" in reason
-        ):
-            reason = f"{what} is truncated"
-        raise ImageFormatError(f"cannot parse {what}: {reason}", offset=offset, field=path) from exc
+    except LayoutError as exc:
+        raise ImageFormatError(
+            f"cannot parse {what}: {exc}", offset=offset + exc.offset, field=exc.field
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,13 +521,7 @@ class Image:
                 problem = "broken"
                 break
             have(pos + layout.BITMAP_DIR_ENTRY_FIXED_SIZE)
-            fixed = dict(
-                zip(
-                    layout.BITMAP_DIR_ENTRY_FIXED.names,
-                    layout.BITMAP_DIR_ENTRY_FIXED.unpack_from(data, pos),
-                    strict=True,
-                )
-            )
+            fixed = layout.BitmapDirectoryEntryFixed.parse(data, pos)
             name_size, extra_size = fixed["name_size"], fixed["extra_data_size"]
             full = layout.dir_entry_size(name_size, extra_size)
             if pos + full > size:

@@ -1,8 +1,7 @@
 """Typed views of the parsed structures, each with the file offset it lives at.
 
-The construct schemas in ``layout.py`` and these dataclasses use the same
-field names (the qcow2 spec's), so ``from_container``/``to_container`` are
-mechanical.  Flag words become ``enum.IntFlag`` values, which keep unknown
+The schemas in ``layout.py`` and these dataclasses use the same field names
+(the qcow2 spec's), so ``from_container``/``to_container`` are mechanical.  Flag words become ``enum.IntFlag`` values, which keep unknown
 bits on Python >= 3.11 (``boundary=KEEP``).  Raw bytes (names, extra data,
 padding) are kept for anything that may be written back.
 """
@@ -13,11 +12,12 @@ import dataclasses
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from qbitmap.format import layout
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class IncompatibleFeature(enum.IntFlag):
@@ -69,7 +69,7 @@ EXTENSION_NAMES: dict[int, str] = {
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
 #: The header's fields in file order: the schema's (layout.Header) names.
-HEADER_FIELDS: tuple[str, ...] = tuple(sub.name for sub in layout.Header.subcons)
+HEADER_FIELDS: tuple[str, ...] = layout.Header.names
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,35 +247,12 @@ class BitmapEntry:
         )
 
     @classmethod
-    def decode(cls, raw: bytes | bytearray, *, offset: int, index: int) -> BitmapEntry:
-        """The entry whose bytes, padding included, are *raw* (a whole entry, nothing more).
-
-        What ``from_container(layout.BitmapDirectoryEntry.parse(raw))`` gives
-        (tests/format pin it), without construct's cost per field: the fixed
-        part by :data:`layout.BITMAP_DIR_ENTRY_FIXED`, then extra data, name
-        and padding as the schema lays them out.
-        """
-        fixed = layout.BITMAP_DIR_ENTRY_FIXED
-        table_offset, table_size, flags, type_, gbits, name_size, extra_size = fixed.unpack_from(
-            raw
-        )
-        start = fixed.size
-        name_at = start + extra_size
-        end = name_at + name_size
-        if len(raw) != layout.dir_entry_size(name_size, extra_size):
+    def decode(cls, raw: bytes | bytearray | memoryview, *, offset: int, index: int) -> BitmapEntry:
+        """The entry whose bytes, padding included, are *raw* (a whole entry, nothing more)."""
+        c = layout.BitmapDirectoryEntry.parse(raw)
+        if len(raw) != layout.dir_entry_size(c.name_size, c.extra_data_size):
             raise ValueError(f"a directory entry of {len(raw)} bytes, its fields say otherwise")
-        return cls(
-            offset=offset,
-            index=index,
-            bitmap_table_offset=table_offset,
-            bitmap_table_size=table_size,
-            flags=BitmapFlag(flags),
-            type=type_,
-            granularity_bits=gbits,
-            extra_data=bytes(raw[start:name_at]),
-            name=bytes(raw[name_at:end]),
-            padding=bytes(raw[end:]),
-        )
+        return cls.from_container(c, offset=offset, index=index)
 
     @classmethod
     def new(

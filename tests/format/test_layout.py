@@ -49,4 +49,4 @@ def test_field_bytes_build_from_the_schema():
 
 def test_the_header_model_names_the_schemas_fields():
     assert tuple(f.name for f in dataclasses.fields(Header)) == HEADER_FIELDS
-    assert HEADER_FIELDS == tuple(sub.name for sub in layout.Header.subcons)
+    assert HEADER_FIELDS == layout.Header.names
