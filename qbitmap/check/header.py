@@ -14,6 +14,7 @@ from qbitmap import lockbytes
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
 from qbitmap.format import AutoclearFeature, BitmapsExtension, IncompatibleFeature, layout
+from qbitmap.format.model import COMPRESSION_TYPES
 
 KNOWN_INCOMPATIBLE = 0x1F
 H = layout.HEADER_FIELD
@@ -118,9 +119,10 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
     if header.version >= 3:
         incompat = header.incompatible_features or 0
         ctype = header.compression_type or 0
-        if ctype > 1:
+        if ctype not in COMPRESSION_TYPES:
+            known = " and ".join(f"{code} ({name})" for code, name in COMPRESSION_TYPES.items())
             yield _bad(
-                f"compression_type is {ctype}, QEMU knows 0 (zlib) and 1 (zstd)",
+                f"compression_type is {ctype}, QEMU knows {known}",
                 "compression_type",
             )
         elif bool(ctype) != bool(incompat & IncompatibleFeature.COMPRESSION_TYPE):

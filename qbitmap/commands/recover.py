@@ -8,9 +8,8 @@ from pathlib import Path
 import click
 
 from qbitmap.commands import QbitmapCommand, require_image_file
+from qbitmap.recover.modes import MODES
 from qbitmap.ui import Ui, allow_fast_exit
-
-MODE_CHOICES = ("auto", "full", "reference", "level")
 
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +24,7 @@ MODE_CHOICES = ("auto", "full", "reference", "level")
 )
 @click.option(
     "--mode",
-    type=click.Choice(MODE_CHOICES),
+    type=click.Choice(MODES),
     default="auto",
     show_default=True,
     help="full: every bit set; reference: on-disk bits plus every granule that differs from "

@@ -11,17 +11,21 @@ image without writing, so that several images can be refused together.
 
 from __future__ import annotations
 
-from qbitmap.recover.engine import (
-    MODES,
-    BitmapResult,
-    NewBitmap,
-    NoModeError,
-    Options,
-    RecoverReport,
-    Recovery,
-    prepare,
-    recover,
-)
+from typing import TYPE_CHECKING, Any
+
+from qbitmap.recover.modes import MODES
+
+if TYPE_CHECKING:
+    from qbitmap.recover.engine import (
+        BitmapResult,
+        NewBitmap,
+        NoModeError,
+        Options,
+        RecoverReport,
+        Recovery,
+        prepare,
+        recover,
+    )
 
 __all__ = [
     "MODES",
@@ -34,3 +38,13 @@ __all__ = [
     "prepare",
     "recover",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The engine (numpy, the whole format layer) loads on first use, so that
+    # the command line can read MODES at start-up without it.
+    if name in __all__:
+        from qbitmap.recover import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

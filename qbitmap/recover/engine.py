@@ -73,6 +73,7 @@ from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, read_bits
 from qbitmap.format.bitmap import dirty_bytes_of, geometry_of
 from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import ReferenceMap, bitmap_references, walk
+from qbitmap.recover.modes import MODES
 from qbitmap.store import (
     Disk,
     Extent,
@@ -80,8 +81,6 @@ from qbitmap.store import (
     bitmaps_extension_bytes,
     levels_extension_bytes,
 )
-
-MODES = ("auto", "full", "reference", "level")
 
 
 @dataclass

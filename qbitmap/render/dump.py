@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from qbitmap.format.model import COMPRESSION_TYPES
 from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def header_table(info: dict[str, Any]) -> Table:
         table.add_row("header length", str(header["header_length"]))
         table.add_row("refcount bits", str(1 << min(header["refcount_order"], 64)))
         code = header["compression_type"] or 0
-        table.add_row("compression", {0: "zlib", 1: "zstd"}.get(code, f"unknown ({code})"))
+        table.add_row("compression", COMPRESSION_TYPES.get(code, f"unknown ({code})"))
         for kind in ("incompatible", "compatible", "autoclear"):
             words = info["features"].get(kind, [])
             raw = header[f"{kind}_features"]

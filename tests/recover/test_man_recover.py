@@ -8,7 +8,7 @@ from pathlib import Path
 
 import qemu
 from manpage import plain, section
-from qbitmap.commands.recover import MODE_CHOICES
+from qbitmap.recover.modes import MODES
 from qbitmap.commands.recover import recover as recover_command
 from qbitmap.recover import RecoverReport
 from qbitmap.recover.engine import BitmapResult
@@ -41,7 +41,7 @@ def test_every_option_is_documented():
 
 def test_every_mode_is_documented():
     modes = section(plain(PAGE.read_text()), "MODES")
-    for mode in MODE_CHOICES:
+    for mode in MODES:
         assert re.search(rf"^\.B {mode}$", modes, re.MULTILINE), mode
 
 
