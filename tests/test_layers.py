@@ -14,7 +14,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "qbitmap"
 
 # Who may import whom, by top-level part of the package.  A part may always import
 # itself and the base modules (errors, units, parallel, lockbytes).
-BASE = {"errors", "units", "parallel", "lockbytes", "interrupt", "__init__"}
+# imagefile: what may be opened as an image, known before opening; the commands and the
+# Python API refuse the same files with it (standard library only).
+BASE = {"errors", "units", "parallel", "lockbytes", "interrupt", "imagefile", "__init__"}
 ALLOWED = {
     "format": set(),
     "levels": {"format"},
