@@ -53,6 +53,9 @@ def main(argv: list[str]) -> int:
     except qbitmap.QbitmapError as exc:
         print(f"incremental-backup: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the backup file
+        print(f"incremental-backup: {exc}", file=sys.stderr)
+        return 1
     print(f"copied {copied} bytes of {bitmap!r} from {disk} to {target}")
     return 0
 

@@ -201,6 +201,7 @@ def test_wrong_arguments(tmp_path: Path) -> None:
         ((disk, "nope", backup), 64, "no bitmap named 'nope'"),
         ((disk, "inc", short), 64, "not a raw copy"),
         ((tmp_path / "missing.qcow2", "inc", backup), 1, "cannot open"),
+        ((disk, "inc", tmp_path / "missing.raw"), 1, "No such file"),
         ((disk, "inc"), 64, "usage:"),
     ]:
         result = run_example(*args)
