@@ -1,4 +1,5 @@
-"""Every example of docs/api.md runs, in order, and prints what the page shows.
+"""Every example of docs/api.md runs, in order, and prints what the page shows; so does the
+README's example of the API.
 
 The page's ``sh`` blocks prepare the images with QEMU's own tools; each
 ``python`` block runs in a fresh interpreter in the same directory; a
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import qemu
 
-API_DOC = Path(__file__).resolve().parents[2] / "docs" / "api.md"
+ROOT = Path(__file__).resolve().parents[2]
+API_DOC = ROOT / "docs" / "api.md"
+README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.MULTILINE | re.DOTALL)
 
 
@@ -79,3 +82,17 @@ def test_every_example_runs_and_prints_what_the_page_shows(tmp_path: Path):
         )
         assert proc.returncode == 0, f"{where}:\n{proc.stderr}"
         assert proc.stdout == example.output, f"{where} printed:\n{proc.stdout}"
+    # The README's example of the API runs in the same directory.
+    readme = README.read_text()
+    section = readme[readme.index("## Python API\n") :]
+    section = section[: section.index("\n## ")]
+    (example,) = [e for e in examples(section) if e.kind == "python"]
+    proc = subprocess.run(
+        [sys.executable, "-c", example.code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0 and proc.stdout == "", f"README.md: {proc.stderr}"
