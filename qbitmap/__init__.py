@@ -20,8 +20,8 @@ from ``qbitmap.api``.
 
 from __future__ import annotations
 
-import sys
-import types
+import sys as _sys
+import types as _types
 
 # Not typing's: the console entry point imports this package before its SIGINT handler is
 # in place, and typing would lengthen that window.  Type checkers know the name.
@@ -125,7 +125,7 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-class _Package(types.ModuleType):
+class _Package(_types.ModuleType):
     """The module type of ``qbitmap``: ``check`` and ``recover`` stay the API functions.
 
     ``qbitmap/check/`` and ``qbitmap/recover/`` are subpackages too, and
@@ -135,9 +135,9 @@ class _Package(types.ModuleType):
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in __all__ and isinstance(value, types.ModuleType):
+        if name in __all__ and isinstance(value, _types.ModuleType):
             return
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+_sys.modules[__name__].__class__ = _Package

@@ -138,3 +138,13 @@ def test_usage_errors_and_a_host_without_libvirt(host: Host, tmp_path: Path) -> 
         cli, ["checkpoints", "--config-dir", str(tmp_path / "nowhere"), "vm"]
     )
     assert result.exit_code == 1
+
+
+def test_the_default_directories_are_libvirts() -> None:
+    import inspect
+
+    from qbitmap.libvirt import DEFAULT_CHECKPOINT_DIR, DEFAULT_CONFIG_DIR
+
+    defaults = inspect.signature(qbitmap.checkpoints).parameters
+    assert Path(defaults["config_dir"].default) == DEFAULT_CONFIG_DIR
+    assert Path(defaults["checkpoint_dir"].default) == DEFAULT_CHECKPOINT_DIR
