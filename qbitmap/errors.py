@@ -78,6 +78,19 @@ class UsageError(QbitmapError):
     exit_code = ExitCode.USAGE
 
 
+class StaleBitmapError(QbitmapError):
+    """A bitmap whose on-disk contents are stale was asked for as if they were current.
+
+    Its writer did not close it (in use after a crash), or QEMU ignores every
+    bitmap of the image (autoclear bit 0 clear): the ranges on disk miss the
+    writes made since, so a backup built from them would be incomplete.
+    ``qbitmap recover`` brings such a bitmap back into service (exit 4, as
+    ``check`` reports it).
+    """
+
+    exit_code = ExitCode.IN_USE
+
+
 class NoModeError(QbitmapError):
     """recover: no recovery mode applies to a bitmap (exit 1); the user must choose one."""
 

@@ -8,13 +8,16 @@ level, inside a function (a lazy import is still a dependency) or under
 from __future__ import annotations
 
 import ast
+from collections.abc import Collection
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qbitmap"
 
 # Who may import whom, by top-level part of the package.  A part may always import
 # itself and the base modules (errors, units, parallel, lockbytes).
-BASE = {"errors", "units", "parallel", "lockbytes", "interrupt", "__init__"}
+# imagefile: what may be opened as an image, known before opening; the commands and the
+# Python API refuse the same files with it (standard library only).
+BASE = {"errors", "units", "parallel", "lockbytes", "interrupt", "imagefile", "__init__"}
 ALLOWED = {
     "format": set(),
     "levels": {"format"},
@@ -32,6 +35,13 @@ ALLOWED = {
         "inspect_chain", "render", "ui",
     },
     "cli": {"commands", "ui", "render"},
+    # The Python API, beside the CLI: a facade over the layers the commands call.  From
+    # render only the JSON documents (render.check, render.recover), which load no rich
+    # (tests/api/test_surface.py proves it), so that a report is the one --json prints.
+    "api": {"format", "levels", "check", "recover", "libvirt", "inspect", "render"},
+    # qbitmap/__init__.py names the API's types for type checkers; at run time it loads
+    # qbitmap.api only when one of its names is first used.
+    "__init__": {"api"},
     "entry": {"cli"},
     "__main__": {"entry"},
 }  # fmt: skip
@@ -48,7 +58,7 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(path: Path, name: str) -> set[str]:
+def _imports(path: Path, name: str, modules: Collection[str] = ()) -> set[str]:
     tree = ast.parse(path.read_text())
     found = set()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -60,8 +70,12 @@ def _imports(path: Path, name: str) -> set[str]:
             if node.level:
                 parts = package.split(".")
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            names = {f"{base}.{alias.name}" for alias in node.names}
+            found.update(names)
+            # ``from qbitmap import levels`` depends on the module qbitmap.levels, not on
+            # what qbitmap/__init__.py imports; a name that is no module is the package's own.
+            if not all(n in modules for n in names):
+                found.add(base)
     return found
 
 
@@ -73,7 +87,7 @@ def _part(module: str) -> str:
 def _graph() -> dict[str, set[str]]:
     modules = _modules()
     return {
-        name: {m for m in _imports(path, name) if m in modules and m != name}
+        name: {m for m in _imports(path, name, modules) if m in modules and m != name}
         for name, path in modules.items()
     }
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-TESTS = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
 
 FIXTURES = TESTS / "fixtures" / "libvirt"
 DOMAIN_TEMPLATE = (FIXTURES / "vm1.xml").read_text()
