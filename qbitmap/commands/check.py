@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from qbitmap.commands import QbitmapCommand, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
+if TYPE_CHECKING:
+    from qbitmap.check import CheckReport
+    from qbitmap.commands._many import Outcome
+
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(path_type=Path, readable=False))
+@click.argument(
+    "images",
+    nargs=-1,
+    required=True,
+    metavar="IMAGE...",
+    type=click.Path(path_type=Path, readable=False),
+)
 @click.option(
     "-b",
     "--bitmap",
@@ -21,7 +33,7 @@ from qbitmap.ui import Ui, allow_fast_exit
     metavar="NAME",
     help="Report only this bitmap (repeatable); image-wide findings are always reported.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
 @click.option(
     "--backing-chain",
     is_flag=True,
@@ -30,15 +42,21 @@ from qbitmap.ui import Ui, allow_fast_exit
 )
 @click.pass_context
 def check(
-    ctx: click.Context, image: Path, names: tuple[str, ...], as_json: bool, backing_chain: bool
+    ctx: click.Context,
+    images: tuple[Path, ...],
+    names: tuple[str, ...],
+    as_json: bool,
+    backing_chain: bool,
 ) -> None:
-    """Validate the persistent bitmaps of IMAGE the way QEMU loads them, and more.
+    """Validate the persistent bitmaps of each IMAGE the way QEMU loads them, and more.
 
     Reads only and takes no lock.  Every rule QEMU applies when it loads
     bitmaps is checked, plus what QEMU does not check: bitmap clusters inside
     the file, aligned, allocated and shared with nothing else, unique names,
     clean bits past the disk's end.  A bitmap left in use by a writer that
     stopped uncleanly is reported with what 'qbitmap recover' can do for it.
+    Several images are checked in turn; one that cannot be read never stops
+    the others.
 
     \b
     Examples:
@@ -46,35 +64,60 @@ def check(
       qbitmap check --json -b daily disk.qcow2 | jq .bitmaps
       qbitmap check disk.qcow2 || echo "exit $?: do a full backup"
       qbitmap check --backing-chain overlay.qcow2
+      qbitmap check --json /var/lib/libvirt/images/*.qcow2 | jq -c '{filename, exit_code}'
 
     Exit status: 0 every bitmap consistent, 1 could not check, 2 corruption
     anywhere in the image (or QEMU would refuse it), 3 leaked clusters only,
     4 stale bitmaps with sound metadata that recover can bring back, 75 a
     running writer holds the image (its bitmaps live in its memory); the
-    first of 1, 75, 2, 4, 3 wins; 64 usage, 130 interrupted.  With --json
-    there is one JSON object for every status.
+    first of 1, 75, 2, 4, 3 wins, over every image; 64 usage, 130
+    interrupted.  With --json there is one JSON object per image for every
+    status.
     """
-    from qbitmap.check import CheckReport, Finding, check_path
-    from qbitmap.errors import ImageIOError
-
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
     if backing_chain:
         from qbitmap.commands._chain import check_chain
 
-        code = check_chain(ui, image, names, as_json)
-        allow_fast_exit()
-        ctx.exit(code)
+        if len(images) == 1:
+            code = check_chain(ui, images[0], names, as_json)
+        else:
+            code = _several(
+                ui, images, lambda image: check_chain(ui, image, names, as_json), as_json
+            )
+    elif len(images) == 1:
+        report = _check_one(images[0], names)
+        _show(ui, report, as_json)
+        code = report.exit_code
+    else:
+
+        def one(image: Path) -> int:
+            report = _check_one(image, names)
+            _show(ui, report, as_json)
+            return report.exit_code
+
+        code = _several(ui, images, one, as_json)
+    # The images are closed and the reports written: skip the interpreter's teardown.
+    allow_fast_exit()
+    ctx.exit(code)
+
+
+def _check_one(image: Path, names: tuple[str, ...]) -> CheckReport:
+    from qbitmap.check import CheckReport, Finding, check_path
+    from qbitmap.errors import ImageIOError
+
     try:
         require_image_file(image)
     except ImageIOError as exc:
         # Not an image file at all: reported like any file check cannot read.
-        report = CheckReport(str(image), [Finding("image-unreadable", str(exc))])
-    else:
-        report = check_path(image, names=list(names) or None)
+        return CheckReport(str(image), [Finding("image-unreadable", str(exc))])
+    return check_path(image, names=list(names) or None)
+
+
+def _show(ui: Ui, report: CheckReport, as_json: bool) -> None:
     if report.exit_code == 1:
         from qbitmap.render.check import error_line
 
-        ui.error(error_line(report) or f"{image}: could not check the image")
+        ui.error(error_line(report) or f"{report.filename}: could not check the image")
     if as_json:
         from qbitmap.render.check import write_json
 
@@ -83,6 +126,42 @@ def check(
         from qbitmap.render.check import human
 
         ui.print(human(report))
-    # The image is closed and the report written: skip the interpreter's teardown.
-    allow_fast_exit()
-    ctx.exit(report.exit_code)
+
+
+def _several(
+    ui: Ui, images: tuple[Path, ...], one: Callable[[Path], int], as_json: bool
+) -> int:
+    """Each image's report in turn (JSON Lines with --json), a warning per image not sound."""
+    from qbitmap.commands._many import for_each_image, worst
+    from qbitmap.render.check import verdict, write_failure_json
+
+    def failed(outcome: Outcome) -> None:
+        if as_json:
+            write_failure_json(
+                sys.stdout, str(outcome.image), outcome.exit_code, outcome.error or ""
+            )
+        else:
+            from qbitmap.render.check import failure_human
+
+            ui.print(failure_human(str(outcome.image), outcome.exit_code))
+
+    first = True
+
+    def each(image: Path) -> int:
+        nonlocal first
+        if not as_json and not first:
+            ui.write("\n")
+        first = False
+        code = one(image)
+        if code not in (0, 1):
+            ui.warning(f"{image}: {verdict(code)} (exit {code})")
+        return int(code)
+
+    outcomes = for_each_image(ui, images, each, failed=failed)
+    if not as_json:
+        from qbitmap.render.check import several_human
+
+        ui.write("\n")
+        ui.print(several_human([(str(o.image), o.exit_code) for o in outcomes]))
+    return worst(outcomes)
+

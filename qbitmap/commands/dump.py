@@ -12,7 +12,13 @@ from qbitmap.ui import Ui, allow_fast_exit
 
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(path_type=Path, readable=False))
+@click.argument(
+    "images",
+    nargs=-1,
+    required=True,
+    metavar="IMAGE...",
+    type=click.Path(path_type=Path, readable=False),
+)
 @click.option(
     "-b",
     "--bitmap",
@@ -22,7 +28,7 @@ from qbitmap.ui import Ui, allow_fast_exit
     help="Show only this bitmap (repeatable).",
 )
 @click.option("--extents", is_flag=True, help="Also list the dirty byte ranges of each bitmap.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
 @click.option(
     "--lines",
     is_flag=True,
@@ -38,18 +44,20 @@ from qbitmap.ui import Ui, allow_fast_exit
 @click.pass_obj
 def dump(
     ui: Ui,
-    image: Path,
+    images: tuple[Path, ...],
     names: tuple[str, ...],
     extents: bool,
     as_json: bool,
     lines: bool,
     backing_chain: bool,
 ) -> None:
-    """Show the header, extensions and bitmaps of IMAGE, down to dirty ranges.
+    """Show the header, extensions and bitmaps of each IMAGE, down to dirty ranges.
 
     Reads only and takes no lock, so it works on an image a running QEMU
     holds (what it shows may then be changing).  A bitmap flagged in-use is
     shown with its on-disk contents and a warning that they are stale.
+    Several images are shown in turn; one that cannot be read never stops
+    the others.
 
     \b
     Examples:
@@ -57,18 +65,54 @@ def dump(
       qbitmap dump --json --extents -b daily disk.qcow2 | jq .bitmaps[0].extents
       qbitmap dump --lines -b daily disk.qcow2 | while read start length; do ...; done
       qbitmap dump --backing-chain --extents -b cp1 overlay.qcow2
+      qbitmap dump --json /var/lib/libvirt/images/*.qcow2 | jq -c '{filename, n: (.bitmaps|length)}'
 
-    Exit status: 0 success, 1 the image could not be read, 64 usage error,
-    130 interrupted.
+    Exit status: 0 success, 1 an image could not be read (the others are
+    still shown), 64 usage error, 130 interrupted.
     """
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
-    if backing_chain:
-        from qbitmap.commands._chain import dump_chain
+    if lines and len(images) > 1:
+        raise click.UsageError(
+            "--lines prints ranges without file names: give one IMAGE (or use --json)"
+        )
 
-        code = dump_chain(ui, image, names, extents, as_json, lines)
-        allow_fast_exit()
-        click.get_current_context().exit(code)
+    def one(image: Path) -> int:
+        if backing_chain:
+            from qbitmap.commands._chain import dump_chain
+
+            return dump_chain(ui, image, names, extents, as_json, lines)
+        _dump_one(ui, image, names, extents, as_json, lines, len(images) > 1)
+        return 0
+
+    if len(images) == 1:
+        code = one(images[0])
+    else:
+        from qbitmap.commands._many import for_each_image, worst
+
+        first = True
+
+        def each(image: Path) -> int:
+            nonlocal first
+            if not first and not as_json:
+                ui.write("\n")
+            first = False
+            return one(image)
+
+        code = worst(for_each_image(ui, images, each))
+    allow_fast_exit()
+    click.get_current_context().exit(code)
+
+
+def _dump_one(
+    ui: Ui,
+    image: Path,
+    names: tuple[str, ...],
+    extents: bool,
+    as_json: bool,
+    lines: bool,
+    several: bool,
+) -> None:
     from qbitmap.format import Image
     from qbitmap.inspect import dump_report
 
@@ -90,7 +134,8 @@ def dump(
             writer_running=writer_running,
         )
         for warning in report.warnings:
-            ui.warning(warning)
+            # Among several images, a warning says which one it is about.
+            ui.warning(f"{image}: {warning}" if several else warning)
         # The extents stream from the open image while they are written.
         if as_json:
             from qbitmap.render.dump import write_json
@@ -108,4 +153,3 @@ def dump(
             from qbitmap.render.dump import write_human
 
             write_human(ui, report)
-    allow_fast_exit()
