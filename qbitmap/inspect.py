@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from qbitmap.errors import UsageError
+from qbitmap.errors import QbitmapError, UsageError
 from qbitmap.format import (
     AutoclearFeature,
     BitmapEntry,
@@ -202,6 +202,21 @@ def select_bitmaps(
     if missing:
         raise UsageError(f"{filename}: no bitmap named {missing[0]!r}")
     return chosen
+
+def measure_dirty_bytes(image: Image, entries: Sequence[BitmapEntry]) -> dict[int, int]:
+    """Guest bytes each bitmap marks dirty on disk, by directory index.
+
+    A bitmap whose data cannot be read (a damaged table or data cluster) is
+    left out rather than stopping the others.
+    """
+    out: dict[int, int] = {}
+    for entry in entries:
+        try:
+            out[entry.index] = dirty_bytes(geometry_of(image, entry), iter_chunks(image, entry))
+        except QbitmapError:
+            continue
+    return out
+
 
 def dump_report(
     image: Image,

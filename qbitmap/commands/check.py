@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from qbitmap.ui import Ui, allow_fast_exit
 if TYPE_CHECKING:
     from qbitmap.check import CheckReport
     from qbitmap.commands._many import Outcome
+    from qbitmap.render.prometheus import CheckedImage
 
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,6 +37,12 @@ if TYPE_CHECKING:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
 @click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print metrics per image and bitmap in the Prometheus text format (node_exporter's "
+    "textfile collector) instead of the report.",
+)
+@click.option(
     "--backing-chain",
     is_flag=True,
     help="Check every image of IMAGE's backing chain and judge each bitmap name by "
@@ -46,6 +54,7 @@ def check(
     images: tuple[Path, ...],
     names: tuple[str, ...],
     as_json: bool,
+    prometheus: bool,
     backing_chain: bool,
 ) -> None:
     """Validate the persistent bitmaps of each IMAGE the way QEMU loads them, and more.
@@ -65,6 +74,7 @@ def check(
       qbitmap check disk.qcow2 || echo "exit $?: do a full backup"
       qbitmap check --backing-chain overlay.qcow2
       qbitmap check --json /var/lib/libvirt/images/*.qcow2 | jq -c '{filename, exit_code}'
+      qbitmap -q check --prometheus /var/lib/libvirt/images/*.qcow2 > qbitmap.prom.tmp
 
     Exit status: 0 every bitmap consistent, 1 could not check, 2 corruption
     anywhere in the image (or QEMU would refuse it), 3 leaked clusters only,
@@ -75,7 +85,16 @@ def check(
     status.
     """
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
-    if backing_chain:
+    if prometheus and as_json:
+        raise click.UsageError("--prometheus and --json are two output forms; choose one")
+    if prometheus and backing_chain:
+        raise click.UsageError(
+            "--prometheus reports images one by one: name each layer as an IMAGE instead of "
+            "--backing-chain"
+        )
+    if prometheus:
+        code = _check_prometheus(ui, images, names)
+    elif backing_chain:
         from qbitmap.commands._chain import check_chain
 
         if len(images) == 1:
@@ -165,3 +184,47 @@ def _several(
         ui.print(several_human([(str(o.image), o.exit_code) for o in outcomes]))
     return worst(outcomes)
 
+
+def _check_prometheus(ui: Ui, images: tuple[Path, ...], names: tuple[str, ...]) -> int:
+    """Check every image, then write every metric family at once (the format groups them)."""
+    from qbitmap.commands._many import for_each_image, worst
+    from qbitmap.render.prometheus import CheckedImage, checked_image, write_check_metrics
+
+    measured: list[CheckedImage] = []
+
+    def one(image: Path) -> int:
+        report = _check_one(image, names)
+        if report.exit_code == 1:
+            from qbitmap.render.check import error_line
+
+            ui.error(error_line(report) or f"{image}: could not check the image")
+        measured.append(checked_image(report, _dirty_bytes(image, report), time.time()))
+        return report.exit_code
+
+    def failed(outcome: Outcome) -> None:
+        from qbitmap.render.prometheus import failed_image
+
+        measured.append(failed_image(str(outcome.image), outcome.exit_code, time.time()))
+
+    # An image named twice would give every series twice, which Prometheus refuses.
+    unique = tuple(dict.fromkeys(images))
+    outcomes = for_each_image(ui, unique, one, failed=failed)
+    write_check_metrics(sys.stdout, measured)
+    return worst(outcomes)
+
+
+def _dirty_bytes(image: Path, report: CheckReport) -> dict[int, int]:
+    """Dirty bytes on disk of each bitmap whose data can be read, by directory index."""
+    from qbitmap.errors import QbitmapError
+
+    entries = [b.entry for b in report.bitmaps if b.entry is not None and b.status != "corrupt"]
+    if not entries:
+        return {}
+    from qbitmap.format import Image
+    from qbitmap.inspect import measure_dirty_bytes
+
+    try:
+        with Image.open(image) as img:
+            return measure_dirty_bytes(img, entries)
+    except (QbitmapError, OSError):
+        return {}

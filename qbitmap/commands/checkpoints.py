@@ -48,6 +48,12 @@ def _safe_domain_name(name: str) -> str:
     help="Where libvirt keeps checkpoint metadata (DIR/DOMAIN/NAME.xml).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print metrics per domain, checkpoint and disk in the Prometheus text format "
+    "(node_exporter's textfile collector) instead of the report.",
+)
 @click.pass_context
 def checkpoints(
     ctx: click.Context,
@@ -57,6 +63,7 @@ def checkpoints(
     config_dir: Path,
     checkpoint_dir: Path,
     as_json: bool,
+    prometheus: bool,
 ) -> None:
     """Say, for each checkpoint of DOMAIN and each disk, whether libvirt will use it.
 
@@ -73,6 +80,7 @@ def checkpoints(
       qbitmap checkpoints vm1
       qbitmap checkpoints --all --json | jq '.domains[] | {domain, exit_code}'
       virsh dumpxml vm1 > vm1.xml; qbitmap checkpoints --domain-xml vm1.xml
+      qbitmap -q checkpoints --all --prometheus > qbitmap-checkpoints.prom.tmp
 
     Exit status: 0 every checkpoint usable, 1 could not read, 2 some
     checkpoint unusable and not repairable here, 4 every problem repairable
@@ -91,6 +99,8 @@ def checkpoints(
     )
 
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
+    if prometheus and as_json:
+        raise click.UsageError("--prometheus and --json are two output forms; choose one")
     if all_domains and (domain is not None or domain_xml is not None):
         raise click.UsageError("--all examines every domain: give no DOMAIN or --domain-xml")
     if not all_domains and domain is None and domain_xml is None:
@@ -129,7 +139,13 @@ def checkpoints(
         if not path.exists():
             raise click.UsageError(f"no domain named {domain!r} is defined (no {path})")
         reports.extend(examine_domain_files([path], checkpoint_dir=checkpoint_dir, cache=cache))
-    if as_json:
+    if prometheus:
+        import time
+
+        from qbitmap.render.prometheus import write_checkpoints_metrics
+
+        write_checkpoints_metrics(sys.stdout, reports, time.time())
+    elif as_json:
         from qbitmap.render.checkpoints import running_message, write_json
 
         write_json(sys.stdout, reports, all_domains=all_domains)

@@ -171,5 +171,12 @@ def test_backing_chains_one_after_the_other(fleet: dict[str, Path], tmp_path: Pa
 
 
 def test_usage_errors_concern_the_whole_command_line(fleet: dict[str, Path]) -> None:
+    for args, needle in (
+        (["--prometheus", "--json"], "--prometheus and --json"),
+        (["--prometheus", "--backing-chain"], "--backing-chain"),
+    ):
+        proc = qbitmap("check", *args, fleet["clean"], fleet["leaky"])
+        assert proc.returncode == 64, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr
     proc = qbitmap("check")
     assert proc.returncode == 64 and "Missing argument 'IMAGE...'" in proc.stderr
