@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from qbitmap.commands import QbitmapCommand, require_image_file
-from qbitmap.ui import Ui, allow_fast_exit
+from qbitmap.ui import Ui, allow_fast_exit, locale_is_utf8
 
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
@@ -36,6 +36,13 @@ from qbitmap.ui import Ui, allow_fast_exit
     "a third column holds the bitmap name when more than one bitmap is shown.",
 )
 @click.option(
+    "--map",
+    "draw_map",
+    is_flag=True,
+    help="Draw each bitmap's map (where on the disk its dirty bytes lie) even when stdout "
+    "is not a terminal; on a terminal it is always drawn.",
+)
+@click.option(
     "--backing-chain",
     is_flag=True,
     help="Also show every image below IMAGE in its backing chain; with --extents, "
@@ -49,13 +56,15 @@ def dump(
     extents: bool,
     as_json: bool,
     lines: bool,
+    draw_map: bool,
     backing_chain: bool,
 ) -> None:
     """Show the header, extensions and bitmaps of each IMAGE, down to dirty ranges.
 
     Reads only and takes no lock, so it works on an image a running QEMU
     holds (what it shows may then be changing).  A bitmap flagged in-use is
-    shown with its on-disk contents and a warning that they are stale.
+    shown with its on-disk contents and a warning that they are stale.  On a
+    terminal each bitmap's map shows where on the disk its dirty bytes lie.
     Several images are shown in turn; one that cannot be read never stops
     the others.
 
@@ -72,17 +81,28 @@ def dump(
     """
     if as_json and lines:
         raise click.UsageError("--json and --lines are two output forms; choose one")
+    if draw_map and (as_json or lines):
+        raise click.UsageError("--map draws the tables' maps: not with --json or --lines")
+    if draw_map and backing_chain:
+        raise click.UsageError("--map draws one image's bitmaps: not with --backing-chain")
     if lines and len(images) > 1:
         raise click.UsageError(
             "--lines prints ranges without file names: give one IMAGE (or use --json)"
         )
+    map_width = None
+    shades = ""
+    if not (as_json or lines or backing_chain) and (draw_map or ui.stdout_is_terminal):
+        from qbitmap.render.density import ASCII_SHADES, UTF8_SHADES
+
+        map_width = ui.width
+        shades = UTF8_SHADES if locale_is_utf8() else ASCII_SHADES
 
     def one(image: Path) -> int:
         if backing_chain:
             from qbitmap.commands._chain import dump_chain
 
             return dump_chain(ui, image, names, extents, as_json, lines)
-        _dump_one(ui, image, names, extents, as_json, lines, len(images) > 1)
+        _dump_one(ui, image, names, extents, as_json, lines, map_width, shades, len(images) > 1)
         return 0
 
     if len(images) == 1:
@@ -111,6 +131,8 @@ def _dump_one(
     extents: bool,
     as_json: bool,
     lines: bool,
+    map_width: int | None,
+    shades: str,
     several: bool,
 ) -> None:
     from qbitmap.format import Image
@@ -152,4 +174,4 @@ def _dump_one(
         else:
             from qbitmap.render.dump import write_human
 
-            write_human(ui, report)
+            write_human(ui, report, map_width=map_width, shades=shades)
