@@ -93,7 +93,9 @@ class _Run:
             return command if params.get("as_json") else None
         words = self.args[self.args.index(command) + 1 :]
         words = words[: words.index("--")] if "--" in words else words
-        return command if "--json" in words else None
+        asked = "--json" in words or "--output=json" in words
+        asked = asked or any(a == "--output" and b == "json" for a, b in zip(words, words[1:]))
+        return command if asked else None
 
     def image(self) -> object | None:
         """The one image the command was given (None for none, or for several)."""

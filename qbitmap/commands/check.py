@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qbitmap.commands import QbitmapCommand, require_image_file
+from qbitmap.commands import QbitmapCommand, bitmap_option, output_option, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
 if TYPE_CHECKING:
@@ -27,15 +27,11 @@ if TYPE_CHECKING:
     metavar="IMAGE...",
     type=click.Path(path_type=Path, readable=False),
 )
-@click.option(
-    "-b",
-    "--bitmap",
-    "names",
-    multiple=True,
-    metavar="NAME",
-    help="Report only this bitmap (repeatable); image-wide findings are always reported.",
+@bitmap_option(
+    "Report only this bitmap (repeatable); image-wide findings are always reported."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
+@output_option
 @click.option(
     "--prometheus",
     is_flag=True,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from qbitmap.commands import QbitmapCommand, output_option
 from qbitmap.ui import Ui, allow_fast_exit
 
 # The same as qbitmap.libvirt.DEFAULT_*; spelt out so that registering the command imports nothing.
@@ -21,7 +22,7 @@ def _safe_domain_name(name: str) -> str:
     return name
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("domain", required=False)
 @click.option("--all", "all_domains", is_flag=True, help="Every domain defined on the host.")
 @click.option(
@@ -48,6 +49,7 @@ def _safe_domain_name(name: str) -> str:
     help="Where libvirt keeps checkpoint metadata (DIR/DOMAIN/NAME.xml).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@output_option
 @click.option(
     "--prometheus",
     is_flag=True,

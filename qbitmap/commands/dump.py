@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qbitmap.commands import QbitmapCommand, require_image_file
+from qbitmap.commands import QbitmapCommand, bitmap_option, output_option, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit, locale_is_utf8
 
 
@@ -19,16 +19,10 @@ from qbitmap.ui import Ui, allow_fast_exit, locale_is_utf8
     metavar="IMAGE...",
     type=click.Path(path_type=Path, readable=False),
 )
-@click.option(
-    "-b",
-    "--bitmap",
-    "names",
-    multiple=True,
-    metavar="NAME",
-    help="Show only this bitmap (repeatable).",
-)
+@bitmap_option("Show only this bitmap (repeatable).")
 @click.option("--extents", is_flag=True, help="Also list the dirty byte ranges of each bitmap.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
+@output_option
 @click.option(
     "--lines",
     is_flag=True,

@@ -174,6 +174,7 @@ def test_usage_errors_concern_the_whole_command_line(fleet: dict[str, Path]) -> 
     for args, needle in (
         (["--prometheus", "--json"], "--prometheus and --json"),
         (["--prometheus", "--backing-chain"], "--backing-chain"),
+        (["--output=human", "--json"], "--output=human and --json"),
     ):
         proc = qbitmap("check", *args, fleet["clean"], fleet["leaky"])
         assert proc.returncode == 64, (args, proc.stderr)

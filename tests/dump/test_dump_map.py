@@ -172,7 +172,7 @@ def test_map_is_drawn_on_a_terminal_and_not_in_a_pipe(first_and_last: Path) -> N
 
 
 def test_map_refuses_the_machine_forms(first_and_last: Path) -> None:
-    for extra in (["--json"], ["--lines"], ["--backing-chain"]):
+    for extra in (["--json"], ["--lines"], ["--output=json"], ["--backing-chain"]):
         result = dump_process("--map", *extra, first_and_last)
         assert result.exit_code == 64, (extra, result.stderr)
         assert result.stderr.count("\n") == 1 and "--map" in result.stderr

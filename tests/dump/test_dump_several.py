@@ -61,7 +61,7 @@ def test_json_lines_one_object_per_image_read(fleet: dict[str, Path]) -> None:
 
 
 def test_every_image_read_is_status_0_stale_bitmaps_included(fleet: dict[str, Path]) -> None:
-    result = dump_process("--json", fleet["clean"], fleet["crashed"], fleet["clean"])
+    result = dump_process("--output=json", fleet["clean"], fleet["crashed"], fleet["clean"])
     assert result.exit_code == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3
 

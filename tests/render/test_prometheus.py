@@ -253,6 +253,6 @@ def test_checkpoints_metrics_of_a_host(tmp_path: Path) -> None:
         ("cp\\n2", "vda"): "ok",
         ("cp\\n2", "vdb"): "in-use",
     }
-    json_proc = qbitmap("checkpoints", *host.args(), "--all", "--json")
+    json_proc = qbitmap("checkpoints", *host.args(), "--all", "--output=json")
     assert json_proc.returncode == 4
     assert qbitmap("checkpoints", *host.args(), "--all", "--prometheus", "--json").returncode == 64
