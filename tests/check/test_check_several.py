@@ -181,3 +181,21 @@ def test_usage_errors_concern_the_whole_command_line(fleet: dict[str, Path]) -> 
         assert proc.stderr.count("\n") == 1 and needle in proc.stderr
     proc = qbitmap("check")
     assert proc.returncode == 64 and "Missing argument 'IMAGE...'" in proc.stderr
+
+
+def test_an_image_a_running_writer_holds_ranks_after_1_and_before_2(
+    fleet: dict[str, Path], tmp_path: Path
+) -> None:
+    """75 (held) wins over 2, 4 and 3 among the images, and 1 wins over it."""
+    qemu.require_tools("qemu-img", "qemu-storage-daemon")
+    held = tmp_path / "held.qcow2"
+    shutil.copyfile(fleet["clean"], held)
+    held.chmod(0o644)
+    with qemu.StorageDaemon(held, writable=True):
+        proc = qbitmap("check", "--json", fleet["corrupt"], held, fleet["crashed"], fleet["leaky"])
+        assert proc.returncode == 75, proc.stderr
+        assert [o["exit_code"] for o in json_lines(proc.stdout)] == [2, 75, 4, 3]
+        proc = qbitmap("check", "--json", held, fleet["missing"])
+        assert proc.returncode == 1, proc.stderr
+        assert [o["exit_code"] for o in json_lines(proc.stdout)] == [75, 1]
+        assert f"qbitmap: warning: {held}: " in proc.stderr
