@@ -93,12 +93,22 @@ class _Run:
             return command if params.get("as_json") else None
         words = self.args[self.args.index(command) + 1 :]
         words = words[: words.index("--")] if "--" in words else words
-        return command if "--json" in words else None
+        asked = "--json" in words or "--output=json" in words
+        asked = asked or any(a == "--output" and b == "json" for a, b in zip(words, words[1:]))
+        return command if asked else None
+
+    def image(self) -> object | None:
+        """The one image the command was given (None for none, or for several)."""
+        params = self.params or {}
+        if params.get("image") is not None:
+            return params["image"]
+        images = params.get("images") or ()
+        return images[0] if len(images) == 1 else None
 
     def name_the_file(self, message: str) -> str:
         """*message*, led by the file it is about unless it names one already."""
         params = self.params or {}
-        image, reference = params.get("image"), params.get("reference")
+        image, reference = self.image(), params.get("reference")
         named = [str(p) for p in (image, reference) if p is not None]
         if not named or any(name in message for name in named):
             return message
@@ -125,7 +135,7 @@ class _Run:
         if command is None:
             return
         params = self.params or {}
-        image = params.get("image")
+        image = self.image()
         filename = None if image is None else str(image)
         try:
             if command == "check":
@@ -275,8 +285,8 @@ def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> Non
     """Inspect, check and repair persistent dirty bitmaps in qcow2 images.
 
     \b
-    qbitmap dump IMAGE       what the image says about its bitmaps
-    qbitmap check IMAGE      validate them; exit code for scripts
+    qbitmap dump IMAGE...    what the images say about their bitmaps
+    qbitmap check IMAGE...   validate them; exit code for scripts
     qbitmap recover IMAGE    bring in-use bitmaps back into service
     qbitmap checkpoints VM   libvirt's checkpoints of VM: will libvirt use them?
 

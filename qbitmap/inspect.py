@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from qbitmap.errors import UsageError
+from qbitmap.errors import QbitmapError, UsageError
 from qbitmap.format import (
     AutoclearFeature,
     BitmapEntry,
     Geometry,
     Image,
     dirty_bytes,
+    dirty_bytes_below,
     extent_blocks,
     geometry_of,
     iter_chunks,
@@ -44,6 +45,9 @@ Extents = tuple[np.ndarray, np.ndarray]
 
 #: One bitmap's dirty ranges, read from the open image again at each call, as blocks.
 ExtentSource = Callable[[], Iterator[Extents]]
+
+#: Dirty bytes below each of the sorted guest offsets given, read from the open image at each call.
+MapSource = Callable[[Sequence[int]], list[int]]
 
 
 def feature_words(image: Image) -> dict[str, list[str]]:
@@ -181,6 +185,8 @@ class DumpReport:
     info: dict[str, Any]
     #: Per bitmap, in ``info["bitmaps"]`` order: its extent source, or None when not asked for.
     extents: list[ExtentSource | None] = field(default_factory=list)
+    #: Per bitmap, in ``info["bitmaps"]`` order: where its dirty bytes lie (dump's map).
+    maps: list[MapSource] = field(default_factory=list)
     #: Things to tell the user on stderr (stale data), one sentence each.
     warnings: list[str] = field(default_factory=list)
     #: Whether a running writer holds the image (asked only when a bitmap is in use).
@@ -189,6 +195,12 @@ class DumpReport:
 
 def _extent_source(image: Image, entry: BitmapEntry, geo: Geometry) -> Iterator[Extents]:
     return extent_blocks(geo, iter_chunks(image, entry))
+
+
+def _map_source(
+    image: Image, entry: BitmapEntry, geo: Geometry, offsets: Sequence[int]
+) -> list[int]:
+    return dirty_bytes_below(geo, iter_chunks(image, entry), offsets)
 
 
 def select_bitmaps(
@@ -202,6 +214,22 @@ def select_bitmaps(
     if missing:
         raise UsageError(f"{filename}: no bitmap named {missing[0]!r}")
     return chosen
+
+
+def measure_dirty_bytes(image: Image, entries: Sequence[BitmapEntry]) -> dict[int, int]:
+    """Guest bytes each bitmap marks dirty on disk, by directory index.
+
+    A bitmap whose data cannot be read (a damaged table or data cluster) is
+    left out rather than stopping the others.
+    """
+    out: dict[int, int] = {}
+    for entry in entries:
+        try:
+            out[entry.index] = dirty_bytes(geometry_of(image, entry), iter_chunks(image, entry))
+        except QbitmapError:
+            continue
+    return out
+
 
 def dump_report(
     image: Image,
@@ -262,6 +290,7 @@ def dump_report(
         report.extents.append(
             functools.partial(_extent_source, image, entry, geo) if with_extents else None
         )
+        report.maps.append(functools.partial(_map_source, image, entry, geo))
         bitmaps.append(summary)
         if entry.in_use:
             if writer_running is not None and not asked:

@@ -57,6 +57,38 @@ def _console_class() -> type[Console]:
     return QbitmapConsole
 
 
+def _initial_environment() -> dict[str, str]:
+    """The environment the process was started with.
+
+    Python changes its own environment at start-up under the C locale
+    (PEP 538 sets LC_CTYPE=C.UTF-8), which would hide that the user's locale
+    is not UTF-8; the kernel keeps what the process was given.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return dict(os.environ)
+    out = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            out[os.fsdecode(key)] = os.fsdecode(value)
+    return out
+
+
+def locale_is_utf8(environ: dict[str, str] | None = None) -> bool:
+    """Whether the user's locale (LC_ALL, else LC_CTYPE, else LANG) is UTF-8; unset is C."""
+    env = _initial_environment() if environ is None else environ
+    for key in ("LC_ALL", "LC_CTYPE", "LANG"):
+        value = env.get(key)
+        if value:
+            return value.lower().replace("-", "").endswith("utf8") or ".utf8@" in (
+                value.lower().replace("-", "")
+            )
+    return False
+
+
 def _wants_color(stream: TextIO, color: bool | None) -> bool:
     if color is not None:
         return color
@@ -103,6 +135,15 @@ class Ui:
     @property
     def stderr_is_terminal(self) -> bool:
         return sys.stderr.isatty()
+
+    @property
+    def stdout_is_terminal(self) -> bool:
+        return sys.stdout.isatty()
+
+    @property
+    def width(self) -> int:
+        """Columns of stdout: the terminal's, else COLUMNS, else 80."""
+        return self.out.width
 
     def print(self, *renderables: Any) -> None:
         """Render rich objects on stdout, never narrower than their measured minimum.

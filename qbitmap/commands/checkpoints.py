@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from qbitmap.commands import QbitmapCommand, output_option
 from qbitmap.ui import Ui, allow_fast_exit
 
 # The same as qbitmap.libvirt.DEFAULT_*; spelt out so that registering the command imports nothing.
@@ -22,7 +23,7 @@ def _safe_domain_name(name: str) -> str:
     return name
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("domain", required=False)
 @click.option("--all", "all_domains", is_flag=True, help="Every domain defined on the host.")
 @click.option(
@@ -67,6 +68,13 @@ def _safe_domain_name(name: str) -> str:
     "--dry-run", "-n", is_flag=True, help="With --repair: print what would be done; write nothing."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@output_option
+@click.option(
+    "--prometheus",
+    is_flag=True,
+    help="Print metrics per domain, checkpoint and disk in the Prometheus text format "
+    "(node_exporter's textfile collector) instead of the report.",
+)
 @click.pass_context
 def checkpoints(
     ctx: click.Context,
@@ -79,6 +87,7 @@ def checkpoints(
     references: tuple[str, ...],
     dry_run: bool,
     as_json: bool,
+    prometheus: bool,
 ) -> None:
     """Say, for each checkpoint of DOMAIN and each disk, whether libvirt will use it.
 
@@ -103,6 +112,7 @@ def checkpoints(
       qbitmap checkpoints vm1 --repair --reference vda=/restore/vda.qcow2
       qbitmap checkpoints --all --json | jq '.domains[] | {domain, exit_code}'
       virsh dumpxml vm1 > vm1.xml; qbitmap checkpoints --domain-xml vm1.xml
+      qbitmap -q checkpoints --all --prometheus > qbitmap-checkpoints.prom.tmp
 
     Exit status: 0 every checkpoint usable, 1 could not read, 2 some
     checkpoint unusable and not repairable here (or --repair refused:
@@ -121,6 +131,8 @@ def checkpoints(
     )
 
     ui: Ui = ctx.obj if isinstance(ctx.obj, Ui) else Ui()
+    if prometheus and as_json:
+        raise click.UsageError("--prometheus and --json are two output forms; choose one")
     if all_domains and (domain is not None or domain_xml is not None):
         raise click.UsageError("--all examines every domain: give no DOMAIN or --domain-xml")
     if not all_domains and domain is None and domain_xml is None:
@@ -166,7 +178,15 @@ def checkpoints(
     results: list[Any] = list(reports)
     if repair:
         results = _repair(ui, reports, references, checkpoint_dir, dry_run=dry_run)
-    if as_json:
+    if prometheus:
+        import time
+
+        from qbitmap.render.prometheus import write_checkpoints_metrics
+
+        # After --repair, the metrics describe each domain as it is left.
+        shown = [getattr(r, "shown", r) for r in results]
+        write_checkpoints_metrics(sys.stdout, shown, time.time())
+    elif as_json:
         from qbitmap.render.checkpoints import running_message, write_json
 
         write_json(sys.stdout, results, all_domains=all_domains)

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import click
 
-from qbitmap.commands import QbitmapCommand, require_image_file
+from qbitmap.commands import QbitmapCommand, bitmap_option, output_option, require_image_file
 from qbitmap.recover.modes import MODES
 from qbitmap.ui import Ui, allow_fast_exit
 
 
 @click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("image", type=click.Path(path_type=Path, readable=False))
-@click.option(
-    "-b",
-    "--bitmap",
-    "names",
-    multiple=True,
-    metavar="NAME",
-    help="Recover only this bitmap (repeatable; default: every in-use bitmap).",
-)
+@bitmap_option("Recover only this bitmap (repeatable; default: every in-use bitmap).")
 @click.option(
     "--mode",
     type=click.Choice(MODES),
@@ -61,6 +54,7 @@ from qbitmap.ui import Ui, allow_fast_exit
     "--dry-run", "-n", is_flag=True, help="Print what would be written where; write nothing."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
+@output_option
 @click.pass_obj
 def recover(
     ui: Ui,

@@ -14,7 +14,7 @@ multiple of the chunk size whatever the table claims.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,6 +281,59 @@ def dirty_bytes(geo: Geometry, chunks: Iterator[Chunk]) -> int:
     if last_set and geo.virtual_size % geo.granularity:
         total -= geo.granularity - geo.virtual_size % geo.granularity
     return total
+
+
+def dirty_bytes_below(
+    geo: Geometry, chunks: Iterator[Chunk], offsets: Sequence[int]
+) -> list[int]:
+    """Guest bytes marked dirty in ``[0, offset)`` for each of the sorted *offsets*.
+
+    *offsets* are guest byte offsets in ``[0, virtual_size]``, ascending, a
+    few hundred at most (Python ints: a damaged header's virtual size may
+    not fit in int64).  Exact at any offset, granule boundary or not: ``offset`` lies in
+    granule ``k = offset // granularity``, and the dirty bytes below it are
+    ``granularity`` times the set bits below ``k``, plus ``offset %
+    granularity`` when bit ``k`` is set.  The differences between
+    consecutive offsets are the dirty bytes of the ranges between them (the
+    cells of ``dump``'s map).  Streams the chunks: memory is that of one
+    chunk whatever the bitmap's size.
+    """
+    # Granule indices fit in int64 whatever the offsets (granularity >= 512 bytes).
+    granule = np.array([o // geo.granularity for o in offsets], dtype=np.int64)
+    below = np.zeros(len(offsets), dtype=np.int64)  # set bits below each granule
+    bit = np.zeros(len(offsets), dtype=bool)  # the granule's own bit
+    done = 0  # offsets[:done] are answered
+    before = 0  # set bits below the current chunk
+    for chunk in chunks:
+        end_bit = chunk.first_bit + chunk.nbits
+        stop = int(np.searchsorted(granule, end_bit, side="left"))
+        here = slice(done, stop)
+        rel = granule[here] - chunk.first_bit
+        if chunk.kind == "ones":
+            below[here] = before + rel
+            bit[here] = True
+            before += chunk.nbits
+        elif chunk.kind == "data":
+            assert chunk.data is not None
+            counts = _POPCOUNT[chunk.data]
+            # Set bits in the whole bytes below each position, then in its byte's low bits.
+            cumulative = np.zeros(len(counts) + 1, dtype=np.int64)
+            np.cumsum(counts, out=cumulative[1:])
+            byte_index = rel // 8
+            low = (rel % 8).astype(np.uint8)
+            partial = chunk.data[byte_index] & ((np.uint8(1) << low) - np.uint8(1))
+            below[here] = before + cumulative[byte_index] + _POPCOUNT[partial]
+            bit[here] = (chunk.data[byte_index] >> low) & 1
+            before += int(cumulative[-1])
+        else:
+            below[here] = before
+        done = stop
+    # Offsets at or past the last granule's end (the disk's end on a granule boundary).
+    below[done:] = before
+    return [
+        count * geo.granularity + (offset % geo.granularity if is_set else 0)
+        for count, offset, is_set in zip(below.tolist(), offsets, bit.tolist(), strict=True)
+    ]
 
 
 def bit_runs(chunks: Iterator[Chunk]) -> Iterator[tuple[int, int]]:

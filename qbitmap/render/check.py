@@ -41,6 +41,50 @@ _VERDICT = {
 }
 
 
+def verdict(exit_code: int) -> str:
+    """check's verdict for *exit_code*, in words (the ``Result:`` line's)."""
+    return _VERDICT.get(exit_code, f"exit status {exit_code}")
+
+
+def _result_style(code: int) -> str:
+    return "green" if code == 0 else ("yellow" if code in (3, 4, 75) else "bold red")
+
+
+def failure_human(filename: str, exit_code: int) -> RenderableType:
+    """What stands for an image of several that made no report (its error is on stderr)."""
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(
+        Text(f"Image: {printable(filename)}"),
+        Text(f"Result: {verdict(exit_code)} (exit {exit_code})", style=_result_style(exit_code)),
+    )
+
+
+def several_human(outcomes: list[tuple[str, int]]) -> RenderableType:
+    """The closing lines after several images: how many had each verdict, and which."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from qbitmap.check.chain import EXIT_PRECEDENCE, worst_exit_code
+
+    by_code: dict[int, list[str]] = {}
+    for filename, code in outcomes:
+        by_code.setdefault(code, []).append(filename)
+    lines: list[RenderableType] = [Text(f"Over {len(outcomes)} images:", style="bold")]
+    order = [int(c) for c in EXIT_PRECEDENCE]
+    # Worst first, by check's precedence; the sound ones last.
+    for code in sorted(by_code, key=lambda c: (c == 0, order.index(c) if c in order else c)):
+        files = by_code[code]
+        line = Text(f"  {len(files)} {verdict(code)} (exit {code})", style=_result_style(code))
+        if code != 0:
+            line.append(": " + ", ".join(printable(f) for f in files))
+        lines.append(line)
+    code = worst_exit_code(c for _, c in outcomes)
+    lines.append(Text(f"Result: exit {code}", style=_result_style(code)))
+    return Group(*lines)
+
+
 def findings_block(report: CheckReport) -> RenderableType:
     """Each finding as a line of facts, then its message on its own indented line."""
     from rich.console import Group
@@ -117,8 +161,7 @@ def human(report: CheckReport) -> RenderableType:
     if report.findings:
         parts.append(findings_block(report))
     code = report.exit_code
-    style = "green" if code == 0 else ("yellow" if code in (3, 4, 75) else "bold red")
-    parts.append(Text(f"Result: {_VERDICT.get(code, '?')} (exit {code})", style=style))
+    parts.append(Text(f"Result: {verdict(code)} (exit {code})", style=_result_style(code)))
     return Group(*parts)
 
 

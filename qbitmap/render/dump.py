@@ -386,9 +386,33 @@ def human(report: DumpReport) -> RenderableType:
     return Group(*parts)
 
 
-def write_human(ui: Any, report: DumpReport) -> None:
-    """Print the dump for people through *ui* (a qbitmap.ui.Ui): tables, then extents."""
+def map_group(report: DumpReport, width: int, shades: str) -> RenderableType:
+    """Each bitmap's map (see :mod:`qbitmap.render.density`), *width* cells wide."""
+    from rich.console import Group
+    from rich.text import Text
+
+    from qbitmap.render.density import cell_bounds, cell_dirty_bytes, map_lines
+
+    size = report.info["virtual_size"]
+    bounds = cell_bounds(size, width)
+    parts: list[RenderableType] = []
+    for bm, source in zip(report.info["bitmaps"], report.maps, strict=True):
+        dirty = cell_dirty_bytes(bounds, source)
+        parts.extend(map_lines(bm["name"], size, dirty, bounds, stale=bm["stale"], shades=shades))
+        parts.append(Text(""))
+    return Group(*parts)
+
+
+def write_human(
+    ui: Any, report: DumpReport, *, map_width: int | None = None, shades: str = ""
+) -> None:
+    """Print the dump for people through *ui* (a qbitmap.ui.Ui): tables, maps, then extents.
+
+    With *map_width*, each bitmap's map is drawn that many cells wide in *shades*.
+    """
     ui.print(human(report))
+    if map_width is not None and report.info["bitmaps"]:
+        ui.print(map_group(report, map_width, shades))
     for bm, source in zip(report.info["bitmaps"], report.extents, strict=True):
         if source is None:
             continue

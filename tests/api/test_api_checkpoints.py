@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import qemu
 from click.testing import CliRunner
+from libvirt_files import Disk, Host
 
 import qbitmap
 from qbitmap.cli import cli
-
-from libvirt_files import Disk, Host
 
 
 @pytest.fixture

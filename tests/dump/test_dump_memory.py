@@ -109,8 +109,9 @@ def test_the_alternating_bitmap_is_what_qemu_reads(tmp_path: Path) -> None:
         (["--json", "--extents"], 4, 16),
         (["--lines"], 4, 16),
         (["--extents"], 2, 8),  # the table for people is slower to print: fewer ranges
+        (["--map"], 4, 16),
     ],
-    ids=["json", "lines", "human"],
+    ids=["json", "lines", "human", "map"],
 )
 def test_peak_memory_does_not_grow_with_the_number_of_ranges(
     images: dict[int, Path], form: list[str], few: int, many: int

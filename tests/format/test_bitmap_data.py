@@ -29,6 +29,7 @@ from qbitmap.format import (
     Image,
     bit_runs,
     dirty_bytes,
+    dirty_bytes_below,
     extent_arrays,
     extent_blocks,
     extents,
@@ -122,6 +123,26 @@ def test_runs_extents_and_counts_match_the_naive_model(case, block: int) -> None
         assert streamed == expected
     finally:
         bitmap_module.UNPACK_BYTES = old
+
+
+@settings(max_examples=300, deadline=None)
+@given(bitmaps(), st.lists(st.floats(0, 1), max_size=40))
+def test_dirty_bytes_below_any_offset_match_the_naive_model(case, fractions) -> None:
+    """The dirty bytes under any offset (dump's map cells are their differences)."""
+    geo, chunks, bits = case
+    offsets = sorted({0, geo.virtual_size, *(int(f * geo.virtual_size) for f in fractions)})
+    g = geo.granularity
+    dirty = [(k * g, min((k + 1) * g, geo.virtual_size)) for k in np.flatnonzero(bits).tolist()]
+    expected = [sum(max(0, min(o, end) - start) for start, end in dirty) for o in offsets]
+    assert dirty_bytes_below(geo, iter(chunks), offsets) == expected
+    assert expected[-1] == dirty_bytes(geo, iter(chunks))
+
+
+def test_dirty_bytes_below_survive_absurd_geometry() -> None:
+    geo = Geometry((1 << 64) - 512, 1 << 40, 65536)
+    chunks = [Chunk(0, 3, "data", np.array([0b101], np.uint8)), Chunk(3, geo.nbits - 3, "zero")]
+    offsets = [0, 1 << 39, 3 << 40, (1 << 64) - 512]
+    assert dirty_bytes_below(geo, iter(chunks), offsets) == [0, 1 << 39, 2 << 40, 2 << 40]
 
 
 def test_extent_arrays_survive_absurd_geometry() -> None:

@@ -84,7 +84,7 @@ def test_field_offsets_stop_at_the_first_field_of_unknown_size() -> None:
     assert offsets.extra == 5  # its presence depends on kind: known start, unknown size
     assert "name" not in offsets
     with pytest.raises(AttributeError):
-        offsets.name  # noqa: B018
+        offsets.name
     assert FieldOffsets(Record, kind=1, name_size=2).name == 5
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import qemu
 from manpage import plain, section
-from qbitmap.recover.modes import MODES
+
 from qbitmap.commands.recover import recover as recover_command
 from qbitmap.recover import RecoverReport
 from qbitmap.recover.engine import BitmapResult
+from qbitmap.recover.modes import MODES
 from qbitmap.recover.reference import DiffStats
 from qbitmap.render.recover import FAILURE_STATUS, to_json
 from qbitmap.store.session import Step
