@@ -32,7 +32,13 @@ from qbitmap.format import (
     layout,
     select_entries,
 )
-from qbitmap.format.model import HEADER_FIELDS, Extension
+from qbitmap.format.model import (
+    HEADER_FIELDS,
+    BitmapsExtension,
+    Extension,
+    crypto_header_pointer,
+    feature_name_entries,
+)
 
 FEATURE_KINDS = {
     layout.FEATURE_INCOMPATIBLE: "incompatible",
@@ -99,18 +105,15 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
     if ext.magic in (layout.EXT_BACKING_FORMAT, layout.EXT_DATA_FILE):
         out["value"] = _text(ext.data)
     elif ext.magic == layout.EXT_FEATURE_NAMES:
-        entries = []
-        for i in range(len(ext.data) // 48):
-            entry = layout.FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
-            kind = FEATURE_KINDS.get(entry.type, str(entry.type))
-            entries.append(
-                {"type": kind, "bit": entry.bit, "name": _text(entry.name.split(b"\0", 1)[0])}
-            )
-        out["features"] = entries
-        if len(ext.data) % 48:
-            out["trailing"] = ext.data[len(ext.data) - len(ext.data) % 48 :].hex()
+        features, trailing = feature_name_entries(ext.data)
+        out["features"] = [
+            {"type": FEATURE_KINDS.get(f.type, str(f.type)), "bit": f.bit, "name": _text(f.name)}
+            for f in features
+        ]
+        if trailing:
+            out["trailing"] = trailing.hex()
     elif ext.magic == layout.EXT_BITMAPS and ext.length == layout.BitmapsExtension.sizeof():
-        c = layout.BitmapsExtension.parse(ext.data)
+        c = BitmapsExtension.decode(ext.data, offset=ext.data_offset)
         out.update(
             nb_bitmaps=c.nb_bitmaps,
             reserved32=c.reserved32,
@@ -118,8 +121,8 @@ def extension_dict(image: Image, ext: Extension) -> dict[str, Any]:
             bitmap_directory_offset=c.bitmap_directory_offset,
         )
     elif ext.magic == layout.EXT_CRYPTO and ext.length == layout.CryptoHeaderPointer.sizeof():
-        c = layout.CryptoHeaderPointer.parse(ext.data)
-        out.update(crypto_header_offset=c.offset, crypto_header_length=c.length)
+        offset, length = crypto_header_pointer(ext.data)
+        out.update(crypto_header_offset=offset, crypto_header_length=length)
     elif ext.magic == layout.EXT_LEVELS:
         levels = image.read_levels()
         assert levels is not None

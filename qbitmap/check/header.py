@@ -209,8 +209,7 @@ def _bitmaps_extension(ctx: Context) -> Iterator[Finding]:
             area="bitmaps",
         )
         return
-    c = layout.BitmapsExtension.parse(ext.data)
-    ctx.extension = BitmapsExtension.from_container(c, offset=ext.data_offset)
+    ctx.extension = BitmapsExtension.decode(ext.data, offset=ext.data_offset)
     if header.version < 3:
         ctx.honored = False
         return

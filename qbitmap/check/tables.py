@@ -18,6 +18,7 @@ import numpy as np
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
 from qbitmap.format import BitmapEntry, Geometry, Image, layout
+from qbitmap.format.bitmap import bits_past_end
 from qbitmap.format.entries import bitmap_table_entries, bitmap_table_sound
 
 _TABLE_ENTRY = "bitmap table entry"
@@ -92,31 +93,16 @@ def tail_problem(image: Image, entry: BitmapEntry, table: np.ndarray) -> Finding
     if not entry.granularity_valid:
         return None
     geo = Geometry(image.virtual_size, entry.granularity, image.cluster_size)
-    if geo.table_size == 0 or len(table) < geo.table_size:
+    found = bits_past_end(image, geo, table)
+    if found is None:
         return None
-    last = geo.table_size - 1
-    classes = bitmap_table_entries(table[last : last + 1], image.cluster_size)
-    offset = int(classes.offsets[0])
-    if not classes.data[0] or offset >= image.file_size:
-        return None
-    used_bits = geo.nbits - last * geo.bits_per_cluster
-    if used_bits >= geo.bits_per_cluster:
-        return None
-    # A cluster cut short by the end of the file reads as zeros past it, as in QEMU.
-    data = np.frombuffer(
-        image.pread(offset, image.cluster_size).ljust(image.cluster_size, b"\0"), np.uint8
-    )
-    first_byte, rem = divmod(used_bits, 8)
-    stray = int(np.count_nonzero(data[first_byte + (1 if rem else 0) :]))
-    partial = int(data[first_byte]) >> rem if rem else 0
-    if not stray and not partial:
-        return None
+    offset, byte = found
     return Finding.for_bitmap(
         entry,
         "bitmap-bits-past-end",
         f"bitmap {entry.display_name!r} has bits set past the end of the disk (bit {geo.nbits} on) "
         f"in its last data cluster at {offset:#x}",
-        offset + first_byte,
+        byte,
         "bitmap data",
     )
 

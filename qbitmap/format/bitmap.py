@@ -229,6 +229,36 @@ def iter_chunks(
         yield Chunk(first_bit, geo.nbits - first_bit, "zero")
 
 
+def bits_past_end(image: Image, geo: Geometry, table: np.ndarray) -> tuple[int, int] | None:
+    """Bits set past the end of the disk in the bitmap's last data cluster, if any.
+
+    Returns ``(cluster_offset, end_offset)``: the file offsets of that data
+    cluster and of its byte holding the disk's last bit (the first that may
+    hold a bit past the end); None when no such bit is set,
+    or when the table is short or its last entry has no data cluster inside
+    the file.  A cluster cut short by the end of the file reads as zeros past
+    it, as QEMU reads it.
+    """
+    if geo.table_size == 0 or len(table) < geo.table_size:
+        return None
+    last = geo.table_size - 1
+    classes = bitmap_table_entries(table[last : last + 1], image.cluster_size)
+    offset = int(classes.offsets[0])
+    if not classes.data[0] or offset >= image.file_size:
+        return None
+    used_bits = geo.nbits - last * geo.bits_per_cluster
+    if used_bits >= geo.bits_per_cluster:
+        return None
+    data = np.frombuffer(
+        image.pread(offset, image.cluster_size).ljust(image.cluster_size, b"\0"), np.uint8
+    )
+    first_byte, rem = divmod(used_bits, 8)
+    partial = int(data[first_byte]) >> rem if rem else 0
+    if not partial and not np.count_nonzero(data[first_byte + (1 if rem else 0) :]):
+        return None
+    return offset, offset + first_byte
+
+
 def check_data_size(image: Image, entry: BitmapEntry) -> None:
     """Refuse a bitmap whose data would exceed QEMU's 512 MiB (BME_MAX_PHYS_SIZE).
 

@@ -35,6 +35,7 @@ from qbitmap.format.model import (
     Header,
     HeaderArea,
     LevelRecord,
+    feature_name_entries,
 )
 from qbitmap.format.schema import LayoutError, Parsed, Schema
 
@@ -382,11 +383,8 @@ class Image:
         names = dict(DEFAULT_FEATURE_NAMES)
         ext = self.extension(layout.EXT_FEATURE_NAMES)
         if ext is not None:
-            size = layout.FEATURE_NAME_ENTRY_SIZE
-            for i in range(len(ext.data) // size):
-                entry = layout.FeatureNameEntry.parse(ext.data[i * size : (i + 1) * size])
-                name = entry.name.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
-                names[(entry.type, entry.bit)] = name
+            for entry in feature_name_entries(ext.data)[0]:
+                names[(entry.type, entry.bit)] = entry.name.decode("utf-8", "backslashreplace")
         return names
 
     @property
@@ -402,8 +400,7 @@ class Image:
                 offset=ext.offset + layout.EXTENSION_FIELD.length,
                 field="bitmaps extension length",
             )
-        c = layout.BitmapsExtension.parse(ext.data)
-        return BitmapsExtension.from_container(c, offset=ext.data_offset)
+        return BitmapsExtension.decode(ext.data, offset=ext.data_offset)
 
     @property
     def bitmaps_honored(self) -> bool:

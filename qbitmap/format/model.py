@@ -191,6 +191,16 @@ class BitmapsExtension:
     bitmap_directory_offset: int
 
     @classmethod
+    def decode(cls, data: bytes, *, offset: int) -> BitmapsExtension:
+        """The extension's data bytes, found at file offset *offset*.
+
+        The caller has checked that *data* is ``layout.BITMAPS_EXTENSION_SIZE``
+        bytes: what a wrong length means (QEMU ignores the extension, or the
+        image is corrupt) depends on who asks.
+        """
+        return cls.from_container(layout.BitmapsExtension.parse(data), offset=offset)
+
+    @classmethod
     def from_container(cls, c: Any, *, offset: int) -> BitmapsExtension:
         return cls(
             offset=offset,
@@ -214,6 +224,32 @@ class BitmapsExtension:
     def field_offset(self, name: str) -> int:
         """File offset of the field *name* of this extension's data."""
         return self.offset + getattr(layout.BITMAPS_EXTENSION_FIELD, name)
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureName:
+    """One entry of the feature name table."""
+
+    type: int  # 0 incompatible, 1 compatible, 2 autoclear (other values kept as read)
+    bit: int
+    name: bytes  # up to the first NUL
+
+
+def feature_name_entries(data: bytes) -> tuple[list[FeatureName], bytes]:
+    """The feature name table's whole entries, and the bytes after the last of them."""
+    size = layout.FEATURE_NAME_ENTRY_SIZE
+    whole = len(data) - len(data) % size
+    entries = []
+    for pos in range(0, whole, size):
+        c = layout.FeatureNameEntry.parse(data, pos)
+        entries.append(FeatureName(type=c.type, bit=c.bit, name=c.name.split(b"\0", 1)[0]))
+    return entries, bytes(data[whole:])
+
+
+def crypto_header_pointer(data: bytes) -> tuple[int, int]:
+    """``(offset, length)`` of the LUKS header, from the pointer extension's 16 data bytes."""
+    c = layout.CryptoHeaderPointer.parse(data)
+    return c.offset, c.length
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,7 @@ from qbitmap.format.bitmap import unique_sorted
 from qbitmap.format.entries import ClusterType, valid_data_entries
 from qbitmap.format.image import Image
 from qbitmap.format.layout import QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE
-from qbitmap.format.model import BitmapStructures, IncompatibleFeature
+from qbitmap.format.model import BitmapStructures, IncompatibleFeature, crypto_header_pointer
 from qbitmap.parallel import WORKERS, ordered_map
 
 H = layout.HEADER_FIELD
@@ -944,8 +944,7 @@ class _Walker:
                 "length",
             )
             return
-        pointer = layout.CryptoHeaderPointer.parse(ext.data)
-        off, length = pointer.offset, pointer.length
+        off, length = crypto_header_pointer(ext.data)
         if method != 2:
             self.problem(
                 kind,

@@ -511,9 +511,7 @@ class WriteSession:
         ext = self.extension(layout.EXT_BITMAPS)
         if ext is None or len(ext.data) != 24:
             return None
-        return BitmapsExtension.from_container(
-            layout.BitmapsExtension.parse(ext.data), offset=ext.data_offset
-        )
+        return BitmapsExtension.decode(ext.data, offset=ext.data_offset)
 
 
 def bitmaps_extension_bytes(nb_bitmaps: int, directory_offset: int, directory_size: int) -> bytes:
