@@ -19,6 +19,7 @@ code.  This module ends every run in one place, :meth:`QbitmapGroup.main`:
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import signal
 import sys
@@ -153,8 +154,31 @@ class _Run:
             silence_stdout()
 
 
+#: The commands, in the order --help lists them, and the module defining each (as a function
+#: of the same name).  A run imports and builds only the command it runs.
+COMMANDS = {
+    "dump": "qbitmap.commands.dump",
+    "check": "qbitmap.commands.check",
+    "recover": "qbitmap.commands.recover",
+    "checkpoints": "qbitmap.commands.checkpoints",
+}
+
+
 class QbitmapGroup(click.Group):
-    """Ends every run: maps usage errors, QbitmapError, Ctrl-C and closed pipes onto exit codes."""
+    """Ends every run: maps usage errors, QbitmapError, Ctrl-C and closed pipes onto exit codes.
+
+    Commands load on first use (:data:`COMMANDS`): a backup job calls qbitmap
+    once per disk, and building every command's options costs each call.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module = importlib.import_module(COMMANDS[cmd_name])
+            self.add_command(getattr(module, cmd_name))
+        return self.commands.get(cmd_name)
 
     def main(  # type: ignore[override]
         self,
@@ -298,22 +322,6 @@ def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> Non
     ctx.obj = Ui(color=color, quiet=quiet)
 
 
-def _register() -> None:
-    # Command modules import their heavy dependencies lazily, inside the
-    # command bodies, so registering all three costs little at start-up.
-    from qbitmap.commands.check import check
-    from qbitmap.commands.dump import dump
-    from qbitmap.commands.recover import recover
-
-    for command in (dump, check, recover):
-        cli.add_command(command)
-
-    from qbitmap.commands.checkpoints import checkpoints
-
-    cli.add_command(checkpoints)
-
-
-_register()
 
 
 def main() -> None:

@@ -33,7 +33,10 @@ def qbitmap(*args: object) -> subprocess.CompletedProcess[str]:
 
 def test_every_command_with_json_has_output() -> None:
     with_json = []
-    for name, command in cli.commands.items():
+    ctx = click.Context(cli)
+    for name in cli.list_commands(ctx):
+        command = cli.get_command(ctx, name)
+        assert command is not None, name
         options = {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
         if "--json" in options:
             with_json.append(name)
