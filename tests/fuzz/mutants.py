@@ -96,8 +96,10 @@ class Mutator:
     # -- values -------------------------------------------------------------------------
 
     def past_eof(self) -> int:
+        """A cluster offset past the end of the file; most often the first one, where the next
+        cluster anyone allocates by growing the file lands."""
         end = -(-len(self.buf) // self.cs) * self.cs
-        return end + self.cs * self.rng.choice([0, 1, 7, 1 << 10, 1 << 20])
+        return end + self.cs * self.rng.choice([0, 0, 0, 1, 7, 1 << 10, 1 << 20])
 
     def structure(self, exclude: tuple[str, ...] = ()) -> tuple[int, str]:
         """The offset of a cluster playing some role (another structure), and a label."""
