@@ -1,7 +1,8 @@
 """Differential fuzz test: seeded mutants of QEMU-made images, QEMU as the oracle.
 
 ``test_mutant`` runs a fixed set of mutants (every operator on every base,
-twice) and asserts, for each, every property of issue 8 (see
+twice, plus one small mutant per class of disagreement that ``scripts/fuzz``
+found) and asserts, for each, every property of issue 8 (see
 ``differential.PROPERTIES``); a failure names the mutant, what its edits
 changed, what QEMU and qbitmap said, and the command that reproduces it.
 The other tests pin the harness itself: mutants are reproducible, the
@@ -30,7 +31,35 @@ import mutants
 import qemu
 
 #: Every operator on every base, twice: seeds 0 .. 2 * 19 * 7 - 1.
-CI_IDS = mutants.ids(2 * len(mutants.OPERATOR_NAMES) * len(bases.BASES), 0)
+SWEEP_IDS = mutants.ids(2 * len(mutants.OPERATOR_NAMES) * len(bases.BASES), 0)
+#: One small mutant per class of disagreement with QEMU that scripts/fuzz found (the classes of
+#: docs/fuzz-findings.md), so that each class is in the suite even where the sweep has none.
+CLASS_IDS = [
+    mutants.MutantId.parse(text)
+    for text in (
+        "std64k:1330",  # C1  version 0: QEMU refuses, check exits 1
+        "c512:334",  # C2  L1 entry reserved bit 56
+        "crash4k:202",  # C2  L2 entry COPIED cleared, refcount 1
+        "std64k:2235",  # C2  compressed L2 entry with COPIED
+        "xl2:145",  # C2  extended L2: a subcluster both allocated and zero
+        "crash64k:4610",  # C3  L2 entry -> first cluster past EOF; recover writes guest data there
+        "c512:2413",  # C4  nb_snapshots 1 -> 2: snapshot table entry 1 incomplete
+        "std64k:293",  # C5  name starting with NUL: QEMU's read-write open fails
+        "std64k:578",  # C5  names equal as C strings: 'Bitmap already exists'
+        "crash64k:84",  # C5  NUL name on an in-use bitmap: recover makes QEMU refuse the image
+        "crash64k:350",  # C5  C-string duplicate of an in-use bitmap: likewise
+        "std64k:1463",  # C6  bits past the end: --drop-broken drops a bitmap QEMU accepts
+        "std64k:54",  # C6  directory one byte short of EOF: --drop-broken drops all bitmaps
+        "crash4k:27",  # C6  empty name: --drop-broken drops it
+        "std64k:80",  # C6  duplicate bitmaps extension: --drop-broken drops all bitmaps
+        "std64k:227",  # C7  huge leaked refcount: recover frees it one reference at a time
+        "std64k:37165",  # C8  unknown autoclear bit cleared before recover refuses
+        "crash512:229",  # C9  external data file bit without a data file
+        "std64k:57",  # C10 crypt_method 1 (AES): QEMU needs a key
+        "std64k:28805",  # C11 dirty bit: refcount errors QEMU reports are not checked
+    )
+]
+CI_IDS = SWEEP_IDS + CLASS_IDS
 #: One CI mutant in this many also goes through the command line (a fresh interpreter costs
 #: 0.3-1 s per run, four runs per mutant: most of the set's time otherwise).
 CI_CLI_EVERY = 16
@@ -87,7 +116,7 @@ def test_mutant_set_within_budget(ci_run: CiRun) -> None:
 
 def test_mutant_set_covers_every_operator_and_base(outcomes: dict[str, D.Outcome]) -> None:
     families: dict[str, set[str]] = {}
-    for mid in CI_IDS:
+    for mid in SWEEP_IDS:
         out = outcomes[str(mid)]
         assert out.obs.operators, f"{mid}: no edit"
         families.setdefault(out.obs.operators[0], set()).add(mid.base)
@@ -96,9 +125,10 @@ def test_mutant_set_covers_every_operator_and_base(outcomes: dict[str, D.Outcome
         # an edit that happens to change nothing falls back to another operator; "snapshot" has
         # no target on the bases without a snapshot
         assert len(used) >= (3 if op == "snapshot" else len(bases.BASES) - 2), (op, used)
-    verdicts = {outcomes[str(m)].obs.qemu.verdict for m in CI_IDS}
+    verdicts = {outcomes[str(m)].obs.qemu.verdict for m in SWEEP_IDS}
     assert verdicts >= set(D.VERDICTS), verdicts
-    assert sum(1 for m in CI_IDS if outcomes[str(m)].obs.cli) >= 8
+    assert sum(1 for m in SWEEP_IDS if outcomes[str(m)].obs.cli) >= 8
+    assert len({str(m) for m in CI_IDS}) == len(CI_IDS)
 
 
 # -- mutants --------------------------------------------------------------------------------
