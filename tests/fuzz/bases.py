@@ -41,7 +41,7 @@ import qemu
 KiB, MiB = 1024, 1024 * 1024
 
 #: Bump when a recipe changes: cached bases of another version are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: Unix time written into every snapshot's date fields (2023-11-14).
 SNAPSHOT_DATE = 1_700_000_000
@@ -73,18 +73,21 @@ def _snapshot(path: Path, name: str) -> None:
     _fix_snapshot_dates(path)
 
 
-def _crash_qemu_io(path: Path, cmds: list[str], probe: str, timeout: float = 60.0) -> None:
-    """Run *cmds* in a read-write ``qemu-io`` and SIGKILL it once they are on disk.
+def _crash_qemu_io(path: Path, cmds: list[str], marker_offset: int, timeout: float = 60.0) -> None:
+    """Run *cmds* in a read-write ``qemu-io``, flush, and SIGKILL it: a crash after a flush.
 
     qemu-io buffers its stdout when it is not a terminal, so progress is
-    watched from outside: the process ends with a long ``sleep`` and is
-    killed as soon as a read-only, force-share reader sees *probe* (a
-    ``read -P`` of the last write) succeed.  Every bitmap QEMU loaded is
-    then left in use on disk.
+    watched from outside.  After *cmds* and a ``flush`` it writes a marker
+    (512 bytes of 0x7e at *marker_offset*, which must lie in a cluster that
+    is already allocated, so that only data is written) and then sleeps; it
+    is killed once a read-only, force-share reader sees the marker.  qemu-io
+    runs its commands in order, so by then the flush has returned and the
+    file is the same every time.  Every bitmap QEMU loaded is left in use.
     """
     qemu.require_tools("qemu-io")
     argv = ["qemu-io", "-f", "qcow2", os.fspath(path)]
-    for c in [*cmds, "flush", "sleep 600000"]:
+    marker = f"-P 0x7e {marker_offset} 512"
+    for c in [*cmds, "flush", f"write {marker}", "sleep 600000"]:
         argv += ["-c", c]
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -95,7 +98,7 @@ def _crash_qemu_io(path: Path, cmds: list[str], probe: str, timeout: float = 60.
             if proc.poll() is not None:
                 raise qemu.QemuError(f"qemu-io exited early: {proc.stderr.read()!r}")
             seen = subprocess.run(
-                ["qemu-io", "-r", "-U", "-f", "qcow2", os.fspath(path), "-c", probe],
+                ["qemu-io", "-r", "-U", "-f", "qcow2", os.fspath(path), "-c", f"read {marker}"],
                 capture_output=True,
                 text=True,
                 timeout=30,
@@ -178,7 +181,7 @@ def crash512(path: Path) -> None:
     """512-byte clusters, 8 MiB, refcount 8, compressed clusters, no snapshot; a qemu-io
     writer SIGKILLed after a flush: every bitmap in use."""
     _std(path, 8 * MiB, 512, rc_bits=8, snapshot=False)
-    _crash_qemu_io(path, ["write -P 0x77 5M 8k"], "read -P 0x77 5M 8k")
+    _crash_qemu_io(path, ["write -P 0x77 5M 8k"], 8 * MiB - 512)
 
 
 def xl2(path: Path) -> None:
@@ -191,7 +194,7 @@ def crash4k(path: Path) -> None:
     """4 KiB clusters, refcount 2 (values 0..3), 16 MiB, compressed clusters, no snapshot;
     qemu-io SIGKILLed: bitmaps in use."""
     _std(path, 16 * MiB, 4 * KiB, rc_bits=2, snapshot=False)
-    _crash_qemu_io(path, ["write -P 0x78 9M 4k", "write -z 10M 64k"], "read -P 0x78 9M 4k")
+    _crash_qemu_io(path, ["write -P 0x78 9M 4k", "write -z 10M 64k"], 16 * MiB - 512)
 
 
 def noauto64k(path: Path) -> None:
