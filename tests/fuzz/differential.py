@@ -1004,8 +1004,16 @@ def _cleanup(workdir: Path | None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with qbitmap's usage exit status (64, as for qbitmap itself) instead of 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(64, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="scripts/fuzz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
@@ -1104,7 +1112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.write_mutant:
-        mid = mutants.MutantId.parse(args.write_mutant[0])
+        try:
+            mid = mutants.MutantId.parse(args.write_mutant[0])
+        except ValueError as exc:
+            parser.error(str(exc))
         m = mutants.write(mid, Path(args.write_mutant[1]), args.cache)
         if args.write_mutant_base:
             bases.write_base(mid.base, args.write_mutant_base, args.cache)

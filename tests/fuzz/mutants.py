@@ -50,8 +50,11 @@ class MutantId:
     @classmethod
     def parse(cls, text: str) -> MutantId:
         base, sep, seed = text.rpartition(":")
-        if not sep or base not in bases.BASES:
-            raise ValueError(f"mutant id is BASE:SEED with BASE one of {', '.join(bases.BASES)}")
+        if not sep or base not in bases.BASES or not seed.isdigit():
+            raise ValueError(
+                f"mutant id {text!r} is not BASE:SEED (SEED an integer, BASE one of "
+                f"{', '.join(bases.BASES)})"
+            )
         return cls(base, int(seed))
 
 
