@@ -156,7 +156,7 @@ class Measurement:
     maxrss_exact: bool = True
     parts: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

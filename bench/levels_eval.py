@@ -24,7 +24,7 @@ Tracker issues is recorded, and the image a crash before guest write *k*
 leaves is the original file plus the writes issued so far (the Tracker
 flushes before ``write`` returns, so nothing is pending at those instants).
 That image is then read back with qbitmap's own reader, judged with
-``qbitmap.levels.assess`` and recovered with ``qbitmap.levels.recover``.  A
+``qbitmap.check.levels.assess`` and recovered with ``qbitmap.levels.recover``.  A
 few crash points per run are cross-checked against a real crashing run
 (``qbitmap.store.disk.CrashingDisk``) byte for byte, and every crash point is
 checked to recover every accepted write (the run fails otherwise).
@@ -49,12 +49,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The crash model the tests use (tests/crashdisk.py) stops the Tracker at every write.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import common
+from crashdisk import CrashingDisk, SimulatedCrash
 
 from qbitmap import levels
+from qbitmap.check.levels import assess
 from qbitmap.format import Image, read_bits
-from qbitmap.store.disk import CrashingDisk, Disk, SimulatedCrash
+from qbitmap.store.disk import Disk
 from qbitmap.track import FlushPolicy, Tracker
 
 KiB, MiB, GiB = common.KiB, common.MiB, common.GiB
@@ -236,7 +240,7 @@ def recovered_bytes(path: Path, truth: np.ndarray) -> tuple[int, int]:
     with Image.open(path) as img:
         entries = img.read_directory().entries
         entry = entries[0]
-        a = levels.assess(img, entries)[entry.name]
+        a = assess(img, entries)[entry.name]
         if not (entry.in_use and a.trusted):
             raise AssertionError(
                 f"crashed image: in_use={entry.in_use}, record {a.status} ({a.reason})"

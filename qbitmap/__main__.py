@@ -1,5 +1,5 @@
 """``python -m qbitmap``."""
 
-from qbitmap.cli import main
+from qbitmap.entry import main
 
 main()

@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     IN_USE = 4  # check: in-use bitmaps with sound metadata
     USAGE = 64  # sysexits EX_USAGE; click's default 2 would read as CORRUPT
     BUSY = 75  # sysexits EX_TEMPFAIL: another process holds the image
+    INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for an interrupted command
 
 
 class QbitmapError(Exception):
@@ -75,3 +76,15 @@ class UsageError(QbitmapError):
     """The request makes no sense for this image (for example an unknown bitmap name)."""
 
     exit_code = ExitCode.USAGE
+
+
+class NoModeError(QbitmapError):
+    """recover: no recovery mode applies to a bitmap (exit 1); the user must choose one."""
+
+
+class AllocationError(QbitmapError):
+    """store: a refcount could not be changed as asked (overflow, underflow, limits)."""
+
+
+class TrackerClosedError(QbitmapError):
+    """track: the Tracker was closed, or failed and can no longer promise anything."""

@@ -2,14 +2,17 @@
 
 :func:`dump_report` reads an image and returns a :class:`DumpReport`: a
 dictionary of JSON-ready values (bytes as hex strings, flags as the words
-``qemu-img info --output=json`` uses) plus, per bitmap, its dirty extents as
-numpy arrays.  The JSON writer, the line writer and the rich renderer all
-start from it, so the views cannot drift apart.  Nothing here prints.
+``qemu-img info --output=json`` uses) plus, per bitmap, a source of its dirty
+extents that streams them from the still open image in blocks of numpy
+arrays, so that no output form holds every range at once.  The JSON writer,
+the line writer and the rich renderer all start from it, so the views cannot
+drift apart.  Nothing here prints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +22,14 @@ from qbitmap.errors import UsageError
 from qbitmap.format import (
     AutoclearFeature,
     BitmapEntry,
+    Geometry,
     Image,
     dirty_bytes,
-    extent_arrays,
+    extent_blocks,
     geometry_of,
     iter_chunks,
     layout,
+    select_entries,
 )
 from qbitmap.format.model import HEADER_FIELDS, Extension
 
@@ -34,8 +39,11 @@ FEATURE_KINDS = {
     layout.FEATURE_AUTOCLEAR: "autoclear",
 }
 
-#: One bitmap's dirty ranges: ``(starts, lengths)`` in bytes, sorted and merged.
+#: A block of one bitmap's dirty ranges: ``(starts, lengths)`` in bytes, sorted and merged.
 Extents = tuple[np.ndarray, np.ndarray]
+
+#: One bitmap's dirty ranges, read from the open image again at each call, as blocks.
+ExtentSource = Callable[[], Iterator[Extents]]
 
 
 def feature_words(image: Image) -> dict[str, list[str]]:
@@ -150,43 +158,70 @@ def bitmap_summary(entry: BitmapEntry, *, extension_consistent: bool) -> dict[st
     }
 
 
+def in_use_warning(name: str, writer_running: bool) -> str:
+    """Why an in-use bitmap's on-disk contents are stale: a live writer, or one that stopped."""
+    if writer_running:
+        return (
+            f"bitmap {name!r} is in use: the image is held by a running writer, whose bitmaps "
+            "live in its memory, so the on-disk contents shown are stale"
+        )
+    return (
+        f"bitmap {name!r} is in use (its writer did not close it cleanly): the on-disk "
+        "contents shown are stale"
+    )
+
+
 @dataclass
 class DumpReport:
-    """Everything ``qbitmap dump`` shows, ready for any renderer."""
+    """Everything ``qbitmap dump`` shows, ready for any renderer.
+
+    The extent sources read the image: render the report before closing it.
+    """
 
     info: dict[str, Any]
-    #: Per bitmap, in ``info["bitmaps"]`` order: its extents, or None when not asked for.
-    extents: list[Extents | None] = field(default_factory=list)
+    #: Per bitmap, in ``info["bitmaps"]`` order: its extent source, or None when not asked for.
+    extents: list[ExtentSource | None] = field(default_factory=list)
     #: Things to tell the user on stderr (stale data), one sentence each.
     warnings: list[str] = field(default_factory=list)
+    #: Whether a running writer holds the image (asked only when a bitmap is in use).
+    writer_running: bool = False
+
+
+def _extent_source(image: Image, entry: BitmapEntry, geo: Geometry) -> Iterator[Extents]:
+    return extent_blocks(geo, iter_chunks(image, entry))
 
 
 def select_bitmaps(
     entries: Sequence[BitmapEntry], names: Sequence[str], *, filename: str
 ) -> list[BitmapEntry]:
-    """The entries named in *names* (all when empty), in directory order.
+    """The entries QEMU knows by one of *names* (all when empty), in directory order.
 
     Raises UsageError (exit 64) for a name the image does not have.
     """
-    if not names:
-        return list(entries)
-    known = {e.display_name for e in entries}
-    for name in names:
-        if name not in known:
-            raise UsageError(f"{filename}: no bitmap named {name!r}")
-    wanted = set(names)
-    return [e for e in entries if e.display_name in wanted]
-
+    chosen, missing = select_entries(entries, names)
+    if missing:
+        raise UsageError(f"{filename}: no bitmap named {missing[0]!r}")
+    return chosen
 
 def dump_report(
-    image: Image, *, filename: str, names: Sequence[str] = (), with_extents: bool = False
+    image: Image,
+    *,
+    filename: str,
+    names: Sequence[str] = (),
+    with_extents: bool = False,
+    writer_running: Callable[[], bool] | None = None,
 ) -> DumpReport:
     """Read what dump shows from *image*.
 
     Raises ImageFormatError when a structure dump needs (header extensions,
     bitmap directory, bitmap tables and data) cannot be read; UsageError for
-    an unknown name in *names*.  With *with_extents* every selected bitmap's
-    dirty ranges are computed in the same pass as its dirty byte count.
+    an unknown name in *names*.  Every selected bitmap's data is read here
+    once (its dirty byte count), so a damaged table or data cluster is
+    reported before anything is printed; with *with_extents* each bitmap
+    also gets an extent source, which reads the data again while the
+    report is rendered.  *writer_running* says whether a running process
+    holds the image for writing; it is asked once, when an in-use bitmap is
+    met, to tell a live writer's bitmaps from a crashed writer's.
     """
     if image.extension_error is not None:
         raise image.extension_error
@@ -219,21 +254,19 @@ def dump_report(
             f"{why}, so QEMU considers every bitmap inconsistent; the on-disk contents are stale"
         )
     bitmaps: list[dict[str, Any]] = []
+    asked = False
     for entry in entries:
         summary = bitmap_summary(entry, extension_consistent=consistent)
         geo = geometry_of(image, entry)
-        if with_extents:
-            starts, lengths = extent_arrays(geo, iter_chunks(image, entry))
-            summary["dirty_bytes"] = int(lengths.sum())
-            report.extents.append((starts, lengths))
-        else:
-            summary["dirty_bytes"] = dirty_bytes(geo, iter_chunks(image, entry))
-            report.extents.append(None)
+        summary["dirty_bytes"] = dirty_bytes(geo, iter_chunks(image, entry))
+        report.extents.append(
+            functools.partial(_extent_source, image, entry, geo) if with_extents else None
+        )
         bitmaps.append(summary)
         if entry.in_use:
-            report.warnings.append(
-                f"bitmap {entry.display_name!r} is in use (its writer did not close it "
-                "cleanly): the on-disk contents shown are stale"
-            )
+            if writer_running is not None and not asked:
+                report.writer_running = writer_running()
+                asked = True
+            report.warnings.append(in_use_warning(entry.display_name, report.writer_running))
     info["bitmaps"] = bitmaps
     return report

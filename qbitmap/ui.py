@@ -9,15 +9,22 @@ names come from the image and must never be read as rich markup.
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
+
+from qbitmap.render import printable
 
 if TYPE_CHECKING:
     from rich.console import Console
 
 
 _fast_exit = False
+
+# Width used to measure a renderable's natural minimum, free of the terminal's width.
+_UNBOUNDED_WIDTH = 1 << 16
 
 
 def allow_fast_exit() -> None:
@@ -35,6 +42,19 @@ def allow_fast_exit() -> None:
 
 def fast_exit_allowed() -> bool:
     return _fast_exit
+
+
+@functools.cache
+def _console_class() -> type[Console]:
+    from rich.console import Console
+
+    class QbitmapConsole(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's own answer is SystemExit(1); a closed stdout is not a failure, and
+            # qbitmap.cli handles it the same way for every output form.
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return QbitmapConsole
 
 
 def _wants_color(stream: TextIO, color: bool | None) -> bool:
@@ -55,10 +75,8 @@ class Ui:
         self._err: Console | None = None
 
     @staticmethod
-    def _console(stream: TextIO, color: bool) -> Console:
-        from rich.console import Console
-
-        return Console(
+    def _console(stream: TextIO, color: bool, width: int | None = None) -> Console:
+        return _console_class()(
             file=stream,
             markup=False,
             emoji=False,
@@ -67,6 +85,7 @@ class Ui:
             no_color=not color,
             color_system="auto" if color else None,
             soft_wrap=False,
+            width=width,
         )
 
     @property
@@ -86,25 +105,40 @@ class Ui:
         return sys.stderr.isatty()
 
     def print(self, *renderables: Any) -> None:
-        """Render rich objects on stdout."""
-        self.out.print(*renderables)
+        """Render rich objects on stdout, never narrower than their measured minimum.
+
+        On a console narrower than that minimum rich would cut cells with an
+        ellipsis; names sit in no-wrap columns sized by
+        :func:`qbitmap.render.keep_whole`, so the lines are made longer instead
+        (a terminal wraps them, a pipe keeps them whole).
+        """
+        from rich.measure import Measurement
+
+        console = self.out
+        unbounded = console.options.update_width(_UNBOUNDED_WIDTH)
+        need = max((Measurement.get(console, unbounded, r).minimum for r in renderables), default=0)
+        if need > console.width:
+            console = self._console(sys.stdout, not console.no_color, width=need)
+        console.print(*renderables)
 
     def write(self, text: str) -> None:
         """Write plain text on stdout, untouched."""
         sys.stdout.write(text)
 
+    # Messages quote bitmap names and file names, which may hold escape sequences or
+    # newlines: printable() keeps each message one inert line.
     def error(self, message: str) -> None:
-        sys.stderr.write(f"qbitmap: error: {_one_line(message)}\n")
+        sys.stderr.write(f"qbitmap: error: {printable(message)}\n")
         sys.stderr.flush()
 
     def warning(self, message: str) -> None:
         if not self.quiet:
-            sys.stderr.write(f"qbitmap: warning: {_one_line(message)}\n")
+            sys.stderr.write(f"qbitmap: warning: {printable(message)}\n")
             sys.stderr.flush()
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            sys.stderr.write(f"qbitmap: {_one_line(message)}\n")
+            sys.stderr.write(f"qbitmap: {printable(message)}\n")
             sys.stderr.flush()
 
     def progress(self, description: str, total: int | None) -> Any:
@@ -122,7 +156,7 @@ class Ui:
 
         return _RichProgress(
             Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 DownloadColumn(binary_units=True),
                 TransferSpeedColumn(),
@@ -130,13 +164,9 @@ class Ui:
                 console=self.err,
                 transient=True,
             ),
-            description,
+            printable(description),
             total,
         )
-
-
-def _one_line(message: str) -> str:
-    return message.replace("\n", " ").replace("\r", " ")
 
 
 class NullProgress:

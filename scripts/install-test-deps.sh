@@ -3,7 +3,11 @@
 #   1. Debian packages with the QEMU tools the tests drive for real (and strace,
 #      which kills recover at chosen syscalls in tests/recover):
 #      qemu-utils (qemu-img, qemu-io, qemu-nbd), qemu-system-common
-#      (qemu-storage-daemon), libnbd-bin (nbdinfo), man-db (man page checks);
+#      (qemu-storage-daemon), libnbd-bin (nbdinfo), man-db and groff-base (man
+#      pages render), mandoc (man pages lint clean);
+#      for tests/libvirt, a real libvirtd running QEMU domains: libvirt-daemon,
+#      libvirt-daemon-driver-qemu, libvirt-clients (virsh), qemu-system-x86,
+#      and the backup client virtnbdbackup (with virtnbdrestore);
 #   2. a virtualenv .venv in the repository;
 #   3. qbitmap itself, editable, with its "test" extra (pytest, hypothesis).
 # Run from anywhere; needs root (or sudo) only if a Debian package is missing.
@@ -12,7 +16,8 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
-debs=(qemu-utils qemu-system-common libnbd-bin man-db strace)
+debs=(qemu-utils qemu-system-common libnbd-bin man-db groff-base mandoc strace
+      libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86 virtnbdbackup)
 missing=()
 for p in "${debs[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$'; then

@@ -60,6 +60,7 @@ __all__ = [
     "golden_image",
     "guest_read",
     "header_extensions",
+    "images_identical",
     "img_bitmaps",
     "img_check",
     "img_info",
@@ -68,10 +69,12 @@ __all__ = [
     "nbd_data_read",
     "nbd_dirty_extents",
     "nbd_map",
+    "opens_read_write",
     "qemu_img",
     "qemu_io",
     "qemu_io_write",
     "read_autoclear",
+    "require",
     "require_tools",
     "set_autoclear_bits",
 ]
@@ -120,6 +123,20 @@ def require_tools(*names: str) -> None:
     import pytest
 
     pytest.skip(msg + " (install qemu-utils, qemu-system-common, libnbd-bin)")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Go on only if *condition* holds: otherwise skip the test, or fail it when ``CI`` is set.
+
+    For needs :func:`require_tools` cannot see (root, a loop device).
+    """
+    if condition:
+        return
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{reason} (CI is set: tests may not skip)")
+    import pytest
+
+    pytest.skip(reason)
 
 
 # ---------------------------------------------------------------------------
@@ -300,6 +317,25 @@ def img_check(
     except json.JSONDecodeError:
         report = {"error": proc.stderr.strip(), "stdout": proc.stdout}
     return proc.returncode, report
+
+
+def opens_read_write(path: str | os.PathLike) -> subprocess.CompletedProcess:
+    """Open *path* read-write in QEMU and close it again (``qemu-io PATH -c quit``).
+
+    What a VM start does to the image: bitmaps are loaded and validated,
+    flagged in use in place, and stored again at the clean close.  This
+    changes the file: pass a copy.  Returns the process (exit 0 = accepted).
+    """
+    require_tools("qemu-io")
+    return _run(["qemu-io", "-f", "qcow2", path, "-c", "quit"], check=False)
+
+
+def images_identical(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether the guest data of two images is byte-identical (``qemu-img compare``)."""
+    proc = qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", a, b, check=False)
+    if proc.returncode not in (0, 1):
+        raise QemuError(f"qemu-img compare failed: {proc.stderr.strip()}")
+    return proc.returncode == 0
 
 
 # ---------------------------------------------------------------------------

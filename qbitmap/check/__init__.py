@@ -10,8 +10,20 @@ reading what the earlier ones learnt (see ``context.py``):
 * ``clusters``   the reference map: overlaps, refcounts and leaks of bitmap clusters
 * ``levels``     in-use bitmaps and their consistency-level records
 
-Exit codes: the first of 1 (could not check), 2 (corrupt), 4 (in use),
-3 (leaks) that applies, else 0.
+Exit codes: the first of 1 (could not check), 75 (a running writer holds the
+image), 2 (corrupt), 4 (stale bitmaps recover can bring back), 3 (leaks) that
+applies, else 0.
+
+Two scopes (:data:`SCOPES`).  ``full``, the default, is all of the above:
+``qbitmap check``, and what ``recover`` runs before it writes.  ``open`` is
+what QEMU checks when it opens the image -- the header, the extensions, the
+bitmap directory and every entry, the bitmap tables' entries, and where the
+refcount, L1 and snapshot tables and the encryption header lie -- and the
+bitmaps' flags: everything libvirt's verdict on a checkpoint depends on
+(``qbitmap checkpoints``), without walking every L1/L2 table and refcount
+and without the consistency-level records.  On an image QEMU refuses to
+open, both scopes give the same exit status and bitmap statuses
+(tests/check/test_scope.py pins it over the corruption catalogue).
 """
 
 from __future__ import annotations
@@ -23,15 +35,18 @@ from pathlib import Path
 from typing import Any
 
 from qbitmap import levels as levels_mod
-from qbitmap.check import clusters, directory, header, levels, live, tables
-from qbitmap.check.clusters import Kind, ReferenceMap, reference_map
+from qbitmap import lockbytes
+from qbitmap.check import clusters, directory, header, levels, tables
 from qbitmap.check.context import Context
-from qbitmap.check.findings import CODES, Finding, Severity
+from qbitmap.check.findings import CODES, REPAIRS, Finding, Severity
 from qbitmap.check.levels import RecoveryEstimate
 from qbitmap.errors import ExitCode, ImageIOError, QbitmapError, UsageError
-from qbitmap.format import BitmapEntry, Image
+from qbitmap.format import BitmapEntry, Image, select_entries
+from qbitmap.format.references import Kind, ReferenceMap
 
-STATUSES = ("consistent", "in-use", "corrupt")
+STATUSES = ("consistent", "in-use", "corrupt", "ignored")
+#: What check_image looks at: everything, or what QEMU checks when it opens the image.
+SCOPES = ("full", "open")
 
 
 @dataclass
@@ -39,7 +54,7 @@ class BitmapStatus:
     """The verdict on one bitmap."""
 
     name: str
-    status: str  # "consistent" | "in-use" | "corrupt"
+    status: str  # "consistent" | "in-use" | "corrupt" | "ignored" (autoclear bit 0 clear)
     entry: BitmapEntry | None
     levels: levels_mod.Assessment | None
     recovery: RecoveryEstimate | None = None
@@ -75,7 +90,8 @@ class CheckReport:
     findings: list[Finding] = field(default_factory=list)
     bitmaps: list[BitmapStatus] = field(default_factory=list)
     # The reference map the check built (every structure, bitmaps included when QEMU would
-    # load them: what ``clusters.reference_map`` returns), None if the check stopped before;
+    # load them: what ``qbitmap.format.references.reference_map`` returns), None if the check
+    # stopped before;
     # ``recover`` reuses it instead of walking every L1/L2 table a second time.
     reference_map: ReferenceMap | None = field(default=None, repr=False, compare=False)
 
@@ -84,6 +100,7 @@ class CheckReport:
         severities = {f.severity for f in self.findings}
         for severity, code in (
             (Severity.FAILED, ExitCode.FAILED),
+            (Severity.BUSY, ExitCode.BUSY),
             (Severity.CORRUPT, ExitCode.CORRUPT),
             (Severity.IN_USE, ExitCode.IN_USE),
             (Severity.LEAK, ExitCode.LEAKS),
@@ -119,27 +136,37 @@ def check_image(
     *,
     names: Sequence[str] | None = None,
     held_locks: tuple[int, ...] | None = None,
+    scope: str = "full",
 ) -> CheckReport:
     """Check the bitmaps of an open image.
 
     *names* restricts the bitmaps reported (image-wide findings are kept);
     a name the directory does not have raises :class:`UsageError` when the
     directory could be read.  *held_locks* overrides the lock-byte probe
-    (tests); by default the image's lock bytes are tested.
+    (tests); by default the image's lock bytes are tested.  *scope* is one
+    of :data:`SCOPES` (see the module docstring); with ``open`` the report
+    has no reference map and no consistency-level assessments.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"unknown check scope {scope!r}")
     if held_locks is None:
-        held_locks = live.held_lock_bytes(image.fd)
-    ctx = Context(image=image, held_locks=held_locks)
+        held_locks = lockbytes.probe(image.fd)
+    ctx = Context(image=image, held_locks=held_locks, scope=scope)
     findings: list[Finding] = []
     assessments: dict[int, levels_mod.Assessment] = {}
     estimates: dict[int, RecoveryEstimate | None] = {}
     try:
-        for module in (header, directory, tables, clusters):
+        for module in (header, directory, tables):
             findings.extend(module.check(ctx))
-        corrupt, area_corrupt = _statuses(ctx, findings)
-        sound = {e.index for e in ctx.entries if e.index not in corrupt and not area_corrupt}
-        more, assessments, estimates = levels.check(ctx, sound)
-        findings.extend(more)
+        if scope == "open":
+            findings.extend(clusters.open_check(ctx))
+            findings.extend(levels.in_use_findings(ctx))
+        else:
+            findings.extend(clusters.check(ctx))
+            corrupt, area_corrupt = _statuses(ctx, findings)
+            sound = {e.index for e in ctx.entries if e.index not in corrupt and not area_corrupt}
+            more, assessments, estimates = levels.check(ctx, sound)
+            findings.extend(more)
     except ImageIOError as exc:
         findings.append(Finding("image-read-error", f"the check stopped: {exc}", field="read"))
     except QbitmapError as exc:
@@ -170,15 +197,17 @@ def check_image(
                 recovery=estimates.get(entry.index),
             )
         )
+    for entry in ctx.ignored:
+        bitmaps.append(BitmapStatus(entry.display_name, "ignored", entry, None))
     if names:
-        known = {b.name for b in bitmaps}
-        missing = [n for n in names if n not in known]
-        directory_sound = ctx.directory_readable and not area_corrupt
+        chosen, missing = select_entries([b.entry for b in bitmaps if b.entry], names)
+        directory_sound = (ctx.directory_readable and not area_corrupt) or bool(ctx.ignored)
         if missing and (directory_sound or ctx.extension is None):
             raise UsageError(f"{image.path}: no bitmap named {missing[0]!r}")
-        wanted = set(names)
-        bitmaps = [b for b in bitmaps if b.name in wanted]
-        findings = [f for f in findings if f.area != "bitmap" or f.bitmap in wanted]
+        wanted = {id(e) for e in chosen}
+        indices = {e.index for e in chosen}
+        bitmaps = [b for b in bitmaps if id(b.entry) in wanted]
+        findings = [f for f in findings if f.area != "bitmap" or f.bitmap_index in indices]
     findings.sort(key=Finding.sort_key)
     return CheckReport(
         filename=str(image.path), findings=findings, bitmaps=bitmaps, reference_map=ctx.refmap
@@ -208,6 +237,8 @@ def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = No
 
 __all__ = [
     "CODES",
+    "REPAIRS",
+    "SCOPES",
     "STATUSES",
     "BitmapStatus",
     "CheckReport",
@@ -218,5 +249,4 @@ __all__ = [
     "Severity",
     "check_image",
     "check_path",
-    "reference_map",
 ]

@@ -15,7 +15,7 @@ import numpy as np
 from qbitmap.format import BitmapEntry, BitmapsExtension, Image
 
 if TYPE_CHECKING:
-    from qbitmap.check.clusters import ReferenceMap
+    from qbitmap.format.references import ReferenceMap
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Context:
 
     image: Image
     held_locks: tuple[int, ...] = ()
+    scope: str = "full"  # "full" or "open" (see qbitmap.check.SCOPES)
     # The bitmaps extension (first one) if its data could be parsed, and whether
     # QEMU would load bitmaps from it (v3, autoclear bit 0 set, length 24).
     extension: BitmapsExtension | None = None
@@ -35,14 +36,11 @@ class Context:
     directory_complete: bool = False
     # Bitmap tables that were read, by directory index (all entries, native uint64).
     tables: dict[int, np.ndarray] = field(default_factory=dict)
-    # Indices of table entries that are valid and point at a data cluster.
-    data_entries: dict[int, np.ndarray] = field(default_factory=dict)
-    # Directory indices whose table location is sane (in the file, aligned, bounded).
-    table_located: set[int] = field(default_factory=set)
     refmap: ReferenceMap | None = None
-    # Refcount of every cluster inside the file, when the refcount structure is sound.
-    refcounts: np.ndarray | None = None
-    # Clusters of an ignored bitmaps extension found leaked (reported on their own).
+    # The bitmaps of an extension QEMU ignores (autoclear bit 0 clear, or a v2 image),
+    # whether recover can bring them back, and their clusters (not reported as leaks).
+    ignored: list[BitmapEntry] = field(default_factory=list)
+    ignored_recoverable: bool = False
     ignored_leaks: np.ndarray | None = None
 
     @property

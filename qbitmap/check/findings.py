@@ -21,17 +21,25 @@ class Severity(enum.IntEnum):
 
     INFO = 0  # worth showing, changes nothing
     LEAK = 1  # wasted space, no risk to data (exit 3)
-    IN_USE = 2  # a bitmap left in use: stale, metadata sound (exit 4)
+    IN_USE = 2  # stale bitmaps with sound metadata, which recover can bring back (exit 4)
     CORRUPT = 3  # metadata damaged, or QEMU would refuse the image (exit 2)
-    FAILED = 4  # the check could not be done (exit 1)
+    BUSY = 4  # a running writer holds the image: its bitmaps live in its memory (exit 75)
+    FAILED = 5  # the check could not be done (exit 1)
 
     @property
     def label(self) -> str:
-        """The word used in JSON and tables: info, leak, in-use, corrupt, failed."""
+        """The word used in JSON and tables: info, leak, in-use, corrupt, busy, failed."""
         return self.name.lower().replace("_", "-")
 
 
-I, L, U, C, F = Severity.INFO, Severity.LEAK, Severity.IN_USE, Severity.CORRUPT, Severity.FAILED
+I, L, U, C, B, F = (
+    Severity.INFO,
+    Severity.LEAK,
+    Severity.IN_USE,
+    Severity.CORRUPT,
+    Severity.BUSY,
+    Severity.FAILED,
+)
 
 # code -> (severity, what it means).  Codes are stable: never rename one.
 CODES: dict[str, tuple[Severity, str]] = {
@@ -53,7 +61,14 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "image-in-use-live": (
         I,
-        "another process (normally a running QEMU) holds the image's lock bytes",
+        "another process (normally a QEMU reading the image) holds some of its lock bytes",
+    ),
+    "image-held-by-writer": (
+        B,
+        (
+            "a running writer (normally QEMU) holds the image: its bitmaps live in its memory, "
+            "what is on disk is not their state"
+        ),
     ),
     "header-invalid": (C, "a header field has a value QEMU refuses to open"),
     "header-extensions-invalid": (
@@ -66,13 +81,39 @@ CODES: dict[str, tuple[Severity, str]] = {
     ),
     "refcount-block-invalid": (
         C,
-        "a refcount table entry has reserved bits set or points to an unaligned block or one outside the file",
+        (
+            "a refcount table entry has reserved bits set or points to an unaligned block or one "
+            "outside the file, or a refcount block is also used by something else"
+        ),
     ),
     "l1-table-invalid": (
         C,
         "the active L1 table is misplaced, too large or too small for the disk",
     ),
+    "l1-entry-invalid": (
+        C,
+        "an L1 entry has reserved bits set, or flags without an L2 table offset",
+    ),
     "l2-table-invalid": (C, "an L1 entry points to an unaligned L2 table or one outside the file"),
+    "l2-entry-invalid": (
+        C,
+        (
+            "an L2 entry has reserved bits set, an unaligned data offset, a compressed descriptor with "
+            "OFLAG_COPIED or subcluster bits, or contradictory subcluster bits"
+        ),
+    ),
+    "image-cluster-past-eof": (
+        C,
+        "an L2 entry points at guest data (or compressed data) at or past the end of the file",
+    ),
+    "image-copied-flag-mismatch": (
+        C,
+        "OFLAG_COPIED of an active L1 or L2 entry disagrees with its cluster's refcount being 1",
+    ),
+    "image-refcount-overflow": (
+        C,
+        "a cluster has more references than its refcount width can count",
+    ),
     "snapshot-table-invalid": (C, "the snapshot table or a snapshot's L1 table cannot be read"),
     "encryption-header-invalid": (
         C,
@@ -83,7 +124,7 @@ CODES: dict[str, tuple[Severity, str]] = {
         "clusters outside the bitmaps are referenced more often than their refcount says",
     ),
     "image-clusters-leaked": (
-        I,
+        L,
         (
             "clusters outside the bitmaps have a refcount above their references (leaks; "
             "'qemu-img check -r leaks' frees them)"
@@ -103,12 +144,22 @@ CODES: dict[str, tuple[Severity, str]] = {
         "autoclear bit 0 (bitmaps) is set but the image has no bitmaps extension",
     ),
     "bitmaps-extension-ignored": (
-        L,
-        "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension and its clusters are leaked",
+        U,
+        (
+            "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension; its clusters are still "
+            "the bitmaps' alone, so qbitmap recover can bring them back"
+        ),
+    ),
+    "bitmaps-extension-lost": (
+        C,
+        (
+            "autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, and its structures are "
+            "damaged or no longer own their clusters: the bitmaps cannot be brought back"
+        ),
     ),
     "bitmaps-extension-v2": (
-        L,
-        "a version 2 image has a bitmaps extension, which QEMU ignores; its clusters are leaked",
+        C,
+        "a version 2 image has a bitmaps extension: QEMU keeps no bitmaps in v2 images, they are lost",
     ),
     "bitmap-ignored": (I, "a bitmap of an ignored bitmaps extension: QEMU treats it as lost"),
     "bitmap-directory-unaligned": (C, "bitmap_directory_offset is not cluster aligned"),
@@ -138,8 +189,25 @@ CODES: dict[str, tuple[Severity, str]] = {
         "flag bits other than in_use and auto are set (QEMU refuses extra_data_compatible too)",
     ),
     "bitmap-name-too-long": (C, "name_size exceeds 1023"),
-    "bitmap-name-empty": (C, "name_size is 0"),
-    "bitmap-name-duplicate": (C, "two bitmaps have the same name"),
+    "bitmap-name-empty": (
+        I,
+        "name_size is 0: QEMU loads and stores the bitmap, but no command can name it",
+    ),
+    "bitmap-name-duplicate": (
+        C,
+        "two bitmaps have the same name as QEMU reads names (up to the first NUL byte)",
+    ),
+    "bitmap-name-nul": (
+        I,
+        "the name contains a NUL byte: QEMU knows the bitmap by the bytes before it",
+    ),
+    "bitmap-name-nul-unstorable": (
+        C,
+        (
+            "the name contains a NUL byte that makes QEMU's copy of the entry shorter than the "
+            "one on disk: a read-write open fails and leaves every bitmap lost"
+        ),
+    ),
     "bitmap-type-invalid": (C, "the bitmap type is not 1 (dirty tracking)"),
     "bitmap-data-too-large": (
         C,
@@ -189,7 +257,7 @@ CODES: dict[str, tuple[Severity, str]] = {
         "a writer stopped without closing the bitmap: its contents are stale, see qbitmap recover",
     ),
     "bitmap-in-use-live": (
-        U,
+        I,
         "the bitmap is in use by the process holding the image: expected while it runs",
     ),
     # -- consistency-level records ---------------------------------------------------------------
@@ -201,7 +269,25 @@ CODES: dict[str, tuple[Severity, str]] = {
     "levels-record-orphan": (I, "a consistency-level record names no bitmap of the image"),
 }
 
-del I, L, U, C, F
+del I, L, U, C, B, F
+
+#: How ``recover --drop-broken`` repairs a bitmap with a corrupt finding, by code.
+#: Codes not listed make QEMU refuse the bitmap: it is dropped.
+#:
+#: ``rewrite``: QEMU loads the bitmap without noticing -- its clusters are shared,
+#: unallocated or past the end of the file, or bits past the disk's end are set --
+#: but its contents cannot be trusted: it is rewritten with every bit set.
+#: ``rename``: QEMU loads it under the name before the NUL byte but cannot store the
+#: directory back: the entry is rewritten with that name, which QEMU already uses.
+REPAIRS: dict[str, str] = {
+    "bitmap-cluster-overlap": "rewrite",
+    "bitmap-cluster-unallocated": "rewrite",
+    "bitmap-table-outside-file": "rewrite",
+    "bitmap-data-outside-file": "rewrite",
+    "bitmap-bits-past-end": "rewrite",
+    "bitmaps-extension-duplicate": "rewrite",
+    "bitmap-name-nul-unstorable": "rename",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """Header-level findings: feature bits, the extension area, the bitmaps extension's presence.
 
-Sources: qcow2-digest 1.3, 2.1, 3.1, 4.2 and 4.3; QEMU block/qcow2.c
+QEMU's rules: docs/interop/qcow2.rst "Header", "Header extensions"; block/qcow2.c
 ``qcow2_do_open`` and ``qcow2_read_extensions`` (the bitmaps case checks the
 length first, then ignores the extension when autoclear bit 0 is clear --
 always the case for v2, which has no autoclear field).
@@ -10,26 +10,36 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from qbitmap.check import live
+from qbitmap import lockbytes
 from qbitmap.check.context import Context
 from qbitmap.check.findings import Finding
 from qbitmap.format import AutoclearFeature, BitmapsExtension, IncompatibleFeature, layout
 
 KNOWN_INCOMPATIBLE = 0x1F
+H = layout.HEADER_FIELD
 
 
 def check(ctx: Context) -> Iterator[Finding]:
     image = ctx.image
     header = image.header
     if ctx.held_locks:
-        writer = "writing" if live.writer_present(ctx.held_locks) else "reading"
-        yield Finding(
-            "image-in-use-live",
-            f"another process has the image open for {writer} ({live.describe(ctx.held_locks)}; "
-            f"lock bytes {', '.join(map(str, ctx.held_locks))}): what is read may be changing",
-            offset=None,
-            field="lock bytes",
-        )
+        held = f"lock bytes {', '.join(map(str, ctx.held_locks))}: {lockbytes.describe(ctx.held_locks)}"
+        if lockbytes.writer_present(ctx.held_locks):
+            yield Finding(
+                "image-held-by-writer",
+                f"the image is held by a running writer ({held}): its bitmaps live in its "
+                "memory and what is on disk is not their state; check again once it has stopped, "
+                "or ask the writer itself (QMP query-block)",
+                offset=None,
+                field="lock bytes",
+            )
+        else:
+            yield Finding(
+                "image-in-use-live",
+                f"another process has the image open for reading ({held})",
+                offset=None,
+                field="lock bytes",
+            )
     if header.version >= 3:
         incompat = header.incompatible_features or 0
         unknown = incompat & ~KNOWN_INCOMPATIBLE
@@ -38,7 +48,7 @@ def check(ctx: Context) -> Iterator[Finding]:
                 "image-unsupported-feature",
                 f"incompatible_features is {incompat:#x}: bits {unknown:#x} are unknown, so the image "
                 "cannot be interpreted (QEMU: 'Unsupported qcow2 feature(s)')",
-                offset=72,
+                offset=H.incompatible_features,
                 field="incompatible_features",
             )
         if incompat & IncompatibleFeature.CORRUPT:
@@ -46,7 +56,7 @@ def check(ctx: Context) -> Iterator[Finding]:
                 "image-marked-corrupt",
                 "incompatible feature bit 1 (corrupt) is set: QEMU detected metadata damage; "
                 "'qemu-img check -r all' may repair it",
-                offset=72,
+                offset=H.incompatible_features,
                 field="incompatible_features",
             )
         if incompat & IncompatibleFeature.DIRTY:
@@ -54,7 +64,7 @@ def check(ctx: Context) -> Iterator[Finding]:
                 "image-dirty",
                 "incompatible feature bit 0 (dirty) is set: refcounts may lag behind (lazy "
                 "refcounts), so they were not compared",
-                offset=72,
+                offset=H.incompatible_features,
                 field="incompatible_features",
             )
     yield from _header_fields(ctx)
@@ -69,20 +79,21 @@ def check(ctx: Context) -> Iterator[Finding]:
     elif image.end_marker_offset is not None:
         # QEMU checks the length of the end marker too before it stops.
         where = image.end_marker_offset
-        length = int.from_bytes(image.pread(where + 4, 4), "big")
-        if where + 8 + length > image.extension_area_end:
+        length = image.end_marker_length
+        if where + layout.EXTENSION_HEADER_SIZE + length > image.extension_area_end:
             yield Finding(
                 "header-extensions-invalid",
                 f"the end-of-extensions marker claims {length} bytes of data, past the end of the "
                 f"extension area at {image.extension_area_end:#x} (QEMU: 'Header extension too large')",
-                offset=where + 4,
+                offset=where + layout.EXTENSION_FIELD.length,
                 field="length",
             )
     yield from _bitmaps_extension(ctx)
 
 
-def _bad(message: str, offset: int, fld: str) -> Finding:
-    return Finding("header-invalid", message, offset=offset, field=fld)
+def _bad(message: str, fld: str) -> Finding:
+    """A header field QEMU refuses, found at its offset in the header."""
+    return Finding("header-invalid", message, offset=getattr(H, fld), field=fld)
 
 
 def _header_fields(ctx: Context) -> Iterator[Finding]:
@@ -94,7 +105,6 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
         yield _bad(
             f"backing_file_offset {header.backing_file_offset:#x} lies beyond the first cluster "
             "(QEMU: 'Invalid backing file offset')",
-            8,
             "backing_file_offset",
         )
     elif header.backing_file_offset and header.backing_file_size > min(
@@ -103,7 +113,6 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
         yield _bad(
             f"backing_file_size {header.backing_file_size} does not fit (QEMU: 'Backing file name "
             "too long')",
-            16,
             "backing_file_size",
         )
     if header.version >= 3:
@@ -112,21 +121,18 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
         if ctype > 1:
             yield _bad(
                 f"compression_type is {ctype}, QEMU knows 0 (zlib) and 1 (zstd)",
-                104,
                 "compression_type",
             )
         elif bool(ctype) != bool(incompat & IncompatibleFeature.COMPRESSION_TYPE):
             yield _bad(
                 f"compression_type is {ctype} but incompatible feature bit 3 is "
                 f"{'clear' if ctype else 'set'}",
-                104 if ctype else 72,
                 "compression_type" if ctype else "incompatible_features",
             )
         if incompat & IncompatibleFeature.EXTENDED_L2 and image.cluster_bits < 14:
             yield _bad(
                 f"extended L2 entries need clusters of at least 16 KiB, these are {cs} bytes "
                 "(QEMU: 'Unsupported subcluster size')",
-                20,
                 "cluster_bits",
             )
         autoclear = header.autoclear_features or 0
@@ -137,13 +143,11 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
             yield _bad(
                 "autoclear bit 1 (raw external data) is set without an external data file "
                 "(QEMU: 'data-file-raw requires a data file')",
-                88,
                 "autoclear_features",
             )
     if header.crypt_method > 2:
         yield _bad(
             f"crypt_method is {header.crypt_method}, QEMU knows 0, 1 (AES) and 2 (LUKS)",
-            32,
             "crypt_method",
         )
     l2_entries = cs // (
@@ -153,15 +157,15 @@ def _header_fields(ctx: Context) -> Iterator[Finding]:
         yield _bad(
             f"the disk size {header.size} needs more L1 entries than QEMU allows "
             "(QEMU: 'Image is too big')",
-            24,
             "size",
         )
     for ext in image.extensions:
         if ext.magic == layout.EXT_BACKING_FORMAT and ext.length >= 16:
-            yield _bad(
+            yield Finding(
+                "header-invalid",
                 f"the backing file format name has {ext.length} bytes, QEMU allows 15",
-                ext.offset + 4,
-                "length",
+                offset=ext.field_offset("length"),
+                field="length",
             )
 
 
@@ -177,27 +181,28 @@ def _bitmaps_extension(ctx: Context) -> Iterator[Finding]:
                 "bitmaps-autoclear-without-extension",
                 "autoclear bit 0 (bitmaps) is set but the image has no bitmaps extension, "
                 "which the qcow2 specification calls an error",
-                offset=88,
+                offset=H.autoclear_features,
                 field="autoclear_features",
                 area="bitmaps",
             )
         return
-    for dup in exts[1:]:
+    for dup in exts[:-1]:
         yield Finding(
             "bitmaps-extension-duplicate",
-            f"a second bitmaps extension at {dup.offset:#x} follows the one at {exts[0].offset:#x}; "
+            f"another bitmaps extension at {exts[-1].offset:#x} follows the one at {dup.offset:#x} "
+            "and overrides it for QEMU; "
             "each extension type may appear only once",
             offset=dup.offset,
             field="bitmaps extension",
             area="bitmaps",
         )
-    ext = exts[0]
-    if ext.length != layout.BitmapsExtension.sizeof():
+    ext = exts[-1]
+    if ext.length != layout.BITMAPS_EXTENSION_SIZE:
         yield Finding(
             "bitmaps-extension-length",
-            f"the bitmaps extension has length {ext.length}, it must be 24 (QEMU: "
-            "'bitmaps_ext: Invalid extension length')",
-            offset=ext.offset + 4,
+            f"the bitmaps extension has length {ext.length}, it must be "
+            f"{layout.BITMAPS_EXTENSION_SIZE} (QEMU: 'bitmaps_ext: Invalid extension length')",
+            offset=ext.field_offset("length"),
             field="length",
             area="bitmaps",
         )

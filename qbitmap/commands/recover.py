@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
+from qbitmap.commands import QbitmapCommand, require_image_file
 from qbitmap.ui import Ui, allow_fast_exit
 
 MODE_CHOICES = ("auto", "full", "reference", "level")
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("image", type=click.Path(dir_okay=False, path_type=Path))
+@click.command(cls=QbitmapCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("image", type=click.Path(path_type=Path, readable=False))
 @click.option(
     "-b",
     "--bitmap",
@@ -34,7 +35,7 @@ MODE_CHOICES = ("auto", "full", "reference", "level")
 @click.option(
     "--reference",
     "reference",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     metavar="FILE",
     help="Guest data as of the bitmap's last clear point (the last backup): raw or qcow2 "
     "(with backing chain).  Implies --mode reference unless a trusted record wins in auto mode.",
@@ -93,7 +94,8 @@ def recover(
 
     Exit status: 0 recovered or nothing to do, 1 failed (or no mode applies:
     choose --mode full, --reference FILE or --mode level), 2 refused (corrupt
-    metadata), 64 usage error, 75 the image is in use.
+    metadata), 64 usage error, 75 the image is in use, 130 interrupted.  With
+    --json there is one JSON object for every status.
     """
     from qbitmap.recover import Options
     from qbitmap.recover import recover as run
@@ -104,6 +106,9 @@ def recover(
         raise click.UsageError("--mode reference needs --reference FILE")
     if reference_format is not None and reference is None:
         raise click.UsageError("--reference-format needs --reference FILE")
+    require_image_file(image)
+    if reference is not None:
+        require_image_file(reference)
     options = Options(
         names=names,
         mode=mode,

@@ -6,8 +6,6 @@ Nothing here prints, exits or imports click/rich.  Higher layers
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from qbitmap.format.bitmap import (
     Chunk,
     Geometry,
@@ -15,12 +13,14 @@ from qbitmap.format.bitmap import (
     check_data_size,
     dirty_bytes,
     extent_arrays,
+    extent_blocks,
     extents,
     geometry_of,
     iter_chunks,
     popcount,
     read_bits,
     run_arrays,
+    run_blocks,
     table_entry_problem,
     unique_sorted,
 )
@@ -36,20 +36,8 @@ from qbitmap.format.model import (
     HeaderArea,
     IncompatibleFeature,
     LevelRecord,
+    select_entries,
 )
-
-if TYPE_CHECKING:
-    from qbitmap.format.refcount import Refcounts
-
-
-def __getattr__(name: str) -> object:
-    # Refcounts is imported on first use: dump never needs it.
-    if name == "Refcounts":
-        from qbitmap.format.refcount import Refcounts
-
-        return Refcounts
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 __all__ = [
     "AutoclearFeature",
@@ -67,11 +55,11 @@ __all__ = [
     "IncompatibleFeature",
     "LevelRecord",
     "LevelsExtension",
-    "Refcounts",
     "bit_runs",
     "check_data_size",
     "dirty_bytes",
     "extent_arrays",
+    "extent_blocks",
     "extents",
     "geometry_of",
     "iter_chunks",
@@ -79,6 +67,8 @@ __all__ = [
     "popcount",
     "read_bits",
     "run_arrays",
+    "run_blocks",
+    "select_entries",
     "table_entry_problem",
     "unique_sorted",
 ]

@@ -13,13 +13,10 @@ backing file produce the *same* ``(source, host)`` for the shared ranges and
 a comparison can skip them without reading.  :meth:`GuestDisk.read_segment`
 reads (part of) one segment.
 
-qcow2 details follow docs/interop/qcow2.rst "Cluster mapping", "Extended L2
-Entries", "Compressed Clusters Descriptor" and QEMU's
-``qcow2_get_cluster_type``/``qcow2_parse_compressed_l2_entry``
-(shared/reference/qcow2-digest.md 5.3-5.6):
+L2 entries are decoded by :mod:`qbitmap.format.entries` (QEMU's cluster types
+and compressed descriptors); here:
 
-* standard L2 entries: bit 62 compressed, else bit 0 zero, else offset 0
-  unallocated (read the backing file), else data;
+* an UNALLOCATED cluster reads from the backing file;
 * extended L2 (incompatible bit 4): 32 subclusters per cluster, second word
   bit x "allocated", bit 32+x "reads as zeros", neither = backing;
 * compressed: raw deflate (``zlib`` with wbits -15), or zstd
@@ -34,7 +31,6 @@ deeper than 64.
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import zlib
@@ -45,21 +41,19 @@ from typing import Protocol, Self
 
 import numpy as np
 
-from qbitmap.errors import ImageFormatError, ImageIOError, UnsupportedImageError
+from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError, UnsupportedImageError
+from qbitmap.format import entries as ent
 from qbitmap.format import layout
-from qbitmap.format.image import QCOW_MAX_L1_SIZE, Image
+from qbitmap.format.entries import ClusterType
+from qbitmap.format.image import Image, open_image_file
+from qbitmap.format.layout import QCOW_MAX_L1_SIZE
 from qbitmap.format.model import IncompatibleFeature
 
 MAX_CHAIN_DEPTH = 64
 
-MADV_POPULATE_READ = getattr(
-    mmap, "MADV_POPULATE_READ", 22
-)  # Linux value; Python 3.11 lacks the name
-
-KIND_BACKING = 0
-KIND_ZERO = 1
-KIND_DATA = 2
-KIND_COMPRESSED = 3
+# What a guest range holds once resolved through the chain: QEMU's cluster types
+# (entries.ClusterType), of which a Segment uses three.
+ZERO, DATA, COMPRESSED = ClusterType.ZERO_PLAIN, ClusterType.NORMAL, ClusterType.COMPRESSED
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +68,7 @@ class Segment:
 
     start: int
     length: int
-    kind: str  # "zero" | "data" | "compressed"
+    kind: ClusterType  # ZERO (reads as zeros), DATA or COMPRESSED
     source: tuple[int, int] | None = None
     host: int = 0
     skip: int = 0
@@ -86,7 +80,7 @@ class Segment:
 
     def same_bytes_as(self, other: Segment) -> bool:
         """True if both segments are known to hold identical bytes without reading."""
-        if self.kind == "zero" and other.kind == "zero":
+        if self.kind == ZERO and other.kind == ZERO:
             return True
         if self.kind != other.kind or self.source is None or self.source != other.source:
             return False
@@ -95,15 +89,13 @@ class Segment:
     def cut(self, start: int, end: int) -> Segment:
         """The part of this segment inside ``[start, end)``."""
         delta = start - self.start
-        if self.kind == "data":
-            return Segment(
-                start, end - start, "data", self.source, self.host + delta, 0, self.layer
-            )
-        if self.kind == "compressed":
+        if self.kind == DATA:
+            return Segment(start, end - start, DATA, self.source, self.host + delta, 0, self.layer)
+        if self.kind == COMPRESSED:
             return Segment(
                 start,
                 end - start,
-                "compressed",
+                COMPRESSED,
                 self.source,
                 self.host,
                 self.skip + delta,
@@ -148,100 +140,19 @@ def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: P
     stats.bytes_read += done
 
 
-class _Mapped:
-    """A read-only mapping of a whole file, for zero-copy comparisons (None if it cannot map)."""
-
-    def __init__(self, fd: int, size: int) -> None:
-        self.array: np.ndarray | None = None
-        self._map: mmap.mmap | None = None
-        if size <= 0:
-            return
-        try:
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        except (OSError, ValueError, OverflowError):
-            return
-        self.array = np.frombuffer(self._map, dtype=np.uint8)
-
-    def populate(self, offset: int, length: int) -> None:
-        """Map the page-cache pages of a range in one call (MADV_POPULATE_READ, Linux 5.14+).
-
-        Much cheaper than faulting them in one by one while comparing; a
-        kernel without it just faults later.
-        """
-        self._madvise(MADV_POPULATE_READ, offset, length)
-
-    def release(self, offset: int, length: int) -> None:
-        """Drop this process's mapping of a range (MADV_DONTNEED); the page cache keeps it.
-
-        Keeps the resident set bounded when a large file is compared window by
-        window; a later view of the range simply faults the pages in again.
-        """
-        self._madvise(mmap.MADV_DONTNEED, offset, length)
-
-    def _madvise(self, advice: int, offset: int, length: int) -> None:
-        """Advise on the whole pages covering a range; advice the kernel lacks is ignored."""
-        if self._map is None:
-            return
-        start = offset - offset % mmap.PAGESIZE
-        end = min(len(self._map), offset + length)
-        if end <= start:
-            return
-        try:
-            self._map.madvise(advice, start, end - start)
-        except (OSError, ValueError):
-            pass
-
-    def view(self, offset: int, length: int) -> np.ndarray | None:
-        if self.array is None or offset + length > len(self.array):
-            return None
-        return self.array[offset : offset + length]
-
-    def close(self) -> None:
-        self.array = None
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
-                pass
-            self._map = None
-
-
 class RawLayer:
     """A raw file: data where the file has data, zeros in holes and past EOF."""
 
     def __init__(self, path: Path, stats: ReadStats) -> None:
         self.path = path
         self.stats = stats
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        self.fd = open_image_file(path)
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self.size = os.lseek(self.fd, 0, os.SEEK_END)
         else:
             self.size = st.st_size
         self.source = (st.st_dev, st.st_ino)
-        self._mapped: _Mapped | None = None
-
-    def populate(self, host: int, length: int) -> None:
-        if self._mapped is None:
-            self._mapped = _Mapped(self.fd, self.size)
-        self._mapped.populate(host, length)
-
-    def release(self, host: int, length: int) -> None:
-        if self._mapped is not None:
-            self._mapped.release(host, length)
-
-    def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """The bytes of a data segment as a read-only array view of the file (no copy), or None."""
-        if self._mapped is None:
-            self._mapped = _Mapped(self.fd, self.size)
-        self.stats.bytes_read += seg.length
-        view = self._mapped.view(seg.host, seg.length)
-        if view is None:
-            self.stats.bytes_read -= seg.length
-        return view
 
     def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = start
@@ -269,19 +180,17 @@ class RawLayer:
         if start < stop:
             for a, b, is_data in self._extents(start, stop):
                 if is_data:
-                    yield Segment(a, b - a, "data", self.source, a, 0, self)
+                    yield Segment(a, b - a, DATA, self.source, a, 0, self)
                 else:
-                    yield Segment(a, b - a, "zero")
+                    yield Segment(a, b - a, ZERO)
         if end > max(start, stop):
             lo = max(start, stop)
-            yield Segment(lo, end - lo, "zero")
+            yield Segment(lo, end - lo, ZERO)
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
         _pread_into(self.fd, out, seg.host, self.stats, self.path)
 
     def close(self) -> None:
-        if self._mapped is not None:
-            self._mapped.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -324,14 +233,15 @@ class Qcow2Layer:
         self.compression_type = header.compression_type or 0
         if header.l1_size * 8 > QCOW_MAX_L1_SIZE:
             raise ImageFormatError(
-                f"l1_size {header.l1_size} is too large", offset=36, field="l1_size"
+                f"l1_size {header.l1_size} is too large",
+                offset=layout.HEADER_FIELD.l1_size,
+                field="l1_size",
             )
         raw = image.read(
             header.l1_table_offset, header.l1_size * 8, what="L1 table", field="l1_table_offset"
         )
-        self.l1 = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.l1 = ent.be64(raw)
         self._l2_cache: dict[int, np.ndarray] = {}
-        self._mapped: _Mapped | None = None
         self._cluster_cache: tuple[int, bytes] | None = None
         if header.backing_file_offset:
             if depth >= MAX_CHAIN_DEPTH:
@@ -352,7 +262,16 @@ class Qcow2Layer:
             backing_path = Path(name) if os.path.isabs(name) else self.path.parent / name
             fmt_ext = image.extension(layout.EXT_BACKING_FORMAT)
             fmt = fmt_ext.data.decode("ascii", "replace") if fmt_ext is not None else None
-            self.backing = open_layer(backing_path, self.stats, fmt=fmt, depth=depth + 1)
+            try:
+                self.backing = open_layer(backing_path, self.stats, fmt=fmt, depth=depth + 1)
+            except ImageFormatError as exc:
+                raise ImageFormatError(
+                    f"{backing_path}, the backing file of {self.path}: {exc.reason}",
+                    offset=exc.offset,
+                    field=exc.field,
+                ) from exc
+            except QbitmapError as exc:
+                raise type(exc)(f"{exc} (the backing file of {self.path})") from exc
 
     # -- mapping ------------------------------------------------------------------
 
@@ -361,51 +280,50 @@ class Qcow2Layer:
             return self._l2_cache[l1_index]
         if l1_index >= len(self.l1):
             return None
-        offset = int(self.l1[l1_index]) & layout.L1E_OFFSET_MASK
+        offset = int(self.l1[l1_index] & ent.L1E_OFFSET)
         if offset == 0:
             return None
         raw = self.image.read(
             offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry"
         )
-        table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        table = ent.be64(raw)
         if len(self._l2_cache) > 4096:
             self._l2_cache.clear()
         self._l2_cache[l1_index] = table
         return table
 
     def _units(self, l2: np.ndarray, first: int, count: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(unit size, kind per unit, host per unit) for L2 entries [first, first+count)."""
+        """(unit size, ClusterType per unit, host per unit) for L2 entries [first, first+count).
+
+        Units are clusters, or subclusters with extended L2 entries.  UNALLOCATED
+        units read from the backing file.  A compressed unit's host is its L2 entry.
+        """
         cs = self.cluster_size
         if not self.extended:
             words = l2[first : first + count]
-            compressed = (words >> np.uint64(62)) & np.uint64(1)
-            zero = words & np.uint64(1)
-            host = words & np.uint64(layout.L2E_OFFSET_MASK)
-            kind = np.full(count, KIND_DATA, dtype=np.int8)
-            kind[host == 0] = KIND_BACKING
-            kind[zero.astype(bool)] = KIND_ZERO
-            kind[compressed.astype(bool)] = KIND_COMPRESSED
-            host = np.where(compressed.astype(bool), words & np.uint64((1 << 62) - 1), host)
+            kind = ent.cluster_types(words, extended=False, external_data=False)
+            kind[kind == ClusterType.ZERO_ALLOC] = ClusterType.ZERO_PLAIN
+            compressed = kind == ClusterType.COMPRESSED
+            host = np.where(compressed, words & ~ent.COPIED, words & ent.L2E_OFFSET)
             return cs, kind, host
         pairs = l2.reshape(-1, 2)[first : first + count]
-        words = pairs[:, 0]
-        bitmap = pairs[:, 1]
+        words, bitmap = pairs[:, 0], pairs[:, 1]
         sub = cs // 32
         shifts = np.arange(32, dtype=np.uint64)
-        alloc = (bitmap[:, None] >> shifts[None, :]) & np.uint64(1)
-        zero = (bitmap[:, None] >> (shifts[None, :] + np.uint64(32))) & np.uint64(1)
-        base = words & np.uint64(layout.L2E_OFFSET_MASK)
-        compressed = ((words >> np.uint64(62)) & np.uint64(1)).astype(bool)
-        kind = np.full((count, 32), KIND_BACKING, dtype=np.int8)
-        kind[alloc.astype(bool)] = KIND_DATA
-        kind[zero.astype(bool)] = KIND_ZERO
+        alloc = ((bitmap[:, None] >> shifts[None, :]) & np.uint64(1)).astype(bool)
+        zero = ((bitmap[:, None] >> (shifts[None, :] + np.uint64(32))) & np.uint64(1)).astype(bool)
+        compressed = ent.cluster_types(words, extended=True, external_data=False) == COMPRESSED
+        kind = np.full((count, 32), ClusterType.UNALLOCATED, dtype=np.int8)
+        kind[alloc] = ClusterType.NORMAL
+        kind[zero] = ClusterType.ZERO_PLAIN
+        kind[compressed, :] = ClusterType.COMPRESSED
+        base = words & ent.L2E_OFFSET
         host = base[:, None] + shifts[None, :] * np.uint64(sub)
-        kind[compressed, :] = KIND_COMPRESSED
-        comp_host = np.repeat((words & np.uint64((1 << 62) - 1))[:, None], 32, axis=1)
+        comp_host = np.repeat((words & ~ent.COPIED)[:, None], 32, axis=1)
         host = np.where(compressed[:, None], comp_host, host)
         return sub, kind.reshape(-1), host.reshape(-1)
 
-    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    def _own_runs(self, start: int, end: int) -> Iterator[tuple[int, int, ClusterType, int, int]]:
         """(start, end, kind, host, skip) runs of this layer alone (before backing)."""
         cs = self.cluster_size
         span = cs * self.l2_entries
@@ -415,7 +333,7 @@ class Qcow2Layer:
             table_end = min(end, (l1_index + 1) * span)
             l2 = self._l2(l1_index)
             if l2 is None:
-                yield pos, table_end, KIND_BACKING, 0, 0
+                yield pos, table_end, ClusterType.UNALLOCATED, 0, 0
                 pos = table_end
                 continue
             first = (pos % span) // cs
@@ -433,9 +351,9 @@ class Qcow2Layer:
                 same_kind = kind[1:] == kind[:-1]
                 contiguous = host[1:] == host[:-1] + np.uint64(unit)
                 cont = same_kind & (
-                    (kind[1:] == KIND_ZERO)
-                    | (kind[1:] == KIND_BACKING)
-                    | ((kind[1:] == KIND_DATA) & contiguous)
+                    (kind[1:] == ZERO)
+                    | (kind[1:] == ClusterType.UNALLOCATED)
+                    | ((kind[1:] == DATA) & contiguous)
                 )
                 brk[1:] = ~cont
             starts = np.flatnonzero(brk)
@@ -445,12 +363,12 @@ class Qcow2Layer:
                 b = min(table_end, base + e_i * unit)
                 if a >= b:
                     continue
-                k = int(kind[s_i])
+                k = ClusterType(int(kind[s_i]))
                 h = int(host[s_i])
                 skip = 0
-                if k == KIND_DATA:
+                if k == DATA:
                     h += a - (base + s_i * unit)
-                elif k == KIND_COMPRESSED:
+                elif k == COMPRESSED:
                     # unit may be a subcluster: offset inside the decompressed cluster
                     cluster_start = (base + s_i * unit) // cs * cs
                     skip = a - cluster_start
@@ -461,19 +379,19 @@ class Qcow2Layer:
         stop = min(end, self.size)
         if start < stop:
             for a, b, kind, host, skip in self._own_runs(start, stop):
-                if kind == KIND_ZERO:
-                    yield Segment(a, b - a, "zero")
-                elif kind == KIND_DATA:
-                    yield Segment(a, b - a, "data", self.source, host, 0, self)
-                elif kind == KIND_COMPRESSED:
-                    yield Segment(a, b - a, "compressed", self.source, host, skip, self)
+                if kind == ZERO:
+                    yield Segment(a, b - a, ZERO)
+                elif kind == DATA:
+                    yield Segment(a, b - a, DATA, self.source, host, 0, self)
+                elif kind == COMPRESSED:
+                    yield Segment(a, b - a, COMPRESSED, self.source, host, skip, self)
                 elif self.backing is None:
-                    yield Segment(a, b - a, "zero")
+                    yield Segment(a, b - a, ZERO)
                 else:
                     yield from self.backing.segments(a, b)
         if end > max(start, stop):
             lo = max(start, stop)
-            yield Segment(lo, end - lo, "zero")
+            yield Segment(lo, end - lo, ZERO)
 
     # -- reading -------------------------------------------------------------------
 
@@ -481,10 +399,10 @@ class Qcow2Layer:
         if self._cluster_cache is not None and self._cluster_cache[0] == entry:
             return self._cluster_cache[1]
         cs = self.cluster_size
-        shift = 62 - (self.cluster_bits - 8)
-        offset = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-        size = sectors * 512 - (offset & 511)
+        coffset, csize = ent.compressed_ranges(
+            np.array([entry], dtype=np.uint64), self.cluster_bits
+        )
+        offset, size = int(coffset[0]), int(csize[0])
         data = self.image.pread(offset, size)
         self.stats.bytes_read += len(data)
         try:
@@ -498,44 +416,29 @@ class Qcow2Layer:
                 )
         except zlib.error as exc:
             raise ImageFormatError(
-                f"compressed cluster does not decompress: {exc}", offset=offset
+                f"{self.path}: compressed cluster does not decompress: {exc}", offset=offset
             ) from exc
         if len(out) < cs:
             raise ImageFormatError(
-                f"compressed cluster decompresses to {len(out)} bytes, not {cs}", offset=offset
+                f"{self.path}: compressed cluster decompresses to {len(out)} bytes, not {cs}",
+                offset=offset,
             )
         out = out[:cs]
         self.stats.decompressed_clusters += 1
         self._cluster_cache = (entry, out)
         return out
 
-    def populate(self, host: int, length: int) -> None:
-        if self._mapped is None:
-            self._mapped = _Mapped(self.image.fd, self.image.file_size)
-        self._mapped.populate(host, length)
-
-    def release(self, host: int, length: int) -> None:
-        if self._mapped is not None:
-            self._mapped.release(host, length)
-
     def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """Data segment bytes as a read-only view of the mapped file (no copy), or None."""
-        if seg.kind == "compressed":
-            cluster = self._decompress(seg.host)
-            return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
-        if seg.kind != "data":
+        """A compressed segment's bytes as a view of its decompressed cluster; None otherwise."""
+        if seg.kind != COMPRESSED:
             return None
-        if self._mapped is None:
-            self._mapped = _Mapped(self.image.fd, self.image.file_size)
-        view = self._mapped.view(seg.host, seg.length)
-        if view is not None:
-            self.stats.bytes_read += seg.length
-        return view
+        cluster = self._decompress(seg.host)
+        return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
-        if seg.kind == "data":
+        if seg.kind == DATA:
             _pread_into(self.image.fd, out, seg.host, self.stats, self.path)
-        elif seg.kind == "compressed":
+        elif seg.kind == COMPRESSED:
             cluster = self._decompress(seg.host)
             out[:] = cluster[seg.skip : seg.skip + len(out)]
         else:
@@ -545,8 +448,6 @@ class Qcow2Layer:
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        if getattr(self, "_mapped", None) is not None:
-            self._mapped.close()  # type: ignore[union-attr]
         self.image.close()
 
 
@@ -567,11 +468,13 @@ def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
 def open_layer(path: Path, stats: ReadStats, *, fmt: str | None = None, depth: int = 0) -> _Layer:
     """Open *path* as a qcow2 or raw layer (*fmt*, or probed from the magic)."""
     if fmt is None:
+        fd = open_image_file(path)
         try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
+            magic = os.pread(fd, len(layout.MAGIC), 0)
         except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+            raise ImageIOError(f"{path}: cannot read: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
         fmt = "qcow2" if magic == layout.MAGIC else "raw"
     if fmt == "qcow2":
         return Qcow2Layer(path, stats, depth)
@@ -618,49 +521,26 @@ class GuestDisk:
 
     def read_segment(self, seg: Segment, out: memoryview) -> None:
         """Fill *out* (``seg.length`` bytes) with the guest bytes of *seg*."""
-        if seg.kind == "zero" or seg.layer is None:
+        if seg.kind == ZERO or seg.layer is None:
             out[:] = bytes(len(out))
         else:
             seg.layer.read_segment(seg, out)
 
     def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """Zero-copy view of a data (or compressed) segment's bytes; None: use read_segment."""
-        if seg.kind == "zero" or seg.layer is None:
+        """The bytes of a segment without reading into a buffer (decompressed data); or None."""
+        if seg.kind == ZERO or seg.layer is None:
             return None
         view = getattr(seg.layer, "view_segment", None)
         return None if view is None else view(seg)
 
-    def populate(self, segments: list[Segment], *, gap: int = 1 << 20) -> None:
-        """Map the file ranges behind *segments* (data only) ahead of reading them.
-
-        Ranges of one file closer than *gap* bytes are merged into one call.
-        """
-        self._advise(segments, "populate", gap)
-
-    def release(self, segments: list[Segment], *, gap: int = 1 << 20) -> None:
-        """Drop the mappings :meth:`populate` made for *segments* (the page cache keeps them)."""
-        self._advise(segments, "release", gap)
-
-    @staticmethod
-    def _advise(segments: list[Segment], action: str, gap: int) -> None:
-        by_layer: dict[int, tuple[object, list[tuple[int, int]]]] = {}
-        for seg in segments:
-            if seg.kind != "data" or seg.layer is None:
-                continue
-            by_layer.setdefault(id(seg.layer), (seg.layer, []))[1].append(
-                (seg.host, seg.host + seg.length)
-            )
-        for layer, ranges in by_layer.values():
-            advise = getattr(layer, action)
-            ranges.sort()
-            start, end = ranges[0]
-            for a, b in ranges[1:]:
-                if a - end <= gap:
-                    end = max(end, b)
-                    continue
-                advise(start, end - start)
-                start, end = a, b
-            advise(start, end - start)
+    def sources(self) -> set[tuple[int, int]]:
+        """``(st_dev, st_ino)`` of every file of the chain, top to bottom."""
+        found: set[tuple[int, int]] = set()
+        layer: object | None = self.top
+        while layer is not None:
+            found.add(layer.source)  # type: ignore[attr-defined]
+            layer = getattr(layer, "backing", None)
+        return found
 
     def read(self, start: int, length: int) -> bytes:
         """Guest bytes ``[start, start + length)`` (for tests and small reads)."""
@@ -683,8 +563,8 @@ class GuestDisk:
 def _mergeable(a: Segment, b: Segment) -> bool:
     if a.end != b.start or a.kind != b.kind:
         return False
-    if a.kind == "zero":
+    if a.kind == ZERO:
         return True
-    if a.kind == "data":
+    if a.kind == DATA:
         return a.source == b.source and a.layer is b.layer and a.host + a.length == b.host
     return False

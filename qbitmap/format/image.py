@@ -12,8 +12,10 @@ QEMU block/qcow2.c ``qcow2_do_open``/``qcow2_read_extensions``.
 
 from __future__ import annotations
 
+import bisect
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,30 +26,22 @@ from construct import Construct, ConstructError
 
 from qbitmap.errors import ImageFormatError, ImageIOError, QbitmapError
 from qbitmap.format import layout
+from qbitmap.format.entries import be64
 from qbitmap.format.model import (
     DEFAULT_FEATURE_NAMES,
+    AutoclearFeature,
     BitmapEntry,
     BitmapsExtension,
+    BitmapStructures,
     Extension,
     Header,
     HeaderArea,
     LevelRecord,
 )
 
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21
-# QEMU's own limits (block/qcow2.h, block/qcow2-bitmap.c).
-QCOW2_MAX_BITMAPS = 65535
-QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
-BME_MAX_TABLE_SIZE = 0x8000000
-BME_MAX_PHYS_SIZE = 0x20000000
-BME_MIN_GRANULARITY_BITS = 9
-BME_MAX_GRANULARITY_BITS = 31
-BME_MAX_NAME_SIZE = 1023
-QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024
-QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
 # The bitmap directory is read in windows of this size, as far as its entries reach.
 DIRECTORY_READ_WINDOW = 64 * 1024
+H = layout.HEADER_FIELD
 
 
 def _size_of(fd: int) -> int:
@@ -68,19 +62,30 @@ def parse_bytes(schema: Construct, data: bytes, *, offset: int, what: str) -> An
     except ConstructError as exc:
         path = (getattr(exc, "path", None) or "").replace("(parsing) -> ", "").strip() or None
         reason = str(exc).splitlines()[-1].strip()
-        if "stream read less than specified amount" in reason or "expected" in reason and "found" in reason:
+        if (
+            "stream read less than specified amount" in reason
+            or "expected" in reason
+            and "found" in reason
+        ):
             reason = f"{what} is truncated"
         raise ImageFormatError(f"cannot parse {what}: {reason}", offset=offset, field=path) from exc
 
 
 @dataclass(frozen=True, slots=True)
 class Directory:
-    """The bitmap directory as far as it could be parsed."""
+    """The bitmap directory as far as it could be parsed.
+
+    ``error`` is the first structural problem, of kind ``problem``:
+    "location" (the directory cannot be read at all: too large, past the end
+    of the file, too many bitmaps claimed), "broken" (an entry crosses the
+    directory's end) or "count" (more or fewer entries than nb_bitmaps).
+    """
 
     offset: int
     size: int
     entries: tuple[BitmapEntry, ...]
-    error: ImageFormatError | None  # the first structural problem, if any
+    error: ImageFormatError | None = None
+    problem: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,36 @@ class LevelsExtension:
     records: tuple[LevelRecord, ...]
     trailing: bytes  # bytes after the last record (should be none)
     error: ImageFormatError | None
+
+
+def open_image_file(path: str | os.PathLike[str], *, writable: bool = False) -> int:
+    """Open an image file and return its descriptor: a regular file or a block device only.
+
+    Opened with O_NONBLOCK first, so that a FIFO (or a device that would block)
+    is refused at once instead of hanging the caller, then switched back to
+    blocking reads.  Raises ImageIOError naming the file.
+    """
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageIOError(f"{path}: is a directory, not an image")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ImageIOError(f"{path}: not a regular file or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _be32(data: bytes, offset: int) -> int:
+    """The big-endian 32-bit field at *offset* of *data* (header fields read before parsing)."""
+    return int.from_bytes(data[offset : offset + 4], "big")
 
 
 def pread_full(fd: int, offset: int, length: int) -> bytes:
@@ -118,10 +153,9 @@ class Image:
     extensions are parsed on open; everything else is read on demand.
     """
 
-    def __init__(self, path: Path, fd: int, *, writable: bool) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self.fd = fd
-        self.writable = writable
         self.file_size = _size_of(fd)
         self.header = self._parse_header()
         self.cluster_size = self.header.cluster_size
@@ -130,25 +164,18 @@ class Image:
         self.extensions: list[Extension] = []
         self.extension_error: ImageFormatError | None = None
         self.end_marker_offset: int | None = None
+        self.end_marker_length = 0
         self._parse_extensions()
 
     # -- opening -----------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, writable: bool = False) -> Image:
+    def open(cls, path: str | os.PathLike[str]) -> Image:
+        """Open *path* read-only (writers open their own descriptor: ``qbitmap.store``)."""
         path = Path(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+        fd = open_image_file(path)
         try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
-        try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISDIR(mode):
-                raise ImageIOError(f"{path}: is a directory, not an image")
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise ImageIOError(f"{path}: not a regular file or block device")
-            return cls(path, fd, writable=writable)
+            return cls(path, fd)
         except BaseException:
             os.close(fd)
             raise
@@ -178,6 +205,21 @@ class Image:
         except OSError as exc:
             raise ImageIOError(f"offset {offset:#x}: read failed: {exc.strerror}") from exc
 
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Fill *out* from file *offset*; the number of bytes read (short only at end of file)."""
+        done = 0
+        while done < len(out):
+            try:
+                n = os.preadv(self.fd, [out[done:]], offset + done)
+            except OSError as exc:
+                raise ImageIOError(
+                    f"offset {offset + done:#x}: read failed: {exc.strerror}"
+                ) from exc
+            if n == 0:
+                break
+            done += n
+        return done
+
     def read(self, offset: int, length: int, *, what: str, field: str | None = None) -> bytes:
         """Read exactly *length* bytes of *what*, which must lie inside the file."""
         if offset < 0 or length < 0 or offset + length > self.file_size:
@@ -196,17 +238,22 @@ class Image:
 
     def _parse_header(self) -> Header:
         head = self.pread(0, 4096)
-        if len(head) < 4 or head[:4] != layout.MAGIC:
+        if len(head) < 4 or head[: len(layout.MAGIC)] != layout.MAGIC:
             found = head[:4].hex() if head else "an empty file"
             raise ImageFormatError(
-                f"not a qcow2 image (magic is {found}, expected 514649fb)", offset=0, field="magic"
+                f"not a qcow2 image (magic is {found}, expected 514649fb)",
+                offset=H.magic,
+                field="magic",
             )
-        if len(head) < 8:
-            raise ImageFormatError("qcow2 header is truncated", offset=4, field="version")
-        version = int.from_bytes(head[4:8], "big")
+        if len(head) < H.version + 4:
+            raise ImageFormatError("qcow2 header is truncated", offset=H.version, field="version")
+        # The fields that bound the rest of the header, checked before it is parsed.
+        version = _be32(head, H.version)
         if version not in (2, 3):
             raise ImageFormatError(
-                f"unsupported qcow2 version {version} (QEMU knows 2 and 3)", offset=4, field="version"
+                f"unsupported qcow2 version {version} (QEMU knows 2 and 3)",
+                offset=H.version,
+                field="version",
             )
         fixed = layout.V2_HEADER_LENGTH if version == 2 else layout.V3_MIN_HEADER_LENGTH
         if len(head) < fixed:
@@ -215,25 +262,28 @@ class Image:
                 offset=0,
                 field="header",
             )
-        cluster_bits = int.from_bytes(head[20:24], "big")
-        if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        cluster_bits = _be32(head, H.cluster_bits)
+        if not layout.MIN_CLUSTER_BITS <= cluster_bits <= layout.MAX_CLUSTER_BITS:
             raise ImageFormatError(
-                f"cluster_bits is {cluster_bits}, QEMU accepts {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}",
-                offset=20,
+                f"cluster_bits is {cluster_bits}, QEMU accepts "
+                f"{layout.MIN_CLUSTER_BITS}..{layout.MAX_CLUSTER_BITS}",
+                offset=H.cluster_bits,
                 field="cluster_bits",
             )
         if version == 3:
-            header_length = int.from_bytes(head[100:104], "big")
+            header_length = _be32(head, H.header_length)
             if header_length < layout.V3_MIN_HEADER_LENGTH:
                 raise ImageFormatError(
-                    f"header_length is {header_length}, a v3 header has at least 104 bytes",
-                    offset=100,
+                    f"header_length is {header_length}, a v3 header has at least "
+                    f"{layout.V3_MIN_HEADER_LENGTH} bytes",
+                    offset=H.header_length,
                     field="header_length",
                 )
             if header_length > 1 << cluster_bits:
                 raise ImageFormatError(
-                    f"header_length {header_length} is larger than the cluster size {1 << cluster_bits}",
-                    offset=100,
+                    f"header_length {header_length} is larger than the cluster size "
+                    f"{1 << cluster_bits}",
+                    offset=H.header_length,
                     field="header_length",
                 )
             if header_length > len(head):
@@ -265,17 +315,18 @@ class Image:
                     field="header extension",
                 )
                 return
-            magic = int.from_bytes(area[rel : rel + 4], "big")
-            length = int.from_bytes(area[rel + 4 : rel + 8], "big")
+            head = layout.ExtensionHeader.parse(area[rel : rel + layout.EXTENSION_HEADER_SIZE])
+            magic, length = head.magic, head.length
             if magic == layout.EXT_END:
                 self.end_marker_offset = offset
+                self.end_marker_length = length
                 return
             padded = (length + 7) & ~7
             if offset + 8 + padded > end:
                 self.extension_error = ImageFormatError(
                     f"header extension {magic:#010x} of {length} bytes crosses the end of the "
                     f"extension area at {end:#x} (QEMU: 'Header extension too large')",
-                    offset=offset + 4,
+                    offset=offset + layout.EXTENSION_FIELD.length,
                     field="length",
                 )
                 return
@@ -288,7 +339,9 @@ class Image:
                 return
             data = area[rel + 8 : rel + 8 + length]
             padding = area[rel + 8 + length : rel + 8 + padded]
-            self.extensions.append(Extension(offset=offset, magic=magic, data=data, padding=padding))
+            self.extensions.append(
+                Extension(offset=offset, magic=magic, data=data, padding=padding)
+            )
             offset += 8 + padded
         # No end marker: the area simply ran out (QEMU accepts this).
 
@@ -320,19 +373,25 @@ class Image:
         )
 
     def extension(self, magic: int) -> Extension | None:
-        """The first extension of type *magic*, if any."""
+        """The extension of type *magic* QEMU uses, if any: the last one of that type.
+
+        QEMU reads the extensions in order and each one of a type overrides
+        the one before (``qcow2_read_extensions``).
+        """
+        found = None
         for ext in self.extensions:
             if ext.magic == magic:
-                return ext
-        return None
+                found = ext
+        return found
 
     def feature_names(self) -> dict[tuple[int, int], str]:
         """Feature names by (type, bit): the image's own table over QEMU's defaults."""
         names = dict(DEFAULT_FEATURE_NAMES)
         ext = self.extension(layout.EXT_FEATURE_NAMES)
         if ext is not None:
-            for i in range(len(ext.data) // 48):
-                entry = layout.FeatureNameEntry.parse(ext.data[i * 48 : (i + 1) * 48])
+            size = layout.FEATURE_NAME_ENTRY_SIZE
+            for i in range(len(ext.data) // size):
+                entry = layout.FeatureNameEntry.parse(ext.data[i * size : (i + 1) * size])
                 name = entry.name.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
                 names[(entry.type, entry.bit)] = name
         return names
@@ -343,14 +402,47 @@ class Image:
         ext = self.extension(layout.EXT_BITMAPS)
         if ext is None:
             return None
-        if len(ext.data) != layout.BitmapsExtension.sizeof():
+        if len(ext.data) != layout.BITMAPS_EXTENSION_SIZE:
             raise ImageFormatError(
-                f"bitmaps extension has length {len(ext.data)}, it must be 24",
-                offset=ext.offset + 4,
+                f"bitmaps extension has length {len(ext.data)}, it must be "
+                f"{layout.BITMAPS_EXTENSION_SIZE}",
+                offset=ext.offset + layout.EXTENSION_FIELD.length,
                 field="bitmaps extension length",
             )
         c = layout.BitmapsExtension.parse(ext.data)
         return BitmapsExtension.from_container(c, offset=ext.data_offset)
+
+    @property
+    def bitmaps_honored(self) -> bool:
+        """Whether QEMU loads the bitmaps: a v3 image, autoclear bit 0 set, a 24-byte extension."""
+        header = self.header
+        if header.version < 3 or not header.autoclear & AutoclearFeature.BITMAPS:
+            return False
+        ext = self.extension(layout.EXT_BITMAPS)
+        return ext is not None and len(ext.data) == layout.BITMAPS_EXTENSION_SIZE
+
+    def bitmap_structures(self, *, honored_only: bool = True) -> BitmapStructures | None:
+        """The directory, its entries and their tables, as far as they can be read.
+
+        None without a readable directory, and, with *honored_only*, when QEMU
+        ignores the extension (autoclear bit 0 clear, a v2 image).
+        """
+        try:
+            ext = self.bitmaps_extension
+        except ImageFormatError:
+            return None
+        if ext is None or (honored_only and not self.bitmaps_honored):
+            return None
+        directory = self.read_directory()
+        if directory.problem == "location" or ext.bitmap_directory_size == 0:
+            return None
+        return BitmapStructures(
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+            ext.offset + layout.BITMAPS_EXTENSION_FIELD.bitmap_directory_offset,
+            directory.entries,
+            self.read_bitmap_tables(directory.entries),
+        )
 
     # -- bitmap directory ------------------------------------------------------------
 
@@ -364,31 +456,33 @@ class Image:
         """
         ext = self.bitmaps_extension
         if ext is None:
-            return Directory(0, 0, (), None)
+            return Directory(0, 0, ())
         offset, size = ext.bitmap_directory_offset, ext.bitmap_directory_size
-        if size > QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
+        X = layout.BITMAPS_EXTENSION_FIELD
+        if size > layout.QCOW2_MAX_BITMAP_DIRECTORY_SIZE:
             err = ImageFormatError(
-                f"bitmap_directory_size is {size}, QEMU's limit is {QCOW2_MAX_BITMAP_DIRECTORY_SIZE}",
-                offset=ext.offset + 8,
+                f"bitmap_directory_size is {size}, QEMU's limit is "
+                f"{layout.QCOW2_MAX_BITMAP_DIRECTORY_SIZE}",
+                offset=ext.offset + X.bitmap_directory_size,
                 field="bitmap_directory_size",
             )
-            return Directory(offset, size, (), err)
+            return Directory(offset, size, (), err, "location")
         if offset + size > self.file_size:
             err = ImageFormatError(
                 f"bitmap directory ({size} bytes at {offset:#x}) extends past the end of the "
                 f"file ({self.file_size} bytes)",
-                offset=ext.offset + 16,
+                offset=ext.offset + X.bitmap_directory_offset,
                 field="bitmap_directory_offset",
             )
-            return Directory(offset, size, (), err)
-        if ext.nb_bitmaps > QCOW2_MAX_BITMAPS:
+            return Directory(offset, size, (), err, "location")
+        if ext.nb_bitmaps > layout.QCOW2_MAX_BITMAPS:
             err = ImageFormatError(
-                f"nb_bitmaps is {ext.nb_bitmaps}, QEMU's limit is {QCOW2_MAX_BITMAPS} "
+                f"nb_bitmaps is {ext.nb_bitmaps}, QEMU's limit is {layout.QCOW2_MAX_BITMAPS} "
                 "(QEMU: 'File has too many bitmaps')",
-                offset=ext.offset,
+                offset=ext.offset + X.nb_bitmaps,
                 field="nb_bitmaps",
             )
-            return Directory(offset, size, (), err)
+            return Directory(offset, size, (), err, "location")
         # Read as far as the entries actually reach (in windows), not all the
         # claimed size up front: a lying size then costs nothing.
         data = bytearray()
@@ -398,14 +492,18 @@ class Image:
                 want = min(size, max(end, len(data) + DIRECTORY_READ_WINDOW)) - len(data)
                 data.extend(
                     self.read(
-                        offset + len(data), want, what="bitmap directory",
+                        offset + len(data),
+                        want,
+                        what="bitmap directory",
                         field="bitmap_directory_offset",
                     )
                 )
 
+        E = layout.BITMAP_DIR_ENTRY_FIELD
         entries: list[BitmapEntry] = []
         pos = 0
         error: ImageFormatError | None = None
+        problem: str | None = None
         while pos < size:
             if len(entries) == ext.nb_bitmaps:
                 # Stop here rather than parse whatever fills the rest: a lying
@@ -417,6 +515,7 @@ class Image:
                     offset=offset + pos,
                     field="bitmap_directory_size",
                 )
+                problem = "count"
                 break
             entry_offset = offset + pos
             if size - pos < layout.BITMAP_DIR_ENTRY_FIXED_SIZE:
@@ -426,32 +525,42 @@ class Image:
                     offset=entry_offset,
                     field="bitmap directory entry",
                 )
+                problem = "broken"
                 break
             have(pos + layout.BITMAP_DIR_ENTRY_FIXED_SIZE)
-            name_size = int.from_bytes(data[pos + 18 : pos + 20], "big")
-            extra_size = int.from_bytes(data[pos + 20 : pos + 24], "big")
+            fixed = dict(
+                zip(
+                    layout.BITMAP_DIR_ENTRY_FIXED.names,
+                    layout.BITMAP_DIR_ENTRY_FIXED.unpack_from(data, pos),
+                    strict=True,
+                )
+            )
+            name_size, extra_size = fixed["name_size"], fixed["extra_data_size"]
             full = layout.dir_entry_size(name_size, extra_size)
             if pos + full > size:
                 error = ImageFormatError(
                     f"bitmap directory entry {len(entries)} ({full} bytes with name_size "
                     f"{name_size} and extra_data_size {extra_size}) crosses the directory's end "
                     "(QEMU: 'Broken bitmap directory')",
-                    offset=entry_offset + 18,
+                    offset=entry_offset + E.name_size,
                     field="name_size",
                 )
+                problem = "broken"
                 break
             have(pos + full)
-            c = layout.BitmapDirectoryEntry.parse(bytes(data[pos : pos + full]))
-            entries.append(BitmapEntry.from_container(c, offset=entry_offset, index=len(entries)))
+            entries.append(
+                BitmapEntry.decode(data[pos : pos + full], offset=entry_offset, index=len(entries))
+            )
             pos += full
         if error is None and len(entries) != ext.nb_bitmaps:
             error = ImageFormatError(
                 f"the bitmap directory holds {len(entries)} entries, fewer than nb_bitmaps "
                 f"{ext.nb_bitmaps} (QEMU: 'Less bitmaps found than specified in header extension')",
-                offset=ext.offset,
+                offset=ext.offset + X.nb_bitmaps,
                 field="nb_bitmaps",
             )
-        return Directory(offset, size, tuple(entries), error)
+            problem = "count"
+        return Directory(offset, size, tuple(entries), error, problem)
 
     # -- bitmap tables -----------------------------------------------------------------
 
@@ -464,11 +573,11 @@ class Image:
         2^27 entries.
         """
         count = entry.bitmap_table_size
-        if count > BME_MAX_TABLE_SIZE:
+        if count > layout.BME_MAX_TABLE_SIZE:
             raise ImageFormatError(
                 f"bitmap {entry.display_name!r}: bitmap_table_size {count} exceeds QEMU's limit "
-                f"{BME_MAX_TABLE_SIZE}",
-                offset=entry.offset + 8,
+                f"{layout.BME_MAX_TABLE_SIZE}",
+                offset=entry.offset + layout.BITMAP_DIR_ENTRY_FIELD.bitmap_table_size,
                 field="bitmap_table_size",
             )
         if limit is not None:
@@ -479,7 +588,36 @@ class Image:
             what=f"bitmap table of {entry.display_name!r}",
             field="bitmap_table_offset",
         )
-        return np.frombuffer(data, dtype=">u8").astype(np.uint64)
+        return be64(data)
+
+    def read_bitmap_tables(self, entries: Sequence[BitmapEntry]) -> dict[int, np.ndarray]:
+        """The tables of *entries* whose location is sane, by directory index.
+
+        A table must be non-empty, cluster aligned, within QEMU's limits and
+        inside the file, and must not overlap a table read before it (the
+        overlap is a finding of its own): so the bytes read for tables never
+        exceed the file size, whatever the directory claims.
+        """
+        cs = self.cluster_size
+        taken: list[tuple[int, int]] = []
+        out: dict[int, np.ndarray] = {}
+        for entry in entries:
+            off, n = entry.bitmap_table_offset, entry.bitmap_table_size
+            if not (
+                off
+                and off % cs == 0
+                and 0 < n <= layout.BME_MAX_TABLE_SIZE
+                and n * cs <= layout.BME_MAX_PHYS_SIZE
+                and off + n * 8 <= self.file_size
+            ):
+                continue
+            end = off + -(-(n * 8) // cs) * cs
+            i = bisect.bisect_right(taken, (off, end))
+            if (i and taken[i - 1][1] > off) or (i < len(taken) and taken[i][0] < end):
+                continue
+            taken.insert(i, (off, end))
+            out[entry.index] = self.read_bitmap_table(entry)
+        return out
 
     # -- consistency-level extension ---------------------------------------------------
 
@@ -493,16 +631,17 @@ class Image:
 
 def parse_levels_extension(data: bytes, *, offset: int) -> LevelsExtension:
     """Parse the data of a consistency-level extension found at file *offset*."""
-    if len(data) < 8:
+    if len(data) < layout.LEVELS_EXTENSION_HEADER_SIZE:
         err = ImageFormatError(
-            f"consistency-level extension has {len(data)} bytes of data, at least 8 are needed",
+            f"consistency-level extension has {len(data)} bytes of data, at least "
+            f"{layout.LEVELS_EXTENSION_HEADER_SIZE} are needed",
             offset=offset,
             field="qbitmap levels extension",
         )
         return LevelsExtension(offset, 0, 0, (), data, err)
     head = layout.LevelsExtensionHeader.parse(data)
     records: list[LevelRecord] = []
-    pos = 8
+    pos = layout.LEVELS_EXTENSION_HEADER_SIZE
     error: ImageFormatError | None = None
     for i in range(head.nb_records):
         if len(data) - pos < layout.LEVEL_RECORD_FIXED_SIZE:
@@ -512,12 +651,13 @@ def parse_levels_extension(data: bytes, *, offset: int) -> LevelsExtension:
                 field="nb_records",
             )
             break
-        name_size = int.from_bytes(data[pos + 16 : pos + 18], "big")
-        full = (layout.LEVEL_RECORD_FIXED_SIZE + name_size + 7) & ~7
+        fixed = layout.LevelRecordFixed.parse(data[pos : pos + layout.LEVEL_RECORD_FIXED_SIZE])
+        full = layout.level_record_size(fixed.name_size)
         if pos + full > len(data):
             error = ImageFormatError(
-                f"consistency-level record {i} (name_size {name_size}) crosses the extension's end",
-                offset=offset + pos + 16,
+                f"consistency-level record {i} (name_size {fixed.name_size}) crosses the "
+                "extension's end",
+                offset=offset + pos + layout.LEVEL_RECORD_FIELD.name_size,
                 field="name_size",
             )
             break
@@ -528,11 +668,6 @@ def parse_levels_extension(data: bytes, *, offset: int) -> LevelsExtension:
 
 
 __all__ = [
-    "BME_MAX_GRANULARITY_BITS",
-    "BME_MAX_NAME_SIZE",
-    "BME_MAX_PHYS_SIZE",
-    "BME_MAX_TABLE_SIZE",
-    "BME_MIN_GRANULARITY_BITS",
     "Directory",
     "Image",
     "LevelsExtension",

@@ -9,9 +9,13 @@ padding) are kept for anything that may be written back.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from qbitmap.format import layout
 
@@ -64,54 +68,8 @@ EXTENSION_NAMES: dict[int, str] = {
 
 COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 
-HEADER_FIELDS = (
-    "magic",
-    "version",
-    "backing_file_offset",
-    "backing_file_size",
-    "cluster_bits",
-    "size",
-    "crypt_method",
-    "l1_size",
-    "l1_table_offset",
-    "refcount_table_offset",
-    "refcount_table_clusters",
-    "nb_snapshots",
-    "snapshots_offset",
-    "incompatible_features",
-    "compatible_features",
-    "autoclear_features",
-    "refcount_order",
-    "header_length",
-    "compression_type",
-    "padding",
-    "unknown_fields",
-)
-
-# Byte offset of each fixed header field (for error messages and in-place edits).
-HEADER_FIELD_OFFSETS = {
-    "magic": 0,
-    "version": 4,
-    "backing_file_offset": 8,
-    "backing_file_size": 16,
-    "cluster_bits": 20,
-    "size": 24,
-    "crypt_method": 32,
-    "l1_size": 36,
-    "l1_table_offset": 40,
-    "refcount_table_offset": 48,
-    "refcount_table_clusters": 56,
-    "nb_snapshots": 60,
-    "snapshots_offset": 64,
-    "incompatible_features": 72,
-    "compatible_features": 80,
-    "autoclear_features": 88,
-    "refcount_order": 96,
-    "header_length": 100,
-    "compression_type": 104,
-    "padding": 105,
-    "unknown_fields": 112,
-}
+#: The header's fields in file order: the schema's (layout.Header) names.
+HEADER_FIELDS: tuple[str, ...] = tuple(sub.name for sub in layout.Header.subcons)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +158,11 @@ class Extension:
 
     @property
     def data_offset(self) -> int:
-        return self.offset + 8
+        return self.offset + layout.EXTENSION_HEADER_SIZE
+
+    def field_offset(self, name: str) -> int:
+        """File offset of the extension header's field *name* ("magic", "length")."""
+        return self.offset + getattr(layout.EXTENSION_FIELD, name)
 
     @property
     def total_size(self) -> int:
@@ -249,6 +211,10 @@ class BitmapsExtension:
     def build(self) -> bytes:
         return bytes(layout.BitmapsExtension.build(self.to_container()))
 
+    def field_offset(self, name: str) -> int:
+        """File offset of the field *name* of this extension's data."""
+        return self.offset + getattr(layout.BITMAPS_EXTENSION_FIELD, name)
+
 
 @dataclass(frozen=True, slots=True)
 class BitmapEntry:
@@ -280,6 +246,62 @@ class BitmapEntry:
             padding=c.padding,
         )
 
+    @classmethod
+    def decode(cls, raw: bytes | bytearray, *, offset: int, index: int) -> BitmapEntry:
+        """The entry whose bytes, padding included, are *raw* (a whole entry, nothing more).
+
+        What ``from_container(layout.BitmapDirectoryEntry.parse(raw))`` gives
+        (tests/format pin it), without construct's cost per field: the fixed
+        part by :data:`layout.BITMAP_DIR_ENTRY_FIXED`, then extra data, name
+        and padding as the schema lays them out.
+        """
+        fixed = layout.BITMAP_DIR_ENTRY_FIXED
+        table_offset, table_size, flags, type_, gbits, name_size, extra_size = fixed.unpack_from(
+            raw
+        )
+        start = fixed.size
+        name_at = start + extra_size
+        end = name_at + name_size
+        if len(raw) != layout.dir_entry_size(name_size, extra_size):
+            raise ValueError(f"a directory entry of {len(raw)} bytes, its fields say otherwise")
+        return cls(
+            offset=offset,
+            index=index,
+            bitmap_table_offset=table_offset,
+            bitmap_table_size=table_size,
+            flags=BitmapFlag(flags),
+            type=type_,
+            granularity_bits=gbits,
+            extra_data=bytes(raw[start:name_at]),
+            name=bytes(raw[name_at:end]),
+            padding=bytes(raw[end:]),
+        )
+
+    @classmethod
+    def new(
+        cls,
+        name: bytes,
+        *,
+        granularity_bits: int,
+        bitmap_table_offset: int,
+        bitmap_table_size: int,
+        flags: BitmapFlag,
+    ) -> BitmapEntry:
+        """A fresh dirty-tracking entry without extra data (offset and index 0 until placed)."""
+        pad = layout.dir_entry_size(len(name), 0) - (layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(name))
+        return cls(
+            offset=0,
+            index=0,
+            bitmap_table_offset=bitmap_table_offset,
+            bitmap_table_size=bitmap_table_size,
+            flags=flags,
+            type=layout.BT_DIRTY_TRACKING_BITMAP,
+            granularity_bits=granularity_bits,
+            extra_data=b"",
+            name=name,
+            padding=bytes(pad),
+        )
+
     def to_container(self) -> dict[str, Any]:
         return {
             "bitmap_table_offset": self.bitmap_table_offset,
@@ -297,13 +319,34 @@ class BitmapEntry:
 
     @property
     def size(self) -> int:
-        return layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data) + len(self.name) + len(
-            self.padding
+        return (
+            layout.BITMAP_DIR_ENTRY_FIXED_SIZE
+            + len(self.extra_data)
+            + len(self.name)
+            + len(self.padding)
         )
+
+    def field_offset(self, name: str) -> int:
+        """File offset of the entry's fixed field *name* ("flags", "bitmap_table_size", ...)."""
+        return self.offset + getattr(layout.BITMAP_DIR_ENTRY_FIELD, name)
+
+    @property
+    def name_offset(self) -> int:
+        """File offset of the name's first byte."""
+        return self.offset + layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data)
 
     @property
     def granularity(self) -> int:
         return 1 << self.granularity_bits
+
+    @property
+    def granularity_valid(self) -> bool:
+        """granularity_bits within QEMU's range (9..31): bits and bytes can be computed."""
+        return (
+            layout.BME_MIN_GRANULARITY_BITS
+            <= self.granularity_bits
+            <= layout.BME_MAX_GRANULARITY_BITS
+        )
 
     @property
     def in_use(self) -> bool:
@@ -316,6 +359,22 @@ class BitmapEntry:
     @property
     def display_name(self) -> str:
         return self.name.decode("utf-8", errors="backslashreplace")
+
+    @property
+    def qemu_name(self) -> bytes:
+        """The name as QEMU knows it: a C string, the bytes before the first NUL."""
+        return self.name.split(b"\0", 1)[0]
+
+    def renamed(self, name: bytes) -> BitmapEntry:
+        """This entry with another name (and the padding that name needs)."""
+        pad = layout.dir_entry_size(len(name), len(self.extra_data)) - (
+            layout.BITMAP_DIR_ENTRY_FIXED_SIZE + len(self.extra_data) + len(name)
+        )
+        return dataclasses.replace(self, name=name, padding=bytes(pad))
+
+    def named(self, name: str) -> bool:
+        """Whether *name* (as typed on a command line) is what QEMU calls this bitmap."""
+        return self.qemu_name == name.encode("utf-8", "surrogateescape")
 
     @property
     def flag_words(self) -> list[str]:
@@ -376,7 +435,7 @@ class LevelRecord:
 
     @property
     def consistent_level_offset(self) -> int:
-        return self.offset + layout.LEVEL_RECORD_CONSISTENT_LEVEL_OFFSET
+        return self.offset + layout.LEVEL_RECORD_FIELD.consistent_level
 
     @property
     def display_name(self) -> str:
@@ -414,3 +473,29 @@ class HeaderArea:
             parts.append(self.backing_file)
         parts.append(self.trailing)
         return b"".join(parts)
+
+
+def select_entries(
+    entries: Sequence[BitmapEntry], names: Sequence[str]
+) -> tuple[list[BitmapEntry], list[str]]:
+    """The entries QEMU knows by one of *names* (all when *names* is empty), in directory order.
+
+    Also returns the names no entry has.  Names compare as QEMU compares
+    them: the bytes of an entry's name up to its first NUL.
+    """
+    if not names:
+        return list(entries), []
+    chosen = [e for e in entries if any(e.named(n) for n in names)]
+    missing = [n for n in names if not any(e.named(n) for e in entries)]
+    return chosen, missing
+
+
+@dataclass(frozen=True, slots=True)
+class BitmapStructures:
+    """A bitmap directory, its entries and their tables: what the bitmaps reference."""
+
+    directory_offset: int
+    directory_size: int
+    directory_source: int  # file offset of the field naming the directory
+    entries: Sequence[BitmapEntry]
+    tables: Mapping[int, np.ndarray]  # by directory index; entries without one are skipped

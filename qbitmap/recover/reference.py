@@ -15,22 +15,21 @@ Bytes past the end of the shorter disk compare as zeros.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from qbitmap.format.bitmap import unique_sorted
-from qbitmap.format.guest import GuestDisk, Segment
+from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
+from qbitmap.format.bitmap import group_any, unique_sorted
+from qbitmap.format.guest import ZERO, GuestDisk, Segment
+from qbitmap.parallel import ordered_map
 
 CHUNK_BYTES = 4 << 20
-# Guest bytes mapped (per side) at a time while comparing.
-WINDOW_BYTES = 64 << 20
-WORKERS = min(2, os.cpu_count() or 1)
 
 
 def _load_memcmp() -> Any:
@@ -78,7 +77,7 @@ class DiffStats:
     differing_granules: int = 0
     reference_size: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
@@ -179,20 +178,8 @@ def diff_bits(
                         end = aligned
                 tasks.append((piece, pos, end))
                 pos = end
-        found: list[np.ndarray] = []
         with ctx as progress:  # type: ignore[attr-defined]
-            # Window by window: map a window's pages in one call per file,
-            # compare, then drop the mappings, so the resident set stays near
-            # 2 x WINDOW_BYTES and pages are read once, just before their
-            # comparison, even when the images are larger than memory.
-            for window in _windows(tasks):
-                segs_a = [piece.a.cut(pos, end) for piece, pos, end in window]
-                segs_b = [piece.b.cut(pos, end) for piece, pos, end in window]
-                image.populate(segs_a)
-                reference.populate(segs_b)
-                found.extend(_run_tasks(image, reference, window, granularity, progress))
-                image.release(segs_a)
-                reference.release(segs_b)
+            found = _run_tasks(image, reference, tasks, granularity, progress)
         stats.compared_bytes = sum(end - pos for _p, pos, end in tasks)
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
@@ -204,22 +191,6 @@ def diff_bits(
     return bits, stats
 
 
-def _windows(
-    tasks: list[tuple[Piece, int, int]],
-) -> Iterator[list[tuple[Piece, int, int]]]:
-    """Consecutive runs of *tasks* covering about WINDOW_BYTES of guest data each."""
-    window: list[tuple[Piece, int, int]] = []
-    size = 0
-    for task in tasks:
-        window.append(task)
-        size += task[2] - task[1]
-        if size >= WINDOW_BYTES:
-            yield window
-            window, size = [], 0
-    if window:
-        yield window
-
-
 def _run_tasks(
     image: GuestDisk,
     reference: GuestDisk,
@@ -229,55 +200,24 @@ def _run_tasks(
 ) -> list[np.ndarray]:
     """Compare every task's range; the differing granules of each, in task order.
 
-    Two workers (this thread and one more): page faults, page-cache copies and
-    memcmp release the GIL, so both cores work (the machine has two).  Each
-    worker takes the next task from a shared counter and keeps its own
-    buffers; progress is advanced under a lock.  No executor: a task is a few
-    microseconds of Python around a long memcmp, and the first exception stops
-    both workers and is raised here.
+    On :func:`qbitmap.parallel.ordered_map`'s workers: reads, page-cache
+    copies and memcmp release the GIL.  Each worker keeps its own two
+    buffers; progress is advanced under a lock.
     """
-    results: list[np.ndarray] = [_NO_GRANULES] * len(tasks)
-    take = itertools.count().__next__  # atomic under the GIL
     lock = threading.Lock()
-    failed: list[BaseException] = []
 
-    def work() -> None:
-        bufs: tuple[np.ndarray, np.ndarray] | None = None
-        while not failed:
-            i = take()
-            if i >= len(tasks):
-                return
-            piece, pos, end = tasks[i]
-            n = end - pos
-            if bufs is None:
-                bufs = (np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8))
-            try:
-                results[i] = _compare(
-                    image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity
-                )
-                with lock:
-                    progress.advance(n)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the calling thread
-                failed.append(exc)
-                return
+    def compare(i: int, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        piece, pos, end = tasks[i]
+        n = end - pos
+        found = _compare(image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity)
+        with lock:
+            progress.advance(n)
+        return found
 
-    helpers = [
-        threading.Thread(target=work, name="qbitmap-compare", daemon=True)
-        for _ in range(min(WORKERS, len(tasks)) - 1)
-    ]
-    for helper in helpers:
-        helper.start()
-    try:
-        work()
-    except BaseException as exc:  # KeyboardInterrupt in this thread: stop the others too
-        failed.append(exc)
-        raise
-    finally:
-        for helper in helpers:
-            helper.join()
-    if failed:
-        raise failed[0]
-    return results
+    def buffers() -> tuple[np.ndarray, np.ndarray]:
+        return np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8)
+
+    return list(ordered_map(compare, len(tasks), buffers))
 
 
 _NO_GRANULES = np.empty(0, dtype=np.int64)
@@ -304,8 +244,8 @@ def _compare(
     n = end - start
     a = piece.a.cut(start, end)
     b = piece.b.cut(start, end)
-    a_zero = a.kind == "zero"
-    b_zero = b.kind == "zero"
+    a_zero = a.kind == ZERO
+    b_zero = b.kind == ZERO
     if not a_zero:
         view = image.view_segment(a)
         if view is None:
@@ -341,12 +281,59 @@ def _compare(
     return _granule_flags_bytes(buf_a != buf_b, start, granularity)
 
 
+def validate_reference(
+    image_path: str | os.PathLike[str],
+    reference_path: str | os.PathLike[str],
+    *,
+    reference_format: str | None = None,
+) -> None:
+    """Refuse a reference that cannot tell what changed in the image.
+
+    Raises UsageError (exit 64) when the reference is the image itself -- the
+    same file under any name, or a qcow2 whose backing chain contains it:
+    every granule would compare equal and the writes since the last backup
+    would never be marked.  Raises UnsupportedImageError when either side's
+    guest data cannot be read (an external data file, encryption), naming
+    ``--mode full`` as what works instead.
+    """
+    try:
+        with GuestDisk(image_path, fmt="qcow2"):
+            pass
+        try:
+            with GuestDisk(reference_path, fmt=reference_format) as reference:
+                theirs = reference.sources()
+        except ImageFormatError as exc:
+            raise ImageFormatError(
+                f"the reference {reference_path}: {exc.reason}", offset=exc.offset, field=exc.field
+            ) from exc
+    except UnsupportedImageError as exc:
+        raise UnsupportedImageError(
+            f"{exc}; --reference compares guest data, which qbitmap cannot read here: "
+            "use --mode full instead"
+        ) from exc
+    image = _identity(image_path)
+    if image in theirs:
+        which = (
+            "is the image itself"
+            if _identity(reference_path) == image
+            else "has the image in its backing chain"
+        )
+        raise UsageError(
+            f"--reference {reference_path} {which}: every granule would compare equal and "
+            "the writes since the last backup would never be marked"
+        )
+
+
+def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(Path(path))
+    return st.st_dev, st.st_ino
+
+
 def reduce_bits(bits: np.ndarray, nbits_fine: int, factor: int, nbits_coarse: int) -> np.ndarray:
-    """OR groups of *factor* fine bits into one coarse bit (granularity * factor)."""
+    """OR groups of *factor* fine bits into one coarse bit (granularity * factor), packed."""
     if factor == 1:
         return bits.copy()
-    unpacked = np.unpackbits(bits, bitorder="little")[:nbits_fine]
-    padded = np.zeros(nbits_coarse * factor, dtype=np.uint8)
-    padded[: len(unpacked)] = unpacked
-    coarse = padded.reshape(nbits_coarse, factor).any(axis=1)
+    coarse = np.zeros(nbits_coarse, dtype=bool)
+    hit = group_any(bits, nbits_fine, factor)
+    coarse[: min(len(hit), nbits_coarse)] = hit[:nbits_coarse]
     return np.packbits(coarse, bitorder="little")

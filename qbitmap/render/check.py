@@ -1,8 +1,9 @@
 """Rendering of ``qbitmap check``: a rich view for people, one JSON object for scripts.
 
 Everything taken from the image (bitmap names, messages quoting them) goes
-into ``Text`` objects, never through markup, so a bitmap named ``[red]`` is
-printed as those characters.
+through :func:`qbitmap.render.printable` into ``Text`` objects, never through
+markup, so a bitmap named ``[red]`` is printed as those characters and one
+holding an escape sequence as ``\x1b...``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.check import BitmapStatus, CheckReport, Severity
-from qbitmap.render import hexoff, iec
+from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -30,19 +31,13 @@ _SEVERITY_STYLE = {
 _STATUS_STYLE = {"consistent": "green", "in-use": "bold yellow", "corrupt": "bold red"}
 
 
-def printable(text: str) -> str:
-    """*text* with control characters (newlines, escape sequences) shown as escapes."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 _VERDICT = {
     0: "all bitmaps consistent",
     1: "could not check the image",
     2: "corruption found",
     3: "leaked clusters only",
     4: "in-use bitmaps (metadata sound)",
+    75: "the image is held by a running writer (its bitmaps live in its memory)",
 }
 
 
@@ -93,7 +88,7 @@ def bitmaps_table(report: CheckReport) -> Table:
     from rich.text import Text
 
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("name")
+    table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("consistency levels", overflow="fold")
@@ -107,7 +102,7 @@ def bitmaps_table(report: CheckReport) -> Table:
             gran,
             _levels_text(b),
         )
-    return table
+    return keep_whole(table)
 
 
 def human(report: CheckReport) -> RenderableType:
@@ -122,15 +117,38 @@ def human(report: CheckReport) -> RenderableType:
     if report.findings:
         parts.append(findings_block(report))
     code = report.exit_code
-    style = "green" if code == 0 else ("yellow" if code in (3, 4) else "bold red")
+    style = "green" if code == 0 else ("yellow" if code in (3, 4, 75) else "bold red")
     parts.append(Text(f"Result: {_VERDICT.get(code, '?')} (exit {code})", style=style))
     return Group(*parts)
 
 
+def error_line(report: CheckReport) -> str | None:
+    """Why the image could not be checked (exit 1), naming the file; None for any other verdict."""
+    failed = [f for f in report.findings if f.severity is Severity.FAILED]
+    if report.exit_code != 1 or not failed:
+        return None
+    message = failed[0].message
+    return message if report.filename in message else f"{report.filename}: {message}"
+
+
 def to_json(report: CheckReport) -> dict[str, Any]:
-    return report.to_dict()
+    """The report's own keys, plus ``error``: :func:`error_line`, or null."""
+    out = report.to_dict()
+    out["error"] = error_line(report)
+    return out
 
 
 def write_json(out: IO[str], report: CheckReport) -> None:
     """One JSON object and a newline."""
     out.write(json.dumps(to_json(report)) + "\n")
+
+
+def write_failure_json(out: IO[str], filename: str | None, exit_code: int, error: str) -> None:
+    """The JSON object of a run that produced no report (usage error, interrupt, failure).
+
+    Every key of a report is there (no findings, no bitmaps), so a script
+    reads ``exit_code`` and ``error`` the same way whatever happened.
+    """
+    document = to_json(CheckReport(filename=filename))  # type: ignore[arg-type]
+    document.update(exit_code=exit_code, error=error)
+    out.write(json.dumps(document) + "\n")

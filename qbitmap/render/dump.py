@@ -2,17 +2,21 @@
 
 The machine forms (:func:`write_json`, :func:`write_lines`) never import
 rich, and format extents a block at a time with one C-level ``%`` per block
-(hundreds of thousands of extents per second, memory bounded by the block).
-The rich form builds every name from the image as ``Text``: never markup.
+(hundreds of thousands of extents per second).  Every form streams the
+extents from the report's sources as the image yields them: memory is
+bounded by a block, whatever the number of ranges.
+The rich form builds every name from the image as ``Text``, never markup, and
+passes it through :func:`qbitmap.render.printable` first.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-from qbitmap.render import hexoff, iec
+from qbitmap.render import hexoff, iec, keep_whole, printable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -26,25 +30,49 @@ if TYPE_CHECKING:
 BLOCK = 16384
 
 
-def _pairs(starts: np.ndarray, lengths: np.ndarray) -> Iterator[tuple[int, list[int]]]:
-    """Blocks of ``(count, [start0, length0, start1, length1, ...])`` as Python ints."""
-    for pos in range(0, len(starts), BLOCK):
-        s = starts[pos : pos + BLOCK].tolist()
-        n = lengths[pos : pos + BLOCK].tolist()
-        flat: list[int] = [0] * (2 * len(s))
-        flat[0::2] = s
-        flat[1::2] = n
-        yield len(s), flat
+def _slices(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The extent blocks cut into slices of at most BLOCK extents."""
+    for starts, lengths in blocks:
+        for pos in range(0, len(starts), BLOCK):
+            yield starts[pos : pos + BLOCK], lengths[pos : pos + BLOCK]
 
 
-def _json_extents(out: IO[bytes], starts: np.ndarray, lengths: np.ndarray) -> None:
-    item = b'{"start": %d, "length": %d}'
+def _pairs(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> Iterator[tuple[int, tuple[int, ...]]]:
+    """Slices of ``(count, (start0, length0, start1, length1, ...))`` as Python ints."""
+    import numpy as np
+
+    for starts, lengths in _slices(blocks):
+        # Interleaved by numpy, converted in one call: cheaper than two lists spliced.
+        pairs = np.empty((len(starts), 2), dtype=starts.dtype)
+        pairs[:, 0] = starts
+        pairs[:, 1] = lengths
+        yield len(starts), tuple(pairs.ravel().tolist())
+
+
+class _Repeated:
+    """``separator.join([pattern] * count)``, the full-slice one built once."""
+
+    def __init__(self, pattern: bytes, separator: bytes = b"") -> None:
+        self.pattern = pattern
+        self.separator = separator
+        self.full = separator.join([pattern] * BLOCK)
+
+    def __call__(self, count: int) -> bytes:
+        return self.full if count == BLOCK else self.separator.join([self.pattern] * count)
+
+
+def _json_extents(out: IO[bytes], blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
+    items = _Repeated(b'{"start": %d, "length": %d}', b", ")
     first = True
-    for count, flat in _pairs(starts, lengths):
+    for count, flat in _pairs(blocks):
         if not first:
             out.write(b", ")
         first = False
-        out.write(b", ".join([item] * count) % tuple(flat))
+        out.write(items(count) % flat)
 
 
 def write_json(out: IO[bytes], report: DumpReport) -> None:
@@ -66,7 +94,7 @@ def write_json(out: IO[bytes], report: DumpReport) -> None:
             continue
         out.write(body[:-1])
         out.write(b', "extents": [')
-        _json_extents(out, *ext)
+        _json_extents(out, ext())
         out.write(b"]}")
     out.write(b"]}\n")
 
@@ -87,13 +115,14 @@ def write_lines(out: IO[bytes], report: DumpReport) -> None:
         if ext is not None
     ]
     with_names = len(shown) > 1
-    for name, (starts, lengths) in shown:
+    for name, source in shown:
         if with_names:
             line = b"%d %d " + line_name(name).replace("%", "%%").encode("ascii") + b"\n"
         else:
             line = b"%d %d\n"
-        for count, flat in _pairs(starts, lengths):
-            out.write((line * count) % tuple(flat))
+        lines = _Repeated(line)
+        for count, flat in _pairs(source()):
+            out.write(lines(count) % flat)
 
 
 # -- rich ---------------------------------------------------------------------------------
@@ -105,7 +134,8 @@ def _kv_table(title: str) -> Table:
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
-    table.add_column("value")
+    # One fact per row, file names among them: kept whole on their line.
+    table.add_column("value", no_wrap=True)
     return table
 
 
@@ -120,7 +150,7 @@ def header_table(info: dict[str, Any]) -> Table:
 
     header = info["header"]
     table = _kv_table("Header")
-    table.add_row("file", Text(info["filename"]))
+    table.add_row("file", Text(printable(info["filename"])))
     table.add_row("version", str(header["version"]))
     table.add_row("virtual size", f"{iec(info['virtual_size'])} ({info['virtual_size']} bytes)")
     table.add_row(
@@ -135,7 +165,8 @@ def header_table(info: dict[str, Any]) -> Table:
             words = info["features"].get(kind, [])
             raw = header[f"{kind}_features"]
             table.add_row(
-                f"{kind} features", Text(f"{raw:#x}" + (f": {', '.join(words)}" if words else ""))
+                f"{kind} features",
+                Text(printable(f"{raw:#x}" + (f": {', '.join(words)}" if words else ""))),
             )
     if header["crypt_method"]:
         method = {1: "AES (legacy)", 2: "LUKS"}.get(header["crypt_method"], "unknown")
@@ -154,8 +185,8 @@ def header_table(info: dict[str, Any]) -> Table:
         f"{snapshots} at {hexoff(header['snapshots_offset'])}" if snapshots else "none",
     )
     if "backing_file" in info:
-        table.add_row("backing file", Text(info["backing_file"]))
-    return table
+        table.add_row("backing file", Text(printable(info["backing_file"])))
+    return keep_whole(table)
 
 
 def extensions_table(extensions: list[dict[str, Any]]) -> Table:
@@ -177,7 +208,7 @@ def extensions_table(extensions: list[dict[str, Any]]) -> Table:
             ext["magic"],
             ext["name"],
             str(ext["length"]),
-            Text(_extension_summary(ext)),
+            Text(printable(_extension_summary(ext))),
         )
     return table
 
@@ -217,7 +248,7 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
     from rich.text import Text
 
     table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("name", min_width=8, overflow="fold")
+    table.add_column("name", min_width=8, no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("flags", no_wrap=True)
     table.add_column("type", justify="right", no_wrap=True)
@@ -233,14 +264,14 @@ def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
         if bm["stale"]:
             dirty.append(" STALE", style="bold yellow")
         table.add_row(
-            Text(bm["name"]),
+            Text(printable(bm["name"])),
             iec(bm["granularity"]),
             flags,
             str(bm["type"]),
             f"{bm['table_size']} at {hexoff(bm['table_offset'])}",
             dirty,
         )
-    return table
+    return keep_whole(table)
 
 
 def extents_title(name: str, count: int) -> Text:
@@ -252,21 +283,43 @@ def extents_title(name: str, count: int) -> Text:
     )
 
 
-def extent_text(starts: np.ndarray, lengths: np.ndarray) -> Iterator[str]:
+@dataclass(frozen=True)
+class ExtentStats:
+    """What the extent table's title and column widths need, gathered in a pass of its own."""
+
+    count: int = 0
+    last_start: int = 0
+    last_end: int = 0
+    max_length: int = 0
+
+
+def extent_stats(blocks: Iterable[tuple[np.ndarray, np.ndarray]]) -> ExtentStats:
+    count = last_start = last_end = max_length = 0
+    for starts, lengths in blocks:
+        count += len(starts)
+        last_start = int(starts[-1])
+        last_end = last_start + int(lengths[-1])
+        max_length = max(max_length, int(lengths.max()))
+    return ExtentStats(count, last_start, last_end, max_length)
+
+
+def extent_text(
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]], stats: ExtentStats
+) -> Iterator[str]:
     """The extents as an aligned plain-text table (start, length, end, size), in blocks.
 
-    Plain text, not a rich Table: a bitmap can have hundreds of thousands of
-    ranges, which rich would take minutes to lay out.  Only numbers and
-    units appear here, so there is nothing to escape.
+    *stats* (from :func:`extent_stats` over the same extents) sizes the
+    columns before the first row.  Plain text, not a rich Table: a bitmap
+    can have millions of ranges, which rich would take minutes to lay out.
+    Only numbers and units appear here, so there is nothing to escape.
     """
-    if not len(starts):
+    if not stats.count:
         yield "  (clean: no dirty ranges)\n\n"
         return
-    ends = starts + lengths
     widths = (
-        max(5, len(str(int(starts[-1])))),
-        max(6, len(str(int(lengths.max())))),
-        max(3, len(str(int(ends[-1])))),
+        max(5, len(str(stats.last_start))),
+        max(6, len(str(stats.max_length))),
+        max(3, len(str(stats.last_end))),
         10,
     )
     head = "  ".join(
@@ -274,10 +327,10 @@ def extent_text(starts: np.ndarray, lengths: np.ndarray) -> Iterator[str]:
     )
     yield f"  {head}\n  {'-' * len(head)}\n"
     row = "  %{}d  %{}d  %{}d  %{}s\n".format(*widths)
-    for pos in range(0, len(starts), BLOCK):
-        s = starts[pos : pos + BLOCK].tolist()
-        n = lengths[pos : pos + BLOCK].tolist()
-        e = ends[pos : pos + BLOCK].tolist()
+    for starts, lengths in _slices(blocks):
+        s = starts.tolist()
+        n = lengths.tolist()
+        e = (starts + lengths).tolist()
         sizes = list(map(iec, n))
         flat: list[object] = [0] * (4 * len(s))
         flat[0::4] = s
@@ -288,9 +341,16 @@ def extent_text(starts: np.ndarray, lengths: np.ndarray) -> Iterator[str]:
     yield "\n"
 
 
-def stale_warning(name: str, in_use: bool) -> Text:
+def stale_warning(name: str, in_use: bool, writer_running: bool = False) -> Text:
     from rich.text import Text
 
+    if in_use and writer_running:
+        return Text.assemble(
+            ("warning: ", "bold yellow"),
+            f"bitmap {name!r} is in use: the image is held by a running writer, which keeps "
+            "its bitmaps in its memory and stores them when it closes the image. The "
+            "contents shown are what is on disk and are stale.",
+        )
     why = (
         "is in use: a writer did not close it cleanly"
         if in_use
@@ -321,16 +381,17 @@ def human(report: DumpReport) -> RenderableType:
         parts.append(Text("No bitmaps."))
     for bm in info["bitmaps"]:
         if bm["stale"]:
-            parts.append(stale_warning(bm["name"], bm["in_use"]))
+            parts.append(stale_warning(bm["name"], bm["in_use"], report.writer_running))
     return Group(*parts)
 
 
 def write_human(ui: Any, report: DumpReport) -> None:
     """Print the dump for people through *ui* (a qbitmap.ui.Ui): tables, then extents."""
     ui.print(human(report))
-    for bm, ext in zip(report.info["bitmaps"], report.extents, strict=True):
-        if ext is None:
+    for bm, source in zip(report.info["bitmaps"], report.extents, strict=True):
+        if source is None:
             continue
-        ui.print(extents_title(bm["name"], len(ext[0])))
-        for block in extent_text(*ext):
-            ui.write(block)
+        stats = extent_stats(source())
+        ui.print(extents_title(bm["name"], stats.count))
+        for text in extent_text(source(), stats):
+            ui.write(text)

@@ -7,9 +7,8 @@ Public API (stable; ``qbitmap.track`` and ``qbitmap.recover`` build on it):
   new clusters, :meth:`~WriteSession.commit_header` (one write of cluster
   0, flushed on both sides), then :meth:`~WriteSession.free` the old ones.
 * :class:`Allocator`, :class:`Extent` -- refcount-based cluster allocation.
-* :class:`Disk`, :class:`FileDisk`, :class:`CrashingDisk`,
-  :class:`SimulatedCrash`, :class:`OverlayDisk` -- the I/O seam.
-* :class:`ImageLock`, :func:`foreign_lock_bytes` -- QEMU's lock bytes.
+* :class:`Disk`, :class:`FileDisk`, :class:`OverlayDisk` -- the I/O seam.
+* :class:`ImageLock` -- QEMU's lock bytes held while writing (see :mod:`qbitmap.lockbytes`).
 * helpers that build extension data: :func:`bitmaps_extension_bytes`,
   :func:`levels_extension_bytes`, :func:`new_level_record`, and the extent
   helpers :func:`entry_extents`, :func:`directory_extent`.
@@ -18,14 +17,8 @@ Public API (stable; ``qbitmap.track`` and ``qbitmap.recover`` build on it):
 from __future__ import annotations
 
 from qbitmap.store.alloc import AllocationError, Allocator, Extent
-from qbitmap.store.disk import CrashingDisk, Disk, DiskStats, FileDisk, SimulatedCrash
-from qbitmap.store.lock import (
-    QEMU_LOCK_BYTES,
-    WRITER_LOCK_BYTES,
-    ImageLock,
-    busy_message,
-    foreign_lock_bytes,
-)
+from qbitmap.store.disk import Disk, DiskStats, FileDisk
+from qbitmap.store.lock import ImageLock, busy_message
 from qbitmap.store.overlay import OverlayDisk
 from qbitmap.store.session import (
     KNOWN_AUTOCLEAR,
@@ -42,11 +35,8 @@ from qbitmap.store.session import (
 
 __all__ = [
     "KNOWN_AUTOCLEAR",
-    "QEMU_LOCK_BYTES",
-    "WRITER_LOCK_BYTES",
     "AllocationError",
     "Allocator",
-    "CrashingDisk",
     "Disk",
     "DiskStats",
     "Extent",
@@ -54,14 +44,12 @@ __all__ = [
     "ImageLock",
     "NewBitmap",
     "OverlayDisk",
-    "SimulatedCrash",
     "Step",
     "WriteSession",
     "bitmaps_extension_bytes",
     "busy_message",
     "directory_extent",
     "entry_extents",
-    "foreign_lock_bytes",
     "levels_extension_bytes",
     "new_level_record",
     "validate_for_write",

@@ -2,7 +2,7 @@
 
 Follows QEMU's method (block/qcow2-refcount.c ``alloc_clusters_noref``,
 ``update_refcount``, ``alloc_refcount_block``, ``qcow2_refcount_area``;
-shared/reference/qcow2-digest.md sections 5.1, 5.2 and 5.8) with the same
+docs/interop/qcow2.rst "Host cluster management") with the same
 crash-safety invariant: **a cluster is never referenced while its refcount
 is 0**.  A crash at any instant can leave clusters whose refcount is higher
 than their number of references (leaks, which ``qemu-img check`` reports and
@@ -34,24 +34,19 @@ Refcount widths of 1 to 64 bits (``refcount_order`` 0..6) are supported.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from qbitmap.errors import ImageFormatError, QbitmapError, UnsupportedImageError
+from qbitmap.errors import AllocationError, ImageFormatError, UnsupportedImageError
 from qbitmap.format import layout
-from qbitmap.format.image import QCOW_MAX_REFTABLE_SIZE
-from qbitmap.format.refcount import decode_refcount_block, set_refcount_in_block
+from qbitmap.format.entries import be64, decode_refcount_block, set_refcount_in_block, to_be64
+from qbitmap.format.layout import QCOW_MAX_REFTABLE_SIZE
 from qbitmap.store.disk import Disk
 
 # Host offsets must stay below 2^56 (QCOW_MAX_CLUSTER_OFFSET).
 MAX_HOST_OFFSET = 1 << 56
-
-
-class AllocationError(QbitmapError):
-    """A refcount could not be changed as asked (overflow, underflow, limits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,13 +92,13 @@ class Allocator:
         if refcount_table_offset % self.cluster_size:
             raise ImageFormatError(
                 f"refcount_table_offset {refcount_table_offset:#x} is not cluster aligned",
-                offset=48,
+                offset=layout.HEADER_FIELD.refcount_table_offset,
                 field="refcount_table_offset",
             )
         if refcount_table_clusters * self.cluster_size > QCOW_MAX_REFTABLE_SIZE:
             raise ImageFormatError(
                 f"refcount table of {refcount_table_clusters} clusters exceeds 8 MiB",
-                offset=56,
+                offset=layout.HEADER_FIELD.refcount_table_clusters,
                 field="refcount_table_clusters",
             )
         self.refcount_table_offset = refcount_table_offset
@@ -115,7 +110,7 @@ class Allocator:
                 offset=refcount_table_offset,
                 field="refcount_table_offset",
             )
-        self.table = np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+        self.table = be64(raw)
         self._raw: dict[int, bytearray] = {}
         self._values: dict[int, np.ndarray] = {}
         self._dirty: dict[int, tuple[int, int]] = {}
@@ -127,6 +122,22 @@ class Allocator:
         #: Refcount blocks created and table moves, for the plan/report.
         self.blocks_created: list[int] = []
         self.table_moves: list[tuple[int, int, int, int]] = []  # old off, old n, new off, new n
+        self._avoid = np.zeros(0, dtype=np.int64)
+
+    def avoid(self, clusters: np.ndarray) -> None:
+        """Never hand out *clusters* (sorted cluster indices), whatever their refcount says.
+
+        For clusters something still references although their refcount is 0:
+        a damaged refcount must not turn into two owners of one cluster.
+        """
+        self._avoid = np.asarray(clusters, dtype=np.int64)
+
+    def _first_avoided(self, start: int, count: int) -> int | None:
+        """The first avoided cluster in ``[start, start + count)``, if any."""
+        i = int(np.searchsorted(self._avoid, start))
+        if i < len(self._avoid) and int(self._avoid[i]) < start + count:
+            return int(self._avoid[i])
+        return None
 
     # -- reading ---------------------------------------------------------------
 
@@ -168,6 +179,29 @@ class Allocator:
     def refcounts(self, first_cluster: int, count: int) -> list[int]:
         return [self.refcount(first_cluster + i) for i in range(count)]
 
+    def nonzero_refcounts(self, first_cluster: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``(clusters, refcounts)`` of every cluster from *first_cluster* on with a refcount.
+
+        Reads only the refcount blocks the table links: clusters past the end
+        of the file count too (a killed writer can leave refcounts there).
+        """
+        epb = self.entries_per_block
+        linked = np.flatnonzero(self.table & np.uint64(layout.REFT_OFFSET_MASK))
+        found_c: list[np.ndarray] = []
+        found_v: list[np.ndarray] = []
+        for table_index in linked[linked >= first_cluster // epb].tolist():
+            values = self._block(table_index)
+            if values is None:
+                continue
+            used = np.flatnonzero(values).astype(np.int64)
+            clusters = used + table_index * epb
+            keep = clusters >= first_cluster
+            found_c.append(clusters[keep])
+            found_v.append(values[used[keep]].astype(np.int64))
+        if not found_c:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(found_c), np.concatenate(found_v)
+
     def highest_used_cluster(self) -> int:
         """Index of the last cluster with a non-zero refcount (-1 if none)."""
         for table_index in range(len(self.table) - 1, -1, -1):
@@ -180,11 +214,20 @@ class Allocator:
         return -1
 
     def find_free(self, count: int, start: int | None = None) -> int:
-        """First cluster index of *count* consecutive clusters with refcount 0."""
+        """First cluster index of *count* consecutive free clusters (refcount 0, not avoided)."""
         if count <= 0:
             raise ValueError("count must be positive")
-        epb = self.entries_per_block
         cluster = self.free_hint if start is None else start
+        while True:
+            found = self._find_refcount_zero(count, cluster)
+            avoided = self._first_avoided(found, count)
+            if avoided is None:
+                return found
+            cluster = avoided + 1
+
+    def _find_refcount_zero(self, count: int, cluster: int) -> int:
+        """First cluster index at or after *cluster* of *count* consecutive refcount-0 clusters."""
+        epb = self.entries_per_block
         run_start: int | None = None
         while True:
             table_index, block_index = divmod(cluster, epb)
@@ -275,7 +318,9 @@ class Allocator:
                 continue
             if nblocks:
                 spot = start + count
-                if any(self.refcount(c) for c in range(spot, spot + nblocks)):
+                if self._first_avoided(spot, nblocks) is not None or any(
+                    self.refcount(c) for c in range(spot, spot + nblocks)
+                ):
                     need = count + nblocks  # look for room for the run and its blocks
                     continue
                 self._create_blocks(dict(zip(missing, range(spot, spot + nblocks), strict=True)))
@@ -354,7 +399,7 @@ class Allocator:
                 if t in linked or (owner in placement and owner != t and owner not in linked):
                     continue
                 self.disk.pwrite(
-                    self.refcount_table_offset + 8 * t, struct.pack(">Q", cluster * cs)
+                    self.refcount_table_offset + 8 * t, to_be64(np.array([cluster * cs]))
                 )
                 self.disk.flush()
                 self.table[t] = cluster * cs
@@ -375,6 +420,8 @@ class Allocator:
         # Start the new area past every used cluster and past the end of the file.
         end_clusters = -(-self.disk.size() // cs)
         area_start = max(end_clusters, self.highest_used_cluster() + 1)
+        if len(self._avoid):
+            area_start = max(area_start, int(self._avoid[-1]) + 1)
         want_entries = max(need_index + 1, old_entries + 1)
         want_entries += want_entries // 2  # ~50 % headroom, as QEMU does
         table_clusters = max(old_clusters + 1, -(-want_entries * 8 // cs))
@@ -424,7 +471,12 @@ class Allocator:
         self.disk.pwrite(table_offset, new_table.astype(">u8").tobytes())
         self.disk.flush()
         # The commit point: one 12-byte write switches to the new table.
-        self.disk.pwrite(48, struct.pack(">QI", table_offset, table_clusters))
+        self.disk.pwrite(
+            layout.HEADER_FIELD.refcount_table_offset,
+            layout.RefcountTableLocation.build(
+                {"refcount_table_offset": table_offset, "refcount_table_clusters": table_clusters}
+            ),
+        )
         self.disk.flush()
         self.table = new_table
         self.refcount_table_offset = table_offset

@@ -6,7 +6,8 @@ read-write, QEMU's lock bytes held for the whole session
 swapped for a crash-injecting one, and the cluster allocator
 (:mod:`qbitmap.store.alloc`).
 
-Every change follows QEMU's own store order (qcow2-digest.md 4.5), which a
+Every change follows QEMU's own store order (block/qcow2-bitmap.c
+``qcow2_store_persistent_dirty_bitmaps``), which a
 caller composes from the methods here:
 
 1. **stage** -- allocate new clusters (:meth:`allocate`, refcounts written)
@@ -51,10 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qbitmap.errors import ImageIOError, RefusedError, UnsupportedImageError
+from qbitmap.errors import RefusedError, UnsupportedImageError
 from qbitmap.format import layout
 from qbitmap.format.bitmap import Geometry
-from qbitmap.format.image import Image
+from qbitmap.format.image import Image, open_image_file
 from qbitmap.format.model import (
     AutoclearFeature,
     BitmapEntry,
@@ -92,7 +93,7 @@ class Step:
     length: int | None
     what: str
 
-    def as_dict(self) -> dict[str, object]:
+    def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
@@ -195,6 +196,7 @@ class WriteSession:
         )
         self._seen_blocks = 0
         self._seen_moves = 0
+        self._unknown_cleared = False
 
     # -- opening -----------------------------------------------------------------
 
@@ -212,23 +214,19 @@ class WriteSession:
         Args:
             path: the qcow2 image.
             dry_run: open read-only; writes go to an in-memory overlay.
-            disk_wrapper: wraps the FileDisk (tests: ``lambda d: CrashingDisk(d, n)``).
+            disk_wrapper: wraps the FileDisk (tests crash it at a chosen write).
 
         Raises:
             ImageBusyError: another process holds the lock bytes (nothing changed).
             RefusedError / UnsupportedImageError: see :func:`validate_for_write`.
         """
         path = Path(path)
-        flags = (os.O_RDONLY if dry_run else os.O_RDWR) | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            raise ImageIOError(f"{path}: cannot open: {exc.strerror}") from exc
+        fd = open_image_file(path, writable=not dry_run)
         lock = ImageLock(fd, path)
         try:
             lock.acquire()
             # Parse only after locking: what we read now cannot change under us.
-            image = Image(path, fd, writable=not dry_run)
+            image = Image(path, fd)
             validate_for_write(image)
             disk: Disk = FileDisk(fd, path)
             if disk_wrapper is not None:
@@ -236,18 +234,31 @@ class WriteSession:
             if dry_run:
                 disk = OverlayDisk(disk)
             session = cls(path, image, disk, lock, dry_run=dry_run)
-            session._clear_unknown_autoclear()
             yield session
         finally:
             lock.release()
             os.close(fd)
 
-    def _clear_unknown_autoclear(self) -> None:
-        # qcow2: a writer must clear autoclear bits it does not know before writing.
+    def _before_writing(self) -> None:
+        """Clear autoclear bits qbitmap does not know, once, before its first write.
+
+        qcow2: a writer must clear unknown autoclear bits before it changes
+        anything.  Done lazily, so that opening a session (and deciding to
+        refuse) writes nothing.
+        """
+        if self._unknown_cleared:
+            return
+        self._unknown_cleared = True
         autoclear = self.header.autoclear_features or 0
         unknown = autoclear & ~int(KNOWN_AUTOCLEAR)
         if unknown:
             self.commit_header(autoclear_clear=unknown, what="clear unknown autoclear bits")
+
+    @property
+    def write_log(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of every write issued so far (to the overlay in a dry run)."""
+        stats = getattr(self.disk, "stats", None)
+        return list(stats.write_log) if stats is not None else []
 
     # -- journal ---------------------------------------------------------------
 
@@ -280,6 +291,7 @@ class WriteSession:
 
     def allocate(self, size: int, *, what: str) -> Extent:
         """Allocate whole clusters for *size* bytes (refcount 1, written, not flushed)."""
+        self._before_writing()
         extent = self.allocator.allocate_bytes(size)
         self._log_structure_changes(what)
         self._log("stage", "allocate", extent.offset, extent.count * self.cluster_size, what)
@@ -287,6 +299,7 @@ class WriteSession:
 
     def write(self, offset: int, data: bytes, *, what: str, phase: str = "stage") -> None:
         """Write *data* at *offset* -- only into clusters this session allocated."""
+        self._before_writing()
         self.disk.pwrite(offset, data)
         self._log(phase, "write", offset, len(data), what)
 
@@ -296,6 +309,7 @@ class WriteSession:
 
     def free(self, extents: Iterable[Extent], *, what: str) -> None:
         """Drop one reference from each cluster of *extents* (after the commit)."""
+        self._before_writing()
         for extent in extents:
             self.allocator.free(extent.offset, extent.count)
             self._log("release", "free", extent.offset, extent.count * self.cluster_size, what)
@@ -306,6 +320,7 @@ class WriteSession:
         For writes that are atomic on their own (a 4-byte flags word or
         ``consistent_level``).  Writes and flushes before returning.
         """
+        self._before_writing()
         if len(data) not in (1, 2, 4, 8) or offset % len(data):
             raise ValueError(
                 f"in-place field writes must be 1/2/4/8 aligned bytes, not {len(data)} at {offset:#x}"
@@ -402,16 +417,21 @@ class WriteSession:
         """
         changes = dict(extensions or {})
         new_exts: list[Extension] = []
+        replaced: set[int] = set()
         for ext in self.extensions:
             if ext.magic in changes:
-                data = changes.pop(ext.magic)
-                if data is None:
+                # One copy, where the first one was: repeats would override it for QEMU.
+                data = changes[ext.magic]
+                if data is None or ext.magic in replaced:
                     continue
+                replaced.add(ext.magic)
                 new_exts.append(Extension(0, ext.magic, data, bytes(-len(data) % 8)))
             else:
                 new_exts.append(ext)
+        for magic in replaced:
+            changes.pop(magic)
         for magic, data in changes.items():
-            if data is not None:
+            if data is not None and magic not in replaced:
                 new_exts.append(Extension(0, magic, data, bytes(-len(data) % 8)))
         autoclear = ((self.header.autoclear_features or 0) | autoclear_set) & ~autoclear_clear
         header = dataclasses.replace(
@@ -464,6 +484,7 @@ class WriteSession:
         is.  A crash before the write leaves the old header (and leaks), after
         the flush the new one.
         """
+        self._before_writing()
         cluster0, header, placed = self.build_cluster0(
             extensions=extensions, autoclear_set=autoclear_set, autoclear_clear=autoclear_clear
         )
@@ -478,10 +499,12 @@ class WriteSession:
     # -- reading the current state -----------------------------------------------------
 
     def extension(self, magic: int) -> Extension | None:
+        """The extension of type *magic* QEMU uses: the last one of that type."""
+        found = None
         for ext in self.extensions:
             if ext.magic == magic:
-                return ext
-        return None
+                found = ext
+        return found
 
     @property
     def bitmaps_extension(self) -> BitmapsExtension | None:

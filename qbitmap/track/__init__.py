@@ -1,7 +1,7 @@
 """Tracking guest writes in a persistent bitmap with a consistency-level record.
 
 ``Tracker.open(path, bitmap)`` opens a qcow2 image, takes QEMU's lock bytes
-and maintains the record of shared/spec/consistency-levels.md while the
+and maintains the record of man/qbitmap-levels.5 while the
 caller announces guest writes; ``close()`` leaves a normal consistent bitmap.
 """
 

@@ -24,7 +24,6 @@ again must not make them look trusted.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
@@ -43,11 +42,12 @@ from qbitmap.format import (
     read_bits,
     table_entry_problem,
 )
+from qbitmap.format.entries import bitmap_table_entries, to_be64
 from qbitmap.store.disk import Disk
 from qbitmap.store.session import WriteSession, levels_extension_bytes, new_level_record
 
 LEVELS_BIT = int(AutoclearFeature.QBITMAP_LEVELS)
-FLAGS_OFFSET = 12  # of the flags word inside a directory entry
+ENTRY = layout.BITMAP_DIR_ENTRY_FIELD
 
 
 class ImageBackend:
@@ -105,15 +105,15 @@ class ImageBackend:
                 f"the disk needs {geo.table_size}; run 'qbitmap check'"
             )
         owned = [entry.bitmap_table_offset + i * cs for i in range(-(-geo.table_size * 8 // cs))]
-        for i, word in enumerate(self.table.tolist()):
-            problem = table_entry_problem(int(word), cs)
-            if problem is not None:
-                raise RefusedError(
-                    f"bitmap {entry.display_name!r} table entry {i}: {problem}; run 'qbitmap check'"
-                )
-            offset = int(word) & layout.BITMAP_TABLE_OFFSET_MASK
-            if offset:
-                owned.append(offset)
+        classes = bitmap_table_entries(self.table, cs)
+        bad = np.flatnonzero(classes.invalid)
+        if len(bad):
+            i = int(bad[0])
+            raise RefusedError(
+                f"bitmap {entry.display_name!r} table entry {i}: "
+                f"{table_entry_problem(int(self.table[i]), cs)}; run 'qbitmap check'"
+            )
+        owned += classes.offsets[classes.data].tolist()
         # Data clusters are rewritten in place and table entries updated in
         # place: both must belong to this bitmap alone.
         for offset in owned:
@@ -146,8 +146,8 @@ class ImageBackend:
         assert mine is not None
         self._level_offset = mine.consistent_level_offset
         session.write_field(
-            entry.offset + FLAGS_OFFSET,
-            struct.pack(">I", int(entry.flags | BitmapFlag.IN_USE)),
+            entry.field_offset("flags"),
+            ENTRY.build("flags", int(entry.flags | BitmapFlag.IN_USE)),
             what=f"set in_use on bitmap {entry.display_name!r}",
         )
 
@@ -155,7 +155,7 @@ class ImageBackend:
         assert self._level_offset is not None
         self.session.write_field(
             self._level_offset,
-            struct.pack(">i", consistent_level),
+            layout.LEVEL_RECORD_FIELD.build("consistent_level", consistent_level),
             what=f"consistent_level {consistent_level}",
         )
 
@@ -180,7 +180,7 @@ class ImageBackend:
             for i in links:
                 session.write(
                     entry.bitmap_table_offset + 8 * i,
-                    struct.pack(">Q", int(self.table[i])),
+                    to_be64(self.table[i : i + 1]),
                     what=f"{label} table entry {i}",
                 )
             session.flush(what=f"{label} table")
@@ -188,8 +188,8 @@ class ImageBackend:
     def end(self) -> None:
         session, entry = self.session, self.entry
         session.write_field(
-            entry.offset + FLAGS_OFFSET,
-            struct.pack(">I", int(entry.flags & ~BitmapFlag.IN_USE)),
+            entry.field_offset("flags"),
+            ENTRY.build("flags", int(entry.flags & ~BitmapFlag.IN_USE)),
             what=f"clear in_use on bitmap {entry.display_name!r}",
         )
         others = self._other_records()

@@ -3,7 +3,7 @@
 :class:`LevelState` holds the true bitmap ``T`` (what a correct tracker
 knows), every coarser level of it, and the ``consistent_level`` the disk
 currently claims.  It decides, for a guest write, whether the record must be
-lowered first (shared/spec/consistency-levels.md, "The writer's protocol",
+lowered first (man/qbitmap-levels.5, WRITER PROTOCOL,
 step 2) and remembers which bitmap bytes changed since the last flush (for
 the "M KiB changed" flush policy and to write only the data clusters that
 changed).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qbitmap import levels
+from qbitmap.format.bitmap import group_any
 
 
 class LevelState:
@@ -46,10 +47,12 @@ class LevelState:
         # the finest level up: each level is the OR of groups of F bits below.
         self._levels: list[np.ndarray] = [np.zeros(0, dtype=bool)] * self.max_level
         if self.max_level:
-            below = _group_any_packed(self.bits, nbits, 1 << level_bits)
+            below = group_any(self.bits, nbits, 1 << level_bits)
             self._levels[self.max_level - 1] = below
             for k in range(self.max_level - 2, -1, -1):
-                below = _group_any(below, 1 << level_bits)
+                below = group_any(
+                    np.packbits(below, bitorder="little"), len(below), 1 << level_bits
+                )
                 self._levels[k] = below
         self.consistent_level = self.max_level
         # Bitmap bytes changed since the last flush, and the clusters holding them.
@@ -160,41 +163,6 @@ def _range_masks(first: int, end: int) -> np.ndarray:
     masks[0] &= (0xFF << (first % 8)) & 0xFF
     masks[-1] &= 0xFF >> (hi * 8 - end)
     return masks
-
-
-def _group_any(values: np.ndarray, group: int) -> np.ndarray:
-    """OR of consecutive groups of *group* bools (the last group may be short)."""
-    groups = -(-len(values) // group)
-    padded = np.zeros(groups * group, dtype=bool)
-    padded[: len(values)] = values
-    return np.asarray(padded.reshape(groups, group).any(axis=1))
-
-
-def _group_any_packed(bits: np.ndarray, nbits: int, group: int, chunk: int = 1 << 20) -> np.ndarray:
-    """OR of groups of *group* bits of a packed bitmap, without unpacking it whole."""
-    ngroups = -(-nbits // group)
-    if group >= 8:
-        gbytes = group // 8
-        out = np.empty(ngroups, dtype=bool)
-        step = max(1, chunk // gbytes)
-        for start in range(0, ngroups, step):
-            stop = min(ngroups, start + step)
-            part = bits[start * gbytes : stop * gbytes]
-            if len(part) < (stop - start) * gbytes:  # the last, short group
-                part = np.concatenate(
-                    [part, np.zeros((stop - start) * gbytes - len(part), np.uint8)]
-                )
-            out[start:stop] = part.reshape(-1, gbytes).any(axis=1)
-        return out
-    out = np.empty(ngroups, dtype=bool)
-    per = 8 // group  # groups per byte
-    step = chunk
-    for start in range(0, len(bits), step):
-        part = np.unpackbits(bits[start : start + step], bitorder="little").reshape(-1, group)
-        got = np.asarray(part.any(axis=1))
-        n = min(len(got), ngroups - start * per)
-        out[start * per : start * per + n] = got[:n]
-    return out
 
 
 def bit_range(offset: int, length: int, granularity: int, virtual_size: int) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """The Tracker: a writer that keeps the consistency-level invariant true on disk.
 
-Protocol (shared/spec/consistency-levels.md, "The writer's protocol"):
+Protocol (man/qbitmap-levels.5, WRITER PROTOCOL):
 
 1. Opening: record with ``c = max_level`` and autoclear bit 63, flush; then
    ``in_use`` on the bitmap entry, flush (``Backend.begin``).
@@ -30,7 +30,7 @@ from typing import Protocol, Self
 import numpy as np
 
 from qbitmap import levels
-from qbitmap.errors import QbitmapError
+from qbitmap.errors import TrackerClosedError
 from qbitmap.store.disk import Disk
 from qbitmap.track.backend import ImageBackend
 from qbitmap.track.policy import FlushPolicy
@@ -56,10 +56,6 @@ class Backend(Protocol):
 
     def abandon(self) -> None:
         """Release locks and files without touching the image."""
-
-
-class TrackerClosedError(QbitmapError):
-    """The Tracker was closed, or failed and can no longer promise anything."""
 
 
 @dataclass(slots=True)

@@ -48,13 +48,16 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "table-entry-unaligned": ("bitmap-table-entry-unaligned", 2),
     "table-size-2": ("bitmap-table-size-mismatch", 2),
     "name-duplicate": ("bitmap-name-duplicate", 2),
+    "name-nul-first": ("bitmap-name-nul-unstorable", 2),
+    "name-nul-duplicate": ("bitmap-name-duplicate", 2),
+    "names-empty-twice": ("bitmap-name-duplicate", 2),
     # what QEMU does not check
     "ext-duplicate": ("bitmaps-extension-duplicate", 2),
     "dir-offset-past-eof": ("bitmap-directory-outside-file", 2),
     "dir-size-long": ("bitmap-directory-outside-file", 2),
     "table-offset-past-eof": ("bitmap-table-outside-file", 2),
     "table-entry-past-eof": ("bitmap-data-outside-file", 2),
-    "name-empty": ("bitmap-name-empty", 2),
+    "name-empty": ("bitmap-name-empty", 0),
     "bits-past-end": ("bitmap-bits-past-end", 2),
     "ext-removed-bit0-set": ("bitmaps-autoclear-without-extension", 2),
     "data-refcount-0": ("bitmap-cluster-unallocated", 2),
@@ -74,11 +77,13 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "data-on-directory": ("bitmap-cluster-overlap", 2),
     "tables-shared": ("bitmap-cluster-overlap", 2),
     "dir-on-l2": ("bitmap-cluster-overlap", 2),
+    "l2-on-directory": ("bitmap-cluster-overlap", 2),
     # leaks only
     "data-refcount-2": ("bitmap-cluster-leaked", 3),
     "dir-refcount-3": ("bitmap-cluster-leaked", 3),
-    "autoclear-bit0-clear": ("bitmaps-extension-ignored", 3),
-    "downgrade-to-v2": ("bitmaps-extension-v2", 3),
+    # bitmaps QEMU ignores: stale, never "leaks only"
+    "autoclear-bit0-clear": ("bitmaps-extension-ignored", 4),
+    "downgrade-to-v2": ("bitmaps-extension-v2", 2),
     # in use: not corruption
     "in-use": ("bitmap-in-use", 4),
     "table-size-2-in-use": ("bitmap-table-size-stale", 4),
@@ -94,10 +99,23 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "l2-on-l1": ("image-refcount-too-low", 2),
     "guest-data-refcount-0": ("image-refcount-too-low", 2),
     "snapshots-offset-unaligned": ("snapshot-table-invalid", 2),
+    "l1-entry-reserved-bit": ("l1-entry-invalid", 2),
+    "l1-entry-flags-only": ("l1-entry-invalid", 2),
+    "l1-entry-copied-clear": ("image-copied-flag-mismatch", 2),
+    "l2-entry-reserved-bit": ("l2-entry-invalid", 2),
+    "l2-entry-unaligned": ("l2-entry-invalid", 2),
+    "l2-entry-past-eof": ("image-cluster-past-eof", 2),
+    "l2-compressed-copied": ("l2-entry-invalid", 2),
+    "l2-entry-copied-clear": ("image-copied-flag-mismatch", 2),
+    "l2-entry-copied-on-shared": ("image-copied-flag-mismatch", 2),
+    "snapshot-l2-entry-reserved-bit": ("l2-entry-invalid", 2),
+    "l2-on-refcount-block": ("refcount-block-invalid", 2),
+    "shared-data-refcount-1": ("image-refcount-too-low", 2),
     "crypt-method-luks": ("encryption-header-invalid", 2),
-    # notes only
     "incompat-dirty-bit": ("image-dirty", 0),
-    "leaked-cluster": ("image-clusters-leaked", 0),
+    # notes only
+    "name-nul-harmless": ("bitmap-name-nul", 0),
+    "leaked-cluster": ("image-clusters-leaked", 3),
     "levels-orphan": ("levels-record-orphan", 0),
     "levels-stale": ("levels-record-stale", 0),
     "levels-version-2": ("levels-extension-invalid", 0),
@@ -139,6 +157,12 @@ def test_catalogue(edit, base_image, tmp_path):
         assert run.exit_code == 2, f"QEMU refuses {edit}, check must say corrupt"
     if run.exit_code in (0, 3, 4):
         assert qemu_opens, f"check calls {edit} usable but QEMU cannot open it"
+    if qemu_opens and exit_code != 1:
+        rc, qreport = qemu.img_check(image)
+        if qreport.get("corruptions", 0) or qreport.get("check-errors", 0) or rc in (1, 2):
+            assert run.exit_code == 2, f"qemu-img check reports errors in {edit}: {qreport}"
+        elif rc == 3 or qreport.get("leaks", 0):
+            assert run.exit_code in (2, 3, 4), f"qemu-img check reports leaks in {edit}"
 
 
 @pytest.mark.parametrize(
@@ -195,9 +219,10 @@ def test_check_keeps_the_reference_map(edit, base_image, tmp_path):
     """The map check_image hands back (recover reuses it) is the one reference_map builds."""
     import numpy as np
 
-    from qbitmap.check import check_image, reference_map
+    from qbitmap.check import check_image
     from qbitmap.errors import QbitmapError
     from qbitmap.format import Image
+    from qbitmap.format.references import reference_map
 
     image = corrupt.apply(base_image, tmp_path / f"{edit}.qcow2", edit)
     try:

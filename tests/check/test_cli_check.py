@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -45,7 +46,8 @@ def test_human_output(base_image, tmp_path):
 def test_json_shape(base_image, tmp_path):
     img = corrupt.apply(base_image, tmp_path / "x.qcow2", "granularity-8")
     report = run_check("--json", img).json
-    assert set(report) == {"filename", "findings", "bitmaps", "exit_code"}
+    assert set(report) == {"filename", "findings", "bitmaps", "exit_code", "error"}
+    assert report["error"] is None
     assert report["filename"] == str(img)
     finding = next(f for f in report["findings"] if f["code"] == "bitmap-granularity-invalid")
     assert finding == {
@@ -90,8 +92,14 @@ def test_unknown_bitmap_on_a_broken_directory_reports_the_damage(base_image, tmp
     assert run.exit_code == 2
 
 
-def test_a_directory_is_a_usage_error(tmp_path):
-    assert run_check(tmp_path).exit_code == 64
+def test_a_directory_is_not_an_image_exit_1(tmp_path):
+    run = run_check("--json", tmp_path)
+    assert run.exit_code == 1 and run.json["exit_code"] == 1
+    assert [f["code"] for f in run.json["findings"]] == ["image-unreadable"]
+    assert (
+        run.json["error"]
+        == f"{tmp_path}: is a directory; an image is a regular file or a block device"
+    )
 
 
 @pytest.mark.parametrize("what", ["missing", "empty", "text"])
@@ -194,3 +202,21 @@ def test_check_takes_no_lock(base_image, tmp_path):
     qemu.require_tools("qemu-img")
     with Image.open(base_image):
         assert qemu.lock_bytes_held(base_image) == set()
+
+
+def test_every_exit_status_has_a_verdict_line():
+    """The human report names its verdict for every status check gives, 75 included."""
+    from rich.console import Console
+
+    from qbitmap.render.check import human
+
+    for code in (0, 1, 2, 3, 4, 75):
+
+        class Verdict(CheckReport):
+            exit_code = code  # type: ignore[assignment]
+
+        out = io.StringIO()
+        Console(file=out, width=200, color_system=None).print(human(Verdict("x.qcow2")))
+        last = out.getvalue().splitlines()[-1]
+        assert last.startswith("Result: ") and last.endswith(f"(exit {code})"), last
+        assert "?" not in last

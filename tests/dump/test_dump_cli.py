@@ -11,22 +11,17 @@ import random
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
+import qemu
 from click.testing import CliRunner
+from dumprun import dump, dump_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qemu  # noqa: E402
-from dumprun import dump, dump_process  # noqa: E402
-
-from qbitmap.cli import cli  # noqa: E402
-from qbitmap.format.model import HEADER_FIELDS  # noqa: E402
+from qbitmap.cli import cli
+from qbitmap.format.model import HEADER_FIELDS
 
 MiB = 1 << 20
 NASTY = ["[bold]x[/bold]", "[/nope]", "tab\there", "new\nline", "sp ace", "100%"]
@@ -218,7 +213,8 @@ def test_truncated_at_many_lengths(sample: Path, tmp_path: Path) -> None:
             assert result.exit_code == 1, (length, need)
             assert result.stdout == ""
             assert re.fullmatch(
-                r"qbitmap: error: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n", result.stderr
+                rf"qbitmap: error: {re.escape(str(path))}: offset 0x[0-9a-f]+ \([^)]+\): [^\n]+\n",
+                result.stderr,
             ), (length, result.stderr)
 
 
@@ -267,6 +263,8 @@ def test_reads_an_image_a_running_qemu_holds(tmp_path: Path) -> None:
         assert bitmap["flags"] == ["in-use", "auto"]
         assert result.extents("b0") == [(0, 65536)]
         assert "stale" in result.stderr
+        assert "held by a running writer" in result.stderr
+        assert "did not close it cleanly" not in result.stderr
         assert qemu.lock_bytes_held(path) == held and daemon.running
         daemon.stop()
     after = dump("--json", "--extents", path)
@@ -274,6 +272,29 @@ def test_reads_an_image_a_running_qemu_holds(tmp_path: Path) -> None:
     assert (
         after.extents("b0") == [(0, 65536), (10 * MiB, 65536)] == qemu.nbd_dirty_extents(path, "b0")
     )
+
+
+def test_a_running_writer_is_not_a_crash(tmp_path: Path) -> None:
+    """In use because a writer runs (its lock bytes held) is said apart from a writer that died."""
+    qemu.require_tools("qemu-img", "qemu-io", "qemu-storage-daemon")
+    path = qemu.create_image(tmp_path / "live.qcow2", 64 * MiB)
+    qemu.add_bitmap(path, "b0")
+    qemu.add_bitmap(path, "b1")
+    live = "held by a running writer"
+    crashed = "did not close it cleanly"
+    with qemu.StorageDaemon(path, writable=True) as daemon:
+        for args in (["--json"], ["--lines"], ["--extents"], []):
+            result = dump_process(*args, path, env={"COLUMNS": "300"})
+            assert result.exit_code == 0, result.stderr
+            warnings = result.stderr.splitlines()
+            assert len(warnings) == 2 and all(live in line for line in warnings), warnings
+            assert crashed not in result.stderr + result.stdout
+            if not args or args == ["--extents"]:
+                assert result.stdout.count(live) == 2
+        daemon.kill()
+    for args in (["--json"], []):
+        result = dump_process(*args, path, env={"COLUMNS": "300"})
+        assert result.stderr.count(crashed) == 2 and live not in result.stderr + result.stdout
 
 
 def test_autoclear_bit_clear_marks_every_bitmap_stale(sample: Path, tmp_path: Path) -> None:
@@ -328,8 +349,8 @@ def test_block_device(sample: Path, tmp_path: Path) -> None:
     """An image on a block device (LVM, a loop device here) is read like a file."""
     import subprocess
 
-    if os.geteuid() != 0 or not shutil.which("losetup"):
-        pytest.skip("needs root and losetup to attach a loop device")
+    qemu.require_tools("losetup")
+    qemu.require(os.geteuid() == 0, "attaching a loop device needs root")
     backing = tmp_path / "loop.img"
     shutil.copyfile(sample, backing)
     backing.chmod(0o644)
@@ -338,8 +359,7 @@ def test_block_device(sample: Path, tmp_path: Path) -> None:
         ["losetup", "--find", "--show", "--read-only", str(backing)],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    if attach.returncode != 0:
-        pytest.skip(f"cannot attach a loop device here: {attach.stderr.strip()}")
+    qemu.require(attach.returncode == 0, f"cannot attach a loop device: {attach.stderr.strip()}")
     device = attach.stdout.strip()
     try:
         on_device = dump("--json", "--extents", device)

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
-
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-
-import qemu  # noqa: E402
+import qemu
 
 UNKNOWN_MAGIC = 0x5142_7E57  # not a type QEMU knows
 

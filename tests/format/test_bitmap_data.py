@@ -19,26 +19,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qemu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import qemu  # noqa: E402
-
-from qbitmap.format import (  # noqa: E402
+from qbitmap.format import (
     Chunk,
     Geometry,
     Image,
     bit_runs,
     dirty_bytes,
     extent_arrays,
+    extent_blocks,
     extents,
     iter_chunks,
     read_bits,
     run_arrays,
+    run_blocks,
 )
-from qbitmap.format import bitmap as bitmap_module  # noqa: E402
+from qbitmap.format import bitmap as bitmap_module
 
 MiB = 1 << 20
 
@@ -68,11 +67,10 @@ def bitmaps(draw: st.DrawFn) -> tuple[Geometry, list[Chunk], np.ndarray]:
             seed = draw(st.integers(0, 2**32 - 1))
             chunk_bits = (np.random.default_rng(seed).random(n) < density).astype(np.uint8)
             bits[pos : pos + n] = chunk_bits
+            # A data chunk's bits past its length are clear (Chunk's contract;
+            # test_bits_past_the_disk_end_are_ignored holds iter_chunks to it).
             packed = np.packbits(chunk_bits, bitorder="little")
-            # Junk past nbits in the last byte must be cleared by _clip, as iter_chunks does.
-            if n % 8:
-                packed[-1] |= 0xFF << (n % 8) & 0xFF
-            chunks.append(Chunk(pos, n, "data", bitmap_module._clip(packed, n)))
+            chunks.append(Chunk(pos, n, "data", packed))
         else:
             chunks.append(Chunk(pos, n, "zero"))
         pos += n
@@ -97,8 +95,8 @@ def naive_runs(bits: np.ndarray) -> list[tuple[int, int]]:
 @given(bitmaps(), st.sampled_from([8, 24, 1 << 18]))
 def test_runs_extents_and_counts_match_the_naive_model(case, block: int) -> None:
     geo, chunks, bits = case
-    old = bitmap_module._UNPACK_BYTES
-    bitmap_module._UNPACK_BYTES = block
+    old = bitmap_module.UNPACK_BYTES
+    bitmap_module.UNPACK_BYTES = block
     try:
         runs = naive_runs(bits)
         assert list(bit_runs(iter(chunks))) == runs
@@ -112,8 +110,18 @@ def test_runs_extents_and_counts_match_the_naive_model(case, block: int) -> None
         starts, lengths = extent_arrays(geo, iter(chunks))
         assert list(zip(starts.tolist(), lengths.tolist(), strict=True)) == expected
         assert dirty_bytes(geo, iter(chunks)) == sum(n for _, n in expected)
+        # Streamed: the same ranges, block by block, no block empty, none merged across.
+        blocks = list(run_blocks(iter(chunks)))
+        assert all(len(f) == len(e) > 0 for f, e in blocks)
+        assert [r for f, e in blocks for r in zip(f.tolist(), e.tolist(), strict=True)] == runs
+        streamed = [
+            r
+            for s, n in extent_blocks(geo, iter(chunks))
+            for r in zip(s.tolist(), n.tolist(), strict=True)
+        ]
+        assert streamed == expected
     finally:
-        bitmap_module._UNPACK_BYTES = old
+        bitmap_module.UNPACK_BYTES = old
 
 
 def test_extent_arrays_survive_absurd_geometry() -> None:
@@ -319,7 +327,28 @@ def test_lying_sizes_are_read_in_bounded_memory(
     assert base_code == 0
     assert code == expected_code, stderr
     if code:
-        assert stderr.startswith("qbitmap: error: offset 0x") and "\n" not in stderr.strip()
+        assert (
+            stderr.startswith(f"qbitmap: error: {path}: offset 0x") and "\n" not in stderr.strip()
+        )
     # The honest image's run already holds every module; a lying size may add
     # at most a few MiB (the limit is far below what the lies would cost).
     assert hwm - base_hwm < 24 * 1024, (hwm, base_hwm)
+
+
+def test_a_sound_table_is_what_the_classification_calls_sound() -> None:
+    """bitmap_table_sound (the open scope's fast path) agrees with bitmap_table_entries."""
+    import random
+
+    from qbitmap.format.entries import bitmap_table_entries, bitmap_table_sound
+
+    rng = random.Random(3)
+    words = [0, 1, 1 << 9, 1 << 16, 3 << 16, (1 << 16) | 1, 2, 1 << 56, 1 << 60, (5 << 16) | 0x100]
+    for cluster_size in (512, 4096, 65536, 1 << 21):
+        for _ in range(400):
+            picks = [
+                rng.choice(words) if rng.random() < 0.9 else rng.getrandbits(64)
+                for _ in range(rng.randrange(0, 5))
+            ]
+            table = np.array(picks, dtype=np.uint64)
+            expected = not bitmap_table_entries(table, cluster_size).invalid.any()
+            assert bitmap_table_sound(table, cluster_size) == expected, (table, cluster_size)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+import qemu
 
 from qbitmap.format import layout
 from qbitmap.track import FlushPolicy
@@ -29,10 +28,7 @@ def field_names(schema) -> list[str]:
 
 
 def test_man_renders_without_warnings():
-    if shutil.which("man") is None:
-        if os.environ.get("CI"):
-            pytest.fail("man is missing (install man-db)")
-        pytest.skip("man is missing")
+    qemu.require_tools("man")
     proc = subprocess.run(
         ["man", "-l", str(MAN)],
         capture_output=True,

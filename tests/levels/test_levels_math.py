@@ -138,16 +138,6 @@ def test_recover_full_and_none() -> None:
     assert full[-1] == 0b11111  # the 3 bits past nbits are clear
 
 
-def test_recovery_group_bits() -> None:
-    assert levels.recovery_group_bits(-1, 3, 6) is None
-    assert levels.recovery_group_bits(3, 3, 6) == 1
-    assert levels.recovery_group_bits(1, 3, 6) == 4096
-    assert levels.recovery_group_bits(0, 3, 6) == 1 << 18
-
-
-# -- LevelState ----------------------------------------------------------------------------
-
-
 def brute_coarsest_new_level(bits: list[int], first: int, end: int, level_bits: int) -> int | None:
     n = len(bits)
     top = levels.max_level(n, level_bits)

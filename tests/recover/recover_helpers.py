@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
+
+from qbitmap.recover import Options, recover
 
 MiB = 1 << 20
 SIZE = 256 * MiB
@@ -100,3 +105,70 @@ def run_cli(*args: str):
     from qbitmap.cli import cli
 
     return CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+
+
+# -- crash sweeps ---------------------------------------------------------------------------
+
+
+def count_ops(image: Path, options: Options, tmp: Path) -> int:
+    probe = tmp / "probe.qcow2"
+    shutil.copyfile(image, probe)
+    disks: list[CrashingDisk] = []
+
+    def wrap(d):
+        disks.append(CrashingDisk(d, None))
+        return disks[-1]
+
+    recover(probe, options, disk_wrapper=wrap)
+    return disks[0].ops
+
+
+def crash_sweep(
+    template: Path,
+    options: Options,
+    tmp: Path,
+    *,
+    expected_data: Path,
+    after_crash: Callable[[Path], None],
+    at_the_end: Callable[[Path], None],
+    commits: bool = True,
+    rerun: Callable[[Path], Options] | None = None,
+) -> int:
+    """Crash at every operation of recover on copies of *template*; returns the count.
+
+    With *commits*, the crashes must land on both sides of the commit: the
+    first cluster (header and extensions) as it was, and as recover wrote it.
+    *rerun* gives the options of the run that finishes the job, from the
+    crashed image (default: *options* again).
+    """
+    total = count_ops(template, options, tmp)
+    assert total >= 3
+    old_header = template.read_bytes()[:65536]
+    sides = set()
+    for crash_at in range(total):
+        image = tmp / "crashed.qcow2"
+        shutil.copyfile(template, image)
+        power = bool(crash_at % 2)
+
+        def wrap(d, n=crash_at, power=power):
+            return CrashingDisk(d, n, lose_unflushed=power, rng=random.Random(n))
+
+        with pytest.raises(SimulatedCrash):
+            recover(image, options, disk_wrapper=wrap)
+        sides.add(image.read_bytes()[:65536] == old_header)
+        after_crash(image)
+        recover(image, options if rerun is None else rerun(image))  # the rerun finishes the job
+        at_the_end(image)
+        assert qemu.images_identical(expected_data, image), crash_at
+    assert sides == ({True, False} if commits else {True}), "crashes and the commit disagree"
+    return total
+
+
+def no_corruption(image: Path) -> None:
+    rc, report = qemu.img_check(image)
+    assert report.get("corruptions", 0) == 0 and rc in (0, 3), report
+
+
+def clean(image: Path) -> None:
+    rc, report = qemu.img_check(image)
+    assert rc == 0, report

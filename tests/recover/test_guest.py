@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import qemu
 
-from qbitmap.format.guest import GuestDisk
+from qbitmap.format.guest import COMPRESSED, DATA, GuestDisk
 from qbitmap.recover.reference import diff_bits
 
 MiB = 1 << 20
@@ -86,7 +86,7 @@ def test_guest_bytes_match_qemu(tmp_path, variant):
             pos = seg.end
         assert pos == disk.size
         if "zstd" in variant or "deflate" in variant:
-            assert any(s.kind == "compressed" for s in disk.segments())
+            assert any(s.kind == COMPRESSED for s in disk.segments())
 
 
 def test_raw_holes_are_zero_segments_and_never_read(tmp_path):
@@ -97,8 +97,8 @@ def test_raw_holes_are_zero_segments_and_never_read(tmp_path):
         f.write(b"\x01" * MiB)
     with GuestDisk(path) as disk:
         kinds = [(s.start, s.length, s.kind) for s in disk.segments()]
-        assert (10 * MiB, MiB, "data") in kinds
-        assert sum(n for _s, n, k in kinds if k == "data") == MiB
+        assert (10 * MiB, MiB, DATA) in kinds
+        assert sum(n for _s, n, k in kinds if k == DATA) == MiB
 
 
 def test_shared_backing_is_skipped_without_reading(tmp_path):
@@ -129,3 +129,44 @@ def test_different_sizes_compare_as_zeros_past_the_end(tmp_path):
     bits, stats = diff_bits(image, ref, virtual_size=16 * MiB, granularity=65536)
     assert np.flatnonzero(np.unpackbits(bits, bitorder="little")).tolist() == [15 * MiB // 65536]
     assert stats.reference_size == 8 * MiB
+
+
+def test_an_unreadable_backing_file_is_named_with_the_image_that_refers_to_it(tmp_path):
+    from qbitmap.errors import QbitmapError
+    from qbitmap.format.guest import GuestDisk
+
+    base = qemu.create_image(tmp_path / "base.qcow2", 1 << 20)
+    top = qemu.create_image(tmp_path / "top.qcow2", None, backing=base)
+    base.write_bytes(b"not an image at all" * 100)  # now probed as... qcow2 by the format name
+    with pytest.raises(QbitmapError) as info:
+        GuestDisk(top)
+    text = str(info.value)
+    assert str(base) in text and f"the backing file of {top}" in text
+    base.unlink()
+    with pytest.raises(QbitmapError) as info:
+        GuestDisk(top)
+    assert f"the backing file of {top}" in str(info.value)
+
+
+def test_a_fifo_in_the_backing_chain_is_refused_at_once(tmp_path):
+    import os
+    import signal
+
+    from qbitmap.errors import QbitmapError
+
+    base = qemu.create_image(tmp_path / "base.qcow2", 1 << 20)
+    top = qemu.create_image(tmp_path / "top.qcow2", None, backing=base)
+    base.unlink()
+    os.mkfifo(base)  # opening it for reading would wait for a writer forever
+
+    def hung(signum, frame):
+        raise TimeoutError("opening the chain hung on a FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(QbitmapError, match="not a regular file or block device"):
+            GuestDisk(top)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
+import qemu
 from manpage import plain, section
 from qbitmap.commands.recover import MODE_CHOICES
 from qbitmap.commands.recover import recover as recover_command
 from qbitmap.recover import RecoverReport
 from qbitmap.recover.engine import BitmapResult
 from qbitmap.recover.reference import DiffStats
+from qbitmap.render.recover import FAILURE_STATUS, to_json
 from qbitmap.store.session import Step
 
 PAGE = Path(__file__).resolve().parents[2] / "man" / "qbitmap-recover.1"
@@ -47,25 +48,30 @@ def test_every_mode_is_documented():
 def test_exit_codes_are_documented():
     exits = section(plain(PAGE.read_text()), "EXIT STATUS")
     listed = re.findall(r"^\.B (\d+)$", exits, re.MULTILINE)
-    assert listed == ["0", "1", "2", "64", "75"]
+    assert listed == ["0", "1", "2", "64", "75", "130"]
 
 
 def test_json_fields_are_documented():
     json_part = section(plain(PAGE.read_text()), "JSON OUTPUT")
-    report = RecoverReport("x", dry_run=False).as_dict()
+    report = to_json(RecoverReport("x", dry_run=False))
     fields = (
-        set(report) | set(BitmapResult("n", "recovered").as_dict()) | set(DiffStats().as_dict())
+        set(report) | set(BitmapResult("n", "recovered").to_dict()) | set(DiffStats().to_dict())
     )
-    fields |= set(Step("p", "a", 0, 0, "w").as_dict()) | {"path"}
+    fields |= set(Step("p", "a", 0, 0, "w").to_dict()) | {"path"}
     for field in sorted(fields):
         assert _has(field, json_part), field
-    for status in ("recovered", "leaks-reclaimed", "nothing-to-do", "dry-run"):
+    for status in (
+        "recovered",
+        "leaks-reclaimed",
+        "nothing-to-do",
+        "dry-run",
+        *FAILURE_STATUS.values(),
+    ):
         assert _has(status, json_part), status
 
 
 def test_man_renders():
-    if shutil.which("man") is None:
-        return
+    qemu.require_tools("man")
     proc = subprocess.run(
         ["man", "-l", "-Tutf8", str(PAGE)],
         capture_output=True,

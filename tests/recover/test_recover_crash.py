@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from recover_helpers import CRASH_WRITES, STORED_WRITES, G, assert_qemu_accepts, covers, granules
 
 from qbitmap.recover import Options, recover
-from qbitmap.store import CrashingDisk, SimulatedCrash
 
 WRITES = STORED_WRITES + CRASH_WRITES
 NAMES = ("b0", "b1")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
+import corrupt
+import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from recover_helpers import SIZE, assert_qemu_accepts, run_cli, sha
 
 
@@ -87,8 +91,7 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     import pytest
 
     from qbitmap.recover import Options, recover
-    from qbitmap.store import CrashingDisk, SimulatedCrash
-
+    
     image = _image(tmp_path)
     # Kill the run right after its commit: recovered, old clusters leaked.
     probe = tmp_path / "p.qcow2"
@@ -119,24 +122,89 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     assert_qemu_accepts(image, names=("b0",))
 
 
-def test_ignored_bitmaps_extension_is_not_resurrected_and_its_clusters_are_freed(tmp_path):
-    image = _image(tmp_path)
-    with open(image, "r+b") as f:  # a program without bitmap support cleared autoclear bit 0
+def _clear_autoclear_bit0(image):
+    """What a program without bitmap support does when it writes the image."""
+    with open(image, "r+b") as f:
         f.seek(88)
         word = struct.unpack(">Q", f.read(8))[0]
         f.seek(88)
         f.write(struct.pack(">Q", word & ~1))
+
+
+def test_ignored_bitmaps_extension_is_brought_back_by_a_full_recovery(tmp_path):
+    image = _image(tmp_path)
+    _clear_autoclear_bit0(image)
     assert qemu.img_bitmaps(image) == {}
     rc, report = qemu.img_check(image)
-    assert rc == 3 and report["leaks"] > 0
+    assert rc == 3 and report["leaks"] > 0  # to QEMU the bitmaps' clusters are leaks
+    check = run_cli("check", "--json", image)
+    assert check.exit_code == 4, check.stdout  # stale, and recover can bring them back
+    assert {b["status"] for b in json.loads(check.stdout)["bitmaps"]} == {"ignored"}
     result = run_cli("recover", "--json", "--mode", "full", image)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
-    assert out["status"] == "leaks-reclaimed" and out["bitmaps"] == []
-    assert out["leaked_clusters_reclaimed"] == report["leaks"]
+    assert out["status"] == "recovered"
+    assert {b["name"]: b["action"] for b in out["bitmaps"]} == {"b0": "recovered", "b2": "recovered"}
+    # QEMU sees both again, consistent, every bit set: a program that did not track writes
+    # wrote the image, so only "everything changed" is safe.
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b2"}
+    assert_qemu_accepts(image, names=("b0", "b2"))
+    for name in ("b0", "b2"):
+        assert qemu.nbd_dirty_extents(image, name) == [(0, SIZE)]
+
+
+def test_ignored_extension_without_a_mode_is_refused_and_names_the_choices(tmp_path):
+    image = _image(tmp_path)
+    _clear_autoclear_bit0(image)
+    before = sha(image)
+    result = run_cli("recover", image)
+    assert result.exit_code == 1, result.output
+    for choice in ("--mode full", "--reference", "--drop-broken"):
+        assert choice in result.stderr
+    assert sha(image) == before
+
+
+def test_drop_broken_drops_an_ignored_extension_and_frees_its_clusters(tmp_path):
+    image = _image(tmp_path)
+    _clear_autoclear_bit0(image)
+    leaks = qemu.img_check(image)[1]["leaks"]
+    result = run_cli("recover", "--json", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {b["action"] for b in out["bitmaps"]} == {"dropped"}
+    assert out["clusters_freed"] == leaks
     assert 0x23852875 not in [m for _o, m, _d in qemu.header_extensions(image)]
     assert qemu.img_check(image)[0] == 0
     assert qemu.img_bitmaps(image) == {}
+
+
+def test_ignored_extension_whose_clusters_were_freed_is_not_brought_back(tmp_path):
+    """'qemu-img check -r leaks' by a program that keeps the extension freed its clusters."""
+    image = _image(tmp_path)
+    _clear_autoclear_bit0(image)
+    entry = next(e for e in qemu.bitmap_directory(image) if e["name"] == "b2")
+    _set_refcount(image, entry["table_offset"], 0)
+    check = run_cli("check", "--json", image)
+    assert check.exit_code == 2
+    assert "bitmaps-extension-lost" in {f["code"] for f in json.loads(check.stdout)["findings"]}
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "--drop-broken" in result.stderr
+    assert sha(image) == before
+
+
+def _set_refcount(image, offset, value):
+    """Set the 16-bit refcount of the cluster at *offset* (first refcount block only)."""
+    with open(image, "rb") as f:
+        head = f.read(104)
+    cluster_bits = struct.unpack(">I", head[20:24])[0]
+    reftable = struct.unpack(">Q", head[48:56])[0]
+    with open(image, "r+b") as f:
+        f.seek(reftable)
+        block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
+        f.seek(block + 2 * (offset >> cluster_bits))
+        f.write(struct.pack(">H", value))
 
 
 def test_drop_broken_with_a_broken_directory_removes_the_extension(tmp_path):
@@ -160,3 +228,70 @@ def test_drop_broken_with_a_broken_directory_removes_the_extension(tmp_path):
     again = json.loads(run_cli("recover", "--json", image).stdout)
     assert again["status"] in ("leaks-reclaimed", "nothing-to-do")
     assert qemu.img_check(image)[0] == 0
+
+
+# -- the class: every edit of the corruption catalogue ------------------------------------------
+
+
+def _refusal_expected(image) -> bool:
+    """Recover must not write: something outside the bitmaps is unsound, the image is a v2
+    image (QEMU keeps no bitmaps there), or it is marked dirty (refcounts not yet repaired)."""
+    from qbitmap.check import Severity, check_path
+
+    report = check_path(image)
+    return any(
+        (f.area == "image" and f.severity in (Severity.CORRUPT, Severity.FAILED))
+        or f.code in ("image-dirty", "bitmaps-extension-v2")
+        for f in report.findings
+    )
+
+
+@pytest.mark.parametrize("edit", sorted(corrupt.EDITS))
+def test_recover_never_makes_a_catalogue_image_worse(edit, base_image, tmp_path):
+    """Refuse with no byte changed, or leave an image QEMU takes, with the same guest data.
+
+    For every one-field edit of a QEMU-made image: when anything outside the
+    bitmaps is unsound (or the image is v2, or marked dirty), recover refuses
+    (exit 2, or 1 when the file is not an image it can write) even with
+    --drop-broken, and the file is unchanged.  Otherwise a full recovery with
+    --drop-broken succeeds, QEMU opens the result read-write, qemu-img check
+    reports no errors, the guest data is unchanged, and every bitmap QEMU
+    accepted before is still there.
+    """
+    image = corrupt.apply(base_image, tmp_path / "image.qcow2", edit)
+    pristine = tmp_path / "before.qcow2"
+    shutil.copyfile(image, pristine)
+    before = sha(image)
+    accepted = qemu.qemu_img("info", "-U", image, check=False).returncode == 0
+    bitmaps_before = set(qemu.img_bitmaps(image)) if accepted else set()
+    if _refusal_expected(image):
+        for args in (("--mode", "full"), ("--mode", "full", "--drop-broken")):
+            result = run_cli("recover", *args, image)
+            assert result.exit_code in (1, 2), (edit, args, result.output)
+            assert sha(image) == before, (edit, args)
+        return
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, (edit, result.output)
+    copy = tmp_path / "opened.qcow2"
+    shutil.copyfile(image, copy)
+    opened = qemu.opens_read_write(copy)
+    assert opened.returncode == 0, (edit, opened.stderr)
+    rc, report = qemu.img_check(image)
+    assert report.get("corruptions", 0) == 0 and rc in (0, 3), (edit, report)
+    # The guest data as QEMU read it before, in a fresh image (a read-write open of the
+    # edited copy would let QEMU itself free clusters a bogus bitmap points at).  When QEMU
+    # could not open the edited copy, the edit touched bitmap metadata only: the base
+    # image holds the same guest data.
+    expected = tmp_path / "expected.qcow2"
+    if accepted:
+        qemu.qemu_img("convert", "-U", "-f", "qcow2", "-O", "qcow2", pristine, expected)
+    else:
+        shutil.copyfile(base_image, expected)
+    assert qemu.images_identical(expected, image), edit
+    assert bitmaps_before <= set(qemu.img_bitmaps(image)), (edit, bitmaps_before)
+    # Ordinary QEMU writes that allocate clusters afterwards change nothing else: no
+    # cluster recover released is still in use.
+    for path in (image, expected):
+        qemu.qemu_io(path, "write -P 0x5a 10M 4M")
+    assert qemu.images_identical(expected, image), f"{edit}: a later QEMU write changed other data"
+    assert qemu.img_check(image)[1].get("corruptions", 0) == 0, edit

@@ -9,14 +9,15 @@ import qemu
 from store_helpers import sha
 
 from qbitmap.errors import ExitCode, ImageBusyError
-from qbitmap.store import WRITER_LOCK_BYTES, ImageLock, WriteSession, foreign_lock_bytes
+from qbitmap.lockbytes import WRITER_LOCK_BYTES, held_by_others
+from qbitmap.store import ImageLock, WriteSession
 
 
 def test_free_image_has_no_foreign_locks(img):
     path = img()
     fd = os.open(path, os.O_RDONLY)
     try:
-        assert foreign_lock_bytes(fd) == set()
+        assert held_by_others(fd) == set()
     finally:
         os.close(fd)
 
@@ -29,7 +30,7 @@ def test_busy_while_qemu_holds_the_image(img, read_only):
         before = sha(path)  # after QEMU's own open-time writes (in_use flags)
         fd = os.open(path, os.O_RDONLY)
         try:
-            held = foreign_lock_bytes(fd)
+            held = held_by_others(fd)
         finally:
             os.close(fd)
         assert 201 in held and (read_only or 101 in held)

@@ -7,16 +7,11 @@ import random
 import numpy as np
 import pytest
 import qemu
+from crashdisk import CrashingDisk, SimulatedCrash
 from store_helpers import add_bitmap_with_store, bits_to_extents, check_counts, sha
 
 from qbitmap.format import Geometry, Image, layout, read_bits
-from qbitmap.store import (
-    CrashingDisk,
-    SimulatedCrash,
-    WriteSession,
-    levels_extension_bytes,
-    new_level_record,
-)
+from qbitmap.store import WriteSession, levels_extension_bytes, new_level_record
 
 
 def random_bits(geo: Geometry, seed: int, *, full_clusters: bool = False) -> np.ndarray:

@@ -1,0 +1,24 @@
+"""The console entry point: Ctrl-C is one line and exit 130 from the first instant.
+
+The ``qbitmap`` script and ``python -m qbitmap`` start here.  This module
+imports only ``signal`` and :mod:`qbitmap.interrupt` (``os``), so the handler is in place before
+click, rich and numpy are imported (tens of milliseconds in which Python's
+default handler would print a ``KeyboardInterrupt`` traceback).  While a
+command runs, :mod:`qbitmap.cli` lets SIGINT raise ``KeyboardInterrupt`` so
+that open images are closed and locks released on the way out, and puts
+this handler back afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from qbitmap.interrupt import exit_interrupted
+
+
+def main() -> None:
+    """Console-script entry point."""
+    signal.signal(signal.SIGINT, exit_interrupted)
+    from qbitmap.cli import main as cli_main
+
+    cli_main()
