@@ -29,13 +29,11 @@ import os
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import qemu
 
 KiB, MiB = 1024, 1024 * 1024

@@ -59,13 +59,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
 import bases
 import mutants
+
 
 #: CPU seconds one qbitmap operation (check, recover) may use on these images of at most a few
 #: MiB.  In 6000 mutants every run used under 0.3 s except leak reclaims of huge refcounts
@@ -597,7 +593,7 @@ def _api_recover(path: str, drop_broken: bool) -> dict[str, Any]:
     from qbitmap.recover import Options, recover
 
     report = recover(path, Options(mode="full", drop_broken=drop_broken))
-    json.dumps(report.as_dict())
+    json.dumps(report.to_dict())
     return {
         "exit_code": report.exit_code,
         "status": report.status,

@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import random
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bases
 import layout as L
 
