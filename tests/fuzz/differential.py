@@ -103,6 +103,9 @@ PROPERTIES: dict[str, str] = {
     f"{QBITMAP_TIMEOUT:g} s and within {MEMORY_HEADROOM >> 20} MiB of extra address space",
     "rejected-exits-2": "QEMU reports errors or refuses to open the image => check exits 2",
     "usable-opens-rw": "check exits 0, 3 or 4 => QEMU opens the image read-write",
+    "in-use-not-ok": "QEMU accepts the image and lists a bitmap flagged in-use => check exits 2 "
+    "or 4, never 0 or 3 (an in-use bitmap cannot serve an incremental backup)",
+    "leaks-not-ok": "qemu-img check reports leaked clusters => check does not exit 0",
     "recovered-opens-rw": "after recover on an image QEMU accepted: QEMU opens it read-write "
     "(and stores its bitmaps at close without an error)",
     "recovered-check-clean": "after recover on an image QEMU accepted: qemu-img check reports "
@@ -133,6 +136,7 @@ class QemuView:
     check: dict[str, Any] = field(default_factory=dict)
     info_ok: bool = False
     bitmaps: list[str] = field(default_factory=list)  # names, in directory order
+    in_use: list[str] = field(default_factory=list)  # names of those flagged in-use
     rw_rc: int | None = None
     rw_errors: list[str] = field(default_factory=list)
 
@@ -260,6 +264,24 @@ def evaluate(obs: Observation) -> list[Failure]:
                 "usable-opens-rw",
                 f"qbitmap check exits {code} but QEMU refuses the image: {q.reason}",
                 f"QEMU refuses: {normalise(q.reason)} / check {code}",
+            )
+        )
+    if q.accepted and q.in_use and code in (0, 3):
+        fails.append(
+            Failure(
+                "in-use-not-ok",
+                f"QEMU lists in-use bitmaps {q.in_use!r}; qbitmap check exits {code}"
+                + _findings_note(obs.check),
+                f"QEMU in-use / check {code}",
+            )
+        )
+    if q.check_rc == 3 and code == 0:
+        fails.append(
+            Failure(
+                "leaks-not-ok",
+                f"qemu-img check reports leaks ({q.reason or q.check.get('leaks')}); qbitmap check "
+                "exits 0" + _findings_note(obs.check),
+                "QEMU leaks / check 0",
             )
         )
     for r in obs.recover:
@@ -429,6 +451,7 @@ def qemu_view(path: Path, scratch: Path) -> QemuView:
     if view.info_ok:
         data = json.loads(info.stdout).get("format-specific", {}).get("data", {})
         view.bitmaps = [b["name"] for b in data.get("bitmaps", [])]
+        view.in_use = [b["name"] for b in data.get("bitmaps", []) if "in-use" in b.get("flags", [])]
     view.rw_errors = _errors(_lines(rw.stderr, rw_copy))
     if not view.info_ok:
         view.verdict = "refuses"
@@ -906,6 +929,10 @@ class Summary:
         }
         if o.cli:
             applicable.add("cli-agrees")
+        if o.qemu.accepted and o.qemu.in_use:
+            applicable.add("in-use-not-ok")
+        if o.qemu.check_rc == 3:
+            applicable.add("leaks-not-ok")
         for r in o.recover:
             if r.changed and o.qemu.accepted:
                 applicable |= {

@@ -360,6 +360,17 @@ def test_each_property_fails_when_it_should() -> None:
     assert _props(_obs("refuses", 3)) == {"rejected-exits-2", "usable-opens-rw"}
     assert _props(_obs("refuses", 1)) == {"rejected-exits-2"}
     assert _props(_obs("clean", 2)) == set()  # stricter than QEMU: listed, not a failure
+    in_use = _obs("clean", 0)
+    in_use.qemu.in_use = ["b0"]
+    assert _props(in_use) == {"in-use-not-ok"}
+    for code in (2, 4):
+        in_use.check.exit_code = code
+        assert _props(in_use) == set()
+    in_use.check.exit_code = 3
+    assert _props(in_use) == {"in-use-not-ok"}
+    assert _props(_obs("leaks", 0)) == {"leaks-not-ok"}
+    assert _props(_obs("leaks", 3)) == set()
+    assert _props(_obs("leaks", 4)) == set()
     crash = _obs()
     crash.check = D.Run("api", "crash", detail="IndexError: x", where="qbitmap/check/a.py:f")
     assert _props(crash) == {"no-crash"}
