@@ -53,7 +53,7 @@ CLASS_IDS = [
         "std64k:227",  # C7  huge leaked refcount: recover frees it one reference at a time
         "std64k:37165",  # C8  unknown autoclear bit cleared before recover refuses
         "crash512:229",  # C9  external data file bit without a data file
-        "std64k:57",  # C10 crypt_method 1 (AES): QEMU needs a key
+        "std64k:57",  # C10 crypt_method 1 (AES): QEMU needs a key (accepted: not corruption)
         "std64k:28805",  # C11 dirty bit: refcount errors QEMU reports are not checked
     )
 ]
@@ -359,6 +359,14 @@ def test_each_property_fails_when_it_should() -> None:
     assert _props(_obs("errors", 4)) == {"rejected-exits-2"}
     assert _props(_obs("refuses", 3)) == {"rejected-exits-2", "usable-opens-rw"}
     assert _props(_obs("refuses", 1)) == {"rejected-exits-2"}
+    locked = _obs("refuses", 0)  # an encrypted image: the oracle has no key, nothing is wrong
+    locked.qemu.info_ok = True
+    locked.qemu.reason = (
+        "qemu-io: can't open device IMAGE: Parameter 'encrypt.key-secret' is required for cipher"
+    )
+    assert _props(locked) == set()
+    locked.qemu.info_ok = False
+    assert _props(locked) == {"rejected-exits-2", "usable-opens-rw"}
     assert _props(_obs("clean", 2)) == set()  # stricter than QEMU: listed, not a failure
     in_use = _obs("clean", 0)
     in_use.qemu.in_use = ["b0"]
