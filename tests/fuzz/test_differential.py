@@ -55,14 +55,48 @@ CLASS_IDS = [
         "crash512:229",  # C9  external data file bit without a data file
         "std64k:57",  # C10 crypt_method 1 (AES): QEMU needs a key (accepted: not corruption)
         "std64k:28805",  # C11 dirty bit: refcount errors QEMU reports are not checked
+        "crash64k:10393",  # C12 disk size 0: recovered bitmaps QEMU cannot load
     )
 ]
 CI_IDS = SWEEP_IDS + CLASS_IDS
+#: The disagreements with QEMU that the core still has, in the CI set: mutant -> (its class in
+#: docs/fuzz-findings.md, the properties it fails).  Such a mutant must fail exactly these
+#: properties: another failure fails the test, and so does a fix (a strict xfail that passes), so
+#: that this list always says what is still open and shrinks with every fix.
+KNOWN_DISAGREEMENTS: dict[str, tuple[str, frozenset[str]]] = {
+    mid: (cls, frozenset(props.split()))
+    for mid, cls, props in (
+        ("std64k:1330", "C1", "rejected-exits-2"),
+        ("c512:44", "C1", "rejected-exits-2"),
+        ("c512:50", "C1", "rejected-exits-2"),
+        ("crash512:57", "C1", "rejected-exits-2"),
+        ("crash512:61", "C1", "rejected-exits-2"),
+        ("xl2:76", "C1", "rejected-exits-2"),
+        ("noauto64k:130", "C1", "rejected-exits-2"),
+        ("std64k:139", "C1", "rejected-exits-2"),
+        ("crash512:193", "C1", "rejected-exits-2"),
+        ("crash512:205", "C1", "rejected-exits-2"),
+        ("crash512:207", "C1", "rejected-exits-2"),
+        ("xl2:225", "C1", "rejected-exits-2"),
+        ("noauto64k:263", "C1", "rejected-exits-2"),
+        ("std64k:0", "C4", "rejected-exits-2"),
+        ("c512:2413", "C4", "rejected-exits-2"),
+        ("noauto64k:122", "C5", "recovered-opens-rw recovered-check-clean recovered-same-data"),
+        ("c512:54", "C6", "recovered-keeps-bitmaps"),
+        ("xl2:92", "C6", "recovered-keeps-bitmaps"),
+        ("std64k:54", "C6", "recovered-keeps-bitmaps"),
+        (
+            "crash64k:10393",
+            "C12",
+            "recovered-opens-rw recovered-check-clean recovered-same-data recovered-keeps-bitmaps",
+        ),
+    )
+}
 #: One CI mutant in this many also goes through the command line (a fresh interpreter costs
 #: 0.3-1 s per run, four runs per mutant: most of the set's time otherwise).
 CI_CLI_EVERY = 16
-#: CPU budget of the whole mutant set, this process and every child together (measured:
-#: about 100 CPU-seconds, i.e. under two minutes of wall time on two idle cores; see
+#: CPU budget of the whole mutant set, this process and every child together (measured: about
+#: 75 CPU-seconds for the whole file, under two minutes of wall time on two shared cores; see
 #: docs/fuzz-findings.md).  CPU time, not wall time, so that a busy machine cannot fail it.
 CI_CPU_BUDGET_SECONDS = 240
 
@@ -99,10 +133,38 @@ def _cpu_seconds() -> float:
     return total
 
 
-@pytest.mark.parametrize("mid", CI_IDS, ids=str)
+class KnownDisagreement(Exception):
+    """A mutant failed exactly the properties :data:`KNOWN_DISAGREEMENTS` lists for it."""
+
+
+def _mutant_param(mid: mutants.MutantId) -> object:
+    known = KNOWN_DISAGREEMENTS.get(str(mid))
+    if known is None:
+        return pytest.param(mid, id=str(mid))
+    cls, props = known
+    mark = pytest.mark.xfail(
+        raises=KnownDisagreement,
+        strict=True,
+        reason=f"{cls} of docs/fuzz-findings.md, still open: {' '.join(sorted(props))}",
+    )
+    return pytest.param(mid, id=str(mid), marks=mark)
+
+
+@pytest.mark.parametrize("mid", [_mutant_param(m) for m in CI_IDS])
 def test_mutant(mid: mutants.MutantId, outcomes: dict[str, D.Outcome]) -> None:
     out = outcomes[str(mid)]
+    known = KNOWN_DISAGREEMENTS.get(str(mid))
+    if known is not None and out.failures and {f.property for f in out.failures} == known[1]:
+        raise KnownDisagreement("\n" + out.describe())
     assert not out.failures, "\n" + out.describe()
+
+
+def test_known_disagreements_are_in_the_set() -> None:
+    ids = {str(m) for m in CI_IDS}
+    for mid, (cls, props) in KNOWN_DISAGREEMENTS.items():
+        assert mid in ids, mid
+        assert props and props <= set(D.PROPERTIES), (mid, props)
+        assert cls.startswith("C"), (mid, cls)
 
 
 def test_mutant_set_within_budget(ci_run: CiRun) -> None:
