@@ -419,6 +419,8 @@ EDITS: dict[str, Edit] = {
         l.path, l.refcount_entry_offset(l.guest_cluster(3 * MiB)), ">H", 0
     ),
     "snapshots-offset-unaligned": lambda l: poke(l.path, 64, ">Q", l.snapshots_offset + 8),
+    # one more snapshot than the table holds: the zeros after it are an entry without extra data
+    "nb-snapshots-one-more": lambda l: poke(l.path, 60, ">I", peek(l.path, 60, ">I") + 1),
     # single L1 and L2 entries (qemu-img check's check_refcounts_l1/l2, check_oflag_copied)
     "l1-entry-reserved-bit": lambda l: poke(l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) | 2),
     "l1-entry-flags-only": lambda l: poke(l.path, l.l1_offset, ">Q", COPIED),

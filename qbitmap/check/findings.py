@@ -114,7 +114,10 @@ CODES: dict[str, tuple[Severity, str]] = {
         C,
         "a cluster has more references than its refcount width can count",
     ),
-    "snapshot-table-invalid": (C, "the snapshot table or a snapshot's L1 table cannot be read"),
+    "snapshot-table-invalid": (
+        C,
+        "the snapshot table or a snapshot's L1 table cannot be read, or an entry is incomplete",
+    ),
     "encryption-header-invalid": (
         C,
         "the full disk encryption header pointer is malformed or points outside the file",

@@ -55,6 +55,9 @@ QCOW_MAX_L1_SIZE = 32 * 1024 * 1024
 QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOTS_SIZE = 64 * 1024 * 1024
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+#: A version 3 snapshot entry's extra data holds at least the 64-bit VM state size and the
+#: virtual disk size; QEMU calls a shorter entry incomplete (a corruption to qemu-img check).
+SNAPSHOT_EXTRA_DATA_V3_MIN = 16
 QCOW2_MAX_BITMAPS = 65535
 QCOW2_MAX_BITMAP_DIRECTORY_SIZE = 1024 * QCOW2_MAX_BITMAPS
 BME_MAX_TABLE_SIZE = 0x8000000

@@ -884,6 +884,21 @@ class _Walker:
                     "extra_data_size",
                 )
                 return
+            # qemu-img check's rule, not one of the open: QEMU opens such an image
+            if (
+                walk_tables
+                and header.version >= 3
+                and entry.extra_data_size < layout.SNAPSHOT_EXTRA_DATA_V3_MIN
+            ):
+                self.problem(
+                    kind,
+                    "extra-data-short",
+                    f"snapshot table entry {n} has {entry.extra_data_size} bytes of extra data, a "
+                    f"version 3 image needs at least {layout.SNAPSHOT_EXTRA_DATA_V3_MIN} (QEMU: "
+                    f"'snapshot table entry {n} is incomplete')",
+                    offset + pos + layout.SNAPSHOT_FIELD.extra_data_size,
+                    "extra_data_size",
+                )
             full = pos + layout.snapshot_entry_size(
                 entry.extra_data_size, entry.id_str_size, entry.name_size
             )

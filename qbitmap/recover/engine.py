@@ -849,8 +849,7 @@ class _Plan:
             if cluster not in removed:
                 frees.append((cluster, count, "leaked cluster"))
         for cluster, count, what in frees:
-            for _ in range(count):
-                session.free([Extent(cluster * cs, 1)], what=what)
+            session.free([Extent(cluster * cs, 1)], what=what, references=count)
         if frees:
             session.flush(what="make the refcount decrements durable")
 

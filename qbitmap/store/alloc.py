@@ -339,23 +339,28 @@ class Allocator:
         count = max(1, -(-size // self.cluster_size))
         return Extent(self.allocate(count), count)
 
-    def free(self, offset: int, count: int = 1) -> None:
-        """Drop one reference from each of *count* clusters starting at file *offset*.
+    def free(self, offset: int, count: int = 1, *, references: int = 1) -> None:
+        """Drop *references* references from each of *count* clusters starting at file *offset*.
 
-        The caller must already have removed (and flushed) the reference.
-        Written, not flushed.
+        The caller must already have removed (and flushed) the references.
+        Written, not flushed: one write per refcount block, whatever *references* is (a stray
+        refcount may be 2^63).
         """
         if offset % self.cluster_size:
             raise ValueError(f"free of unaligned offset {offset:#x}")
+        if references < 1:
+            raise ValueError(f"free of {references} references")
         first = offset // self.cluster_size
         for cluster in range(first, first + count):
             current = self.refcount(cluster)
-            if current == 0:
+            if current < references:
                 raise AllocationError(
-                    f"cluster {cluster} (offset {cluster * self.cluster_size:#x}) is already free"
+                    f"cluster {cluster} (offset {cluster * self.cluster_size:#x}) has refcount "
+                    f"{current}, fewer than the {references} references to drop"
+                    + (": it is already free" if current == 0 else "")
                 )
-            self._set(cluster, current - 1)
-            if current == 1:
+            self._set(cluster, current - references)
+            if current == references:
                 self.free_hint = min(self.free_hint, cluster)
         self._write_dirty()
         self.freed.append(Extent(offset, count))

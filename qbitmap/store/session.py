@@ -307,11 +307,11 @@ class WriteSession:
         self.disk.flush()
         self._log("flush", "flush", None, None, what)
 
-    def free(self, extents: Iterable[Extent], *, what: str) -> None:
-        """Drop one reference from each cluster of *extents* (after the commit)."""
+    def free(self, extents: Iterable[Extent], *, what: str, references: int = 1) -> None:
+        """Drop *references* references from each cluster of *extents* (after the commit)."""
         self._before_writing()
         for extent in extents:
-            self.allocator.free(extent.offset, extent.count)
+            self.allocator.free(extent.offset, extent.count, references=references)
             self._log("release", "free", extent.offset, extent.count * self.cluster_size, what)
 
     def write_field(self, offset: int, data: bytes, *, what: str) -> None:

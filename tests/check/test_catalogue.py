@@ -99,6 +99,7 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "l2-on-l1": ("image-refcount-too-low", 2),
     "guest-data-refcount-0": ("image-refcount-too-low", 2),
     "snapshots-offset-unaligned": ("snapshot-table-invalid", 2),
+    "nb-snapshots-one-more": ("snapshot-table-invalid", 2),
     "l1-entry-reserved-bit": ("l1-entry-invalid", 2),
     "l1-entry-flags-only": ("l1-entry-invalid", 2),
     "l1-entry-copied-clear": ("image-copied-flag-mismatch", 2),
