@@ -11,7 +11,9 @@ A :class:`GuestDisk` is a raw file or a qcow2 image with its backing chain.
 already resolved through the backing chain, so that two disks sharing a
 backing file produce the *same* ``(source, host)`` for the shared ranges and
 a comparison can skip them without reading.  :meth:`GuestDisk.read_segment`
-reads (part of) one segment.
+reads (part of) one segment; :meth:`GuestDisk.file_range` names the file
+bytes that reading a segment takes, without reading them.  Reads may come
+from several threads at once.
 
 L2 entries are decoded by :mod:`qbitmap.format.entries` (QEMU's cluster types
 and compressed descriptors); here:
@@ -20,7 +22,10 @@ and compressed descriptors); here:
 * extended L2 (incompatible bit 4): 32 subclusters per cluster, second word
   bit x "allocated", bit 32+x "reads as zeros", neither = backing;
 * compressed: raw deflate (``zlib`` with wbits -15), or zstd
-  (compression_type 1) through the optional ``zstandard`` package;
+  (compression_type 1) through the optional ``zstandard`` package; one
+  segment per compressed cluster (its subclusters, with extended L2, are
+  one run), and the last cluster each thread decompressed is kept, so
+  consecutive reads of one cluster read its bytes once;
 * the backing file name is relative to the image's directory; its format
   comes from the backing-format extension or, without one, from the magic.
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,22 +116,50 @@ class _Layer(Protocol):
 
     def segments(self, start: int, end: int) -> Iterator[Segment]: ...
 
-    def read_segment(self, seg: Segment, out: memoryview) -> None: ...
+    def read_segment(self, seg: Segment, out: memoryview, delta: int = 0) -> None: ...
+
+    def file_range(self, seg: Segment) -> tuple[int, int, int] | None: ...
 
     def close(self) -> None: ...
 
 
-@dataclass
 class ReadStats:
-    """Bytes actually read from files (tests and the benchmark check it)."""
+    """Bytes actually read from files (tests and the benchmark check it); counted under a
+    lock, since several threads read at once."""
 
-    bytes_read: int = 0
-    decompressed_clusters: int = 0
+    def __init__(self) -> None:
+        self.bytes_read = 0
+        self.decompressed_clusters = 0
+        self.waits = 0  # reads that found bytes missing from the page cache
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int, *, clusters: int = 0, waited: bool = False) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+            self.decompressed_clusters += clusters
+            self.waits += waited
 
 
-def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: Path) -> None:
+# A read that takes only what the page cache holds (Linux 4.14+), so that a
+# read that has to wait for the storage can be told from one that does not.
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: Path) -> int:
+    """Fill *out* from file *offset*; past the end of the file it reads as zeros.
+
+    Returns the bytes read from the file.  Counts them, and counts in
+    ``stats.waits`` a read that had to wait for the storage: the page cache
+    is asked first (``RWF_NOWAIT``), the rest is read as usual.
+    """
     done = 0
     total = len(out)
+    if _NOWAIT and total:
+        try:
+            done = os.preadv(fd, [out], offset, _NOWAIT)
+        except OSError:  # EAGAIN: nothing cached; EOPNOTSUPP: the file cannot tell
+            done = 0
+    first = done
     while done < total:
         try:
             n = os.preadv(fd, [out[done:]], offset + done)
@@ -137,7 +171,8 @@ def _pread_into(fd: int, out: memoryview, offset: int, stats: ReadStats, path: P
             out[done:] = bytes(total - done)  # past EOF reads as zeros
             break
         done += n
-    stats.bytes_read += done
+    stats.add(done, waited=done > first)
+    return done
 
 
 class RawLayer:
@@ -187,8 +222,11 @@ class RawLayer:
             lo = max(start, stop)
             yield Segment(lo, end - lo, ZERO)
 
-    def read_segment(self, seg: Segment, out: memoryview) -> None:
-        _pread_into(self.fd, out, seg.host, self.stats, self.path)
+    def read_segment(self, seg: Segment, out: memoryview, delta: int = 0) -> None:
+        _pread_into(self.fd, out, seg.host + delta, self.stats, self.path)
+
+    def file_range(self, seg: Segment) -> tuple[int, int, int] | None:
+        return (self.fd, seg.host, seg.length) if seg.kind == DATA else None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -242,7 +280,8 @@ class Qcow2Layer:
         )
         self.l1 = ent.be64(raw)
         self._l2_cache: dict[int, np.ndarray] = {}
-        self._cluster_cache: tuple[int, bytes] | None = None
+        # The last cluster each thread decompressed: (L2 entry, bytes).
+        self._decompressed = threading.local()
         if header.backing_file_offset:
             if depth >= MAX_CHAIN_DEPTH:
                 raise UnsupportedImageError(
@@ -283,9 +322,16 @@ class Qcow2Layer:
         offset = int(self.l1[l1_index] & ent.L1E_OFFSET)
         if offset == 0:
             return None
-        raw = self.image.read(
-            offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry"
-        )
+        try:
+            raw = self.image.read(
+                offset, self.cluster_size, what=f"L2 table {l1_index}", field="L1 entry"
+            )
+        except ImageFormatError as exc:
+            raise ImageFormatError(
+                f"{self.path}: {exc.reason}", offset=exc.offset, field=exc.field
+            ) from exc
+        except ImageIOError as exc:
+            raise ImageIOError(f"{self.path}: {exc}") from exc
         table = ent.be64(raw)
         if len(self._l2_cache) > 4096:
             self._l2_cache.clear()
@@ -345,15 +391,18 @@ class Qcow2Layer:
             if n == 0:
                 pos = table_end
                 continue
-            # Run boundaries: kind changes, data not contiguous, every compressed unit.
+            # Run boundaries: kind changes, data not contiguous, every compressed
+            # cluster (the subclusters of one are one run).
             brk = np.ones(n, dtype=bool)
             if n > 1:
                 same_kind = kind[1:] == kind[:-1]
                 contiguous = host[1:] == host[:-1] + np.uint64(unit)
+                same_cluster = (np.arange(1, n) % (cs // unit)) != 0
                 cont = same_kind & (
                     (kind[1:] == ZERO)
                     | (kind[1:] == ClusterType.UNALLOCATED)
                     | ((kind[1:] == DATA) & contiguous)
+                    | ((kind[1:] == COMPRESSED) & same_cluster)
                 )
                 brk[1:] = ~cont
             starts = np.flatnonzero(brk)
@@ -395,54 +444,75 @@ class Qcow2Layer:
 
     # -- reading -------------------------------------------------------------------
 
-    def _decompress(self, entry: int) -> bytes:
-        if self._cluster_cache is not None and self._cluster_cache[0] == entry:
-            return self._cluster_cache[1]
-        cs = self.cluster_size
+    def _compressed_range(self, entry: int) -> tuple[int, int]:
+        """``(offset, length)`` of the file bytes of a compressed cluster's L2 entry."""
         coffset, csize = ent.compressed_ranges(
             np.array([entry], dtype=np.uint64), self.cluster_bits
         )
-        offset, size = int(coffset[0]), int(csize[0])
-        data = self.image.pread(offset, size)
-        self.stats.bytes_read += len(data)
+        return int(coffset[0]), int(csize[0])
+
+    def _decompress(self, entry: int) -> bytes:
+        cached = getattr(self._decompressed, "cluster", None)
+        if cached is not None and cached[0] == entry:
+            return cached[1]
+        cs = self.cluster_size
+        offset, size = self._compressed_range(entry)
+        buf = bytearray(size)
+        data = buf[: _pread_into(self.image.fd, memoryview(buf), offset, self.stats, self.path)]
         try:
             if self.compression_type == 0:
                 out = zlib.decompressobj(-15).decompress(data, cs)
             elif self.compression_type == 1:
-                out = _zstd_decompress(data, cs, self.path)
+                out = _zstd_decompress(data, cs, self.path, offset)
             else:
                 raise UnsupportedImageError(
                     f"{self.path}: unknown compression type {self.compression_type}"
                 )
         except zlib.error as exc:
             raise ImageFormatError(
-                f"{self.path}: compressed cluster does not decompress: {exc}", offset=offset
+                f"{self.path}: compressed cluster does not decompress: {exc}",
+                offset=offset,
+                field="compressed cluster",
             ) from exc
         if len(out) < cs:
             raise ImageFormatError(
                 f"{self.path}: compressed cluster decompresses to {len(out)} bytes, not {cs}",
                 offset=offset,
+                field="compressed cluster",
             )
         out = out[:cs]
-        self.stats.decompressed_clusters += 1
-        self._cluster_cache = (entry, out)
+        self.stats.add(0, clusters=1)
+        self._decompressed.cluster = (entry, out)
         return out
 
-    def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """A compressed segment's bytes as a view of its decompressed cluster; None otherwise."""
+    def view_segment(
+        self, seg: Segment, delta: int = 0, length: int | None = None
+    ) -> np.ndarray | None:
+        """A compressed segment's bytes (*length* of them from *delta* on, all by default)
+        as a view of its decompressed cluster; None for other segments."""
         if seg.kind != COMPRESSED:
             return None
         cluster = self._decompress(seg.host)
-        return np.frombuffer(cluster, dtype=np.uint8)[seg.skip : seg.skip + seg.length]
+        first = seg.skip + delta
+        n = seg.length - delta if length is None else length
+        return np.frombuffer(cluster, dtype=np.uint8)[first : first + n]
 
-    def read_segment(self, seg: Segment, out: memoryview) -> None:
+    def read_segment(self, seg: Segment, out: memoryview, delta: int = 0) -> None:
         if seg.kind == DATA:
-            _pread_into(self.image.fd, out, seg.host, self.stats, self.path)
+            _pread_into(self.image.fd, out, seg.host + delta, self.stats, self.path)
         elif seg.kind == COMPRESSED:
             cluster = self._decompress(seg.host)
-            out[:] = cluster[seg.skip : seg.skip + len(out)]
+            first = seg.skip + delta
+            out[:] = cluster[first : first + len(out)]
         else:
             out[:] = bytes(len(out))
+
+    def file_range(self, seg: Segment) -> tuple[int, int, int] | None:
+        if seg.kind == DATA:
+            return self.image.fd, seg.host, seg.length
+        if seg.kind == COMPRESSED:
+            return (self.image.fd, *self._compressed_range(seg.host))
+        return None
 
     def close(self) -> None:
         if self.backing is not None:
@@ -451,7 +521,7 @@ class Qcow2Layer:
         self.image.close()
 
 
-def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
+def _zstd_decompress(data: bytes, size: int, path: Path, offset: int) -> bytes:
     try:
         import zstandard
     except ImportError as exc:  # pragma: no cover - zstandard is a dependency
@@ -462,7 +532,11 @@ def _zstd_decompress(data: bytes, size: int, path: Path) -> bytes:
         obj = zstandard.ZstdDecompressor().decompressobj()
         return obj.decompress(data)[:size]
     except zstandard.ZstdError as exc:
-        raise ImageFormatError(f"zstd cluster does not decompress: {exc}", offset=None) from exc
+        raise ImageFormatError(
+            f"{path}: compressed cluster does not decompress: {exc}",
+            offset=offset,
+            field="compressed cluster",
+        ) from exc
 
 
 def open_layer(path: Path, stats: ReadStats, *, fmt: str | None = None, depth: int = 0) -> _Layer:
@@ -519,19 +593,30 @@ class GuestDisk:
         if pending is not None:
             yield pending
 
-    def read_segment(self, seg: Segment, out: memoryview) -> None:
-        """Fill *out* (``seg.length`` bytes) with the guest bytes of *seg*."""
+    def read_segment(self, seg: Segment, out: memoryview, delta: int = 0) -> None:
+        """Fill *out* with the guest bytes of *seg* from *delta* bytes into it on."""
         if seg.kind == ZERO or seg.layer is None:
             out[:] = bytes(len(out))
         else:
-            seg.layer.read_segment(seg, out)
+            seg.layer.read_segment(seg, out, delta)
 
-    def view_segment(self, seg: Segment) -> np.ndarray | None:
-        """The bytes of a segment without reading into a buffer (decompressed data); or None."""
+    def view_segment(
+        self, seg: Segment, delta: int = 0, length: int | None = None
+    ) -> np.ndarray | None:
+        """*length* bytes of a segment from *delta* on (all by default) without reading
+        into a buffer (decompressed data); or None."""
         if seg.kind == ZERO or seg.layer is None:
             return None
         view = getattr(seg.layer, "view_segment", None)
-        return None if view is None else view(seg)
+        return None if view is None else view(seg, delta, length)
+
+    @staticmethod
+    def file_range(seg: Segment) -> tuple[int, int, int] | None:
+        """``(fd, offset, length)``: the file bytes reading all of *seg* takes (a data run,
+        or a whole compressed cluster); None when it reads no file."""
+        if seg.kind == ZERO or seg.layer is None:
+            return None
+        return seg.layer.file_range(seg)
 
     def sources(self) -> set[tuple[int, int]]:
         """``(st_dev, st_ino)`` of every file of the chain, top to bottom."""

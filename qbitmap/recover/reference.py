@@ -8,15 +8,20 @@ an exact recovery.
 Allocation maps are compared first (:class:`qbitmap.format.guest.GuestDisk`
 resolves both backing chains): ranges that are zero on both sides, or that
 both sides take from the same bytes of the same file (a shared backing
-file), are never read.  Only the rest is read, in chunks of up to
-:data:`CHUNK_BYTES`, into two reused buffers and compared with numpy.
+file), are never read.  The rest is planned as a stream of tasks of up to
+:data:`CHUNK_BYTES` of guest data, in guest order; :class:`ReadAhead` has
+the kernel fetch what the next tasks read from both files at once, and
+:func:`qbitmap.parallel.ordered_map`'s workers read and compare each task
+:data:`BLOCK_BYTES` at a time (``pread`` into two small reused buffers,
+``memcmp``).  Nothing grows with the size of the disks but the bitmap.
 Bytes past the end of the shorter disk compare as zeros.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import threading
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +30,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
-from qbitmap.format.bitmap import group_any, unique_sorted
-from qbitmap.format.guest import ZERO, GuestDisk, Segment
+from qbitmap.format.bitmap import group_any, popcount, unique_sorted
+from qbitmap.format.guest import COMPRESSED, ZERO, GuestDisk, ReadStats, Segment
 from qbitmap.parallel import ordered_map
 
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 4 << 20  # guest bytes of one task: one worker's turn
+BLOCK_BYTES = 1 << 20  # bytes of each side read and compared at a time: in the cache
+TASK_PIECES = 256  # pieces in one task at most, however small they are
+READAHEAD_BYTES = 32 << 20  # file bytes per side the kernel is asked to fetch ahead
+READAHEAD_TASKS = 64  # planned tasks held ahead at most
+HINT_BYTES = 2 << 20  # one read-ahead request: the kernel's own unit for them
+QUIET_BYTES = 4 * READAHEAD_BYTES  # reads without a wait after which read-ahead pauses
 
 
 def _load_memcmp() -> Any:
@@ -46,7 +57,8 @@ def _load_memcmp() -> Any:
 
 
 _MEMCMP = _load_memcmp()
-_ZEROS = np.zeros(CHUNK_BYTES, dtype=np.uint8)
+_ZEROS = np.zeros(BLOCK_BYTES, dtype=np.uint8)
+_ZEROS.flags.writeable = False
 
 
 def _equal(x: np.ndarray, y: np.ndarray) -> bool:
@@ -90,6 +102,11 @@ class Piece:
     a: Segment
     b: Segment
 
+    def cut(self, start: int, end: int) -> Piece:
+        if start == self.start and end == self.end:
+            return self
+        return Piece(start, end, self.a.cut(start, end), self.b.cut(start, end))
+
 
 def pieces(image: GuestDisk, reference: GuestDisk, size: int, stats: DiffStats) -> Iterator[Piece]:
     """Pair up both allocation maps over ``[0, size)``; skip ranges known equal."""
@@ -111,6 +128,178 @@ def pieces(image: GuestDisk, reference: GuestDisk, size: int, stats: DiffStats) 
             a = next(a_iter, None)
         if b.end <= end:
             b = next(b_iter, None)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Consecutive pieces (or parts of one) that one worker compares in one turn."""
+
+    parts: tuple[Piece, ...]
+
+    @property
+    def end(self) -> int:
+        return self.parts[-1].end
+
+    @property
+    def length(self) -> int:
+        return sum(p.end - p.start for p in self.parts)
+
+
+def _one_cluster(x: Segment, y: Segment) -> bool:
+    """Whether two consecutive segments read the same compressed cluster."""
+    return x.kind == COMPRESSED and y.kind == COMPRESSED and x.layer is y.layer and x.host == y.host
+
+
+def plan(work: Iterator[Piece]) -> Iterator[Task]:
+    """The pieces as tasks of about :data:`CHUNK_BYTES`, in guest order.
+
+    Longer pieces are cut at multiples of :data:`CHUNK_BYTES`; a task never
+    ends between two parts that read one compressed cluster, so that the
+    cluster is read and inflated once, by one worker.
+    """
+    batch: list[Piece] = []
+    size = 0
+    for piece in work:
+        pos = piece.start
+        while pos < piece.end:
+            end = min(piece.end, (pos // CHUNK_BYTES + 1) * CHUNK_BYTES)
+            part = piece.cut(pos, end)
+            if (size >= CHUNK_BYTES or len(batch) >= TASK_PIECES) and not (
+                _one_cluster(batch[-1].a, part.a) or _one_cluster(batch[-1].b, part.b)
+            ):
+                yield Task(tuple(batch))
+                batch, size = [], 0
+            batch.append(part)
+            size += end - pos
+            pos = end
+    if batch:
+        yield Task(tuple(batch))
+
+
+class ReadAhead:
+    """Tasks, in order, with the kernel asked to fetch the bytes of the next ones first.
+
+    The one speed trick of the comparison.  Its contract:
+
+    * It names only bytes the comparison itself reads -- each task's data
+      runs and compressed clusters, nothing of what the allocation maps let
+      it skip -- each range once, in the order the tasks read them.  So the
+      kernel fetches no byte that would not be read anyway, and none twice.
+    * It reads nothing into the process: ``posix_fadvise(POSIX_FADV_WILLNEED)``
+      starts the kernel's own reads into the page cache and returns.  At most
+      :data:`READAHEAD_BYTES` per side (plus one task) are asked for ahead of
+      the task handed out, and at most :data:`READAHEAD_TASKS` planned tasks
+      are held, so neither the page cache it fills nor the process's memory
+      grows with the disks.
+    * It is advice: the bytes compared are read by the workers with
+      ``pread`` whatever happens to a hint, so the result never depends on it.
+      A failing plan (an unreadable L2 table) is raised when the tasks before
+      it have been handed out, as without it.
+    * Both sides are asked for together, so both files are read at once, in
+      requests as large as their ranges allow (:data:`HINT_BYTES` at a time,
+      the size of the kernel's own read-ahead requests).
+    * It asks only while the cache is cold: after :data:`QUIET_BYTES` of
+      planned reads during which no read had to wait for the storage
+      (``ReadStats.waits``), it stops asking -- a hint for cached bytes costs
+      a page-cache walk and gains nothing -- and starts again, with the
+      tasks already planned, at the next read that waits.
+
+    Not thread-safe: :func:`qbitmap.parallel.ordered_map` reads it from one
+    thread at a time.
+    """
+
+    def __init__(self, tasks: Iterator[Task], stats: tuple[ReadStats, ...]) -> None:
+        self._tasks = tasks
+        self._stats = stats
+        # (task, file bytes of side a, of side b, ranges not asked for yet)
+        self._queue: deque[tuple[Task, int, int, list[list[int]]]] = deque()
+        self._ahead = [0, 0]  # file bytes of the queued tasks, per side
+        self._done = False
+        self._error: Exception | None = None
+        self._enabled = hasattr(os, "posix_fadvise")
+        self._waits = -1  # reads that waited, when last looked at (-1: never: cold)
+        self._quiet = 0  # file bytes planned since then
+
+    def __iter__(self) -> ReadAhead:
+        return self
+
+    def __next__(self) -> Task:
+        if not self._done:
+            self._fill()
+        if not self._queue:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            raise StopIteration
+        task, a, b, _ranges = self._queue.popleft()
+        self._ahead[0] -= a
+        self._ahead[1] -= b
+        return task
+
+    def _fill(self) -> None:
+        planned = 0
+        while not self._queue or (
+            len(self._queue) < READAHEAD_TASKS and max(self._ahead) < READAHEAD_BYTES
+        ):
+            try:
+                task = next(self._tasks)
+            except StopIteration:
+                self._done = True
+                break
+            except Exception as exc:  # noqa: BLE001 - raised in order by __next__
+                self._error = exc
+                self._done = True
+                break
+            sizes, ranges = _file_ranges(task)
+            self._queue.append((task, sizes[0], sizes[1], ranges))
+            self._ahead[0] += sizes[0]
+            self._ahead[1] += sizes[1]
+            planned += sizes[0] + sizes[1]
+        waits = sum(s.waits for s in self._stats)
+        if waits != self._waits:
+            self._waits, self._quiet = waits, 0
+        cold = self._quiet < QUIET_BYTES
+        self._quiet += planned
+        if not (cold and self._enabled):
+            return
+        for _task, _a, _b, ranges in self._queue:
+            while ranges:
+                fd, start, end = ranges.pop()
+                self._advise(fd, start, end)
+
+    def _advise(self, fd: int, start: int, end: int) -> None:
+        for pos in range(start, end, HINT_BYTES):
+            try:
+                os.posix_fadvise(fd, pos, min(HINT_BYTES, end - pos), os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self._enabled = False  # advice the file does not take: read without it
+                return
+
+
+def _file_ranges(task: Task) -> tuple[list[int], list[list[int]]]:
+    """File bytes each side of *task* reads, and the ``[fd, start, end]`` ranges, merged
+    where contiguous on the same file (the parts of one compressed cluster: once)."""
+    sizes = [0, 0]
+    ranges: list[list[int]] = []
+    last: dict[int, list[int]] = {}
+    for part in task.parts:
+        for side, seg in ((0, part.a), (1, part.b)):
+            where = GuestDisk.file_range(seg)
+            if where is None:
+                continue
+            fd, start, length = where
+            run = last.get(fd)
+            if run is not None and run[1] <= start <= run[2]:
+                grown = max(run[2], start + length)
+                sizes[side] += grown - run[2]
+                run[2] = grown
+                continue
+            run = [fd, start, start + length]
+            ranges.append(run)
+            last[fd] = run
+            sizes[side] += length
+    ranges.reverse()  # popped from the end: asked for in order
+    return sizes, ranges
 
 
 def _granule_flags(diff_words: np.ndarray, start: int, length: int, granularity: int) -> np.ndarray:
@@ -147,7 +336,9 @@ def diff_bits(
         virtual_size: the image's guest size; the bitmap covers exactly this.
         granularity: bytes per bit (a power of two, at least 512).
         progress_factory: ``callable(description, total_bytes)`` returning a
-            context manager with ``advance(n)``; None shows nothing.
+            context manager with ``advance(n)``; None shows nothing.  The
+            total is *virtual_size*: progress is how far through the disk
+            the comparison is, skipped ranges included.
 
     Returns:
         ``(bits, stats)``.
@@ -155,69 +346,43 @@ def diff_bits(
     nbits = -(-virtual_size // granularity)
     bits = np.zeros(-(-nbits // 8), dtype=np.uint8)
     stats = DiffStats(virtual_size=virtual_size)
+    if progress_factory is None:
+        ctx: object = _NullCtx()
+    else:
+        factory: Any = progress_factory
+        ctx = factory("comparing with the reference", virtual_size)
     with (
         GuestDisk(image_path, fmt=image_format) as image,
         GuestDisk(reference_path, fmt=reference_format) as reference,
+        ctx as progress,  # type: ignore[attr-defined]
     ):
         stats.reference_size = reference.size
-        work = list(pieces(image, reference, virtual_size, stats))
-        total = sum(p.end - p.start for p in work)
-        if progress_factory is None:
-            ctx: object = _NullCtx()
-        else:
-            ctx = progress_factory("comparing with the reference", total)  # type: ignore[operator]
-        tasks: list[tuple[Piece, int, int]] = []
-        for piece in work:
-            pos = piece.start
-            while pos < piece.end:
-                # Chunks end on granule boundaries where possible.
-                end = min(piece.end, pos + CHUNK_BYTES)
-                if end < piece.end and end % granularity:
-                    aligned = end - end % granularity
-                    if aligned > pos:
-                        end = aligned
-                tasks.append((piece, pos, end))
-                pos = end
-        with ctx as progress:  # type: ignore[attr-defined]
-            found = _run_tasks(image, reference, tasks, granularity, progress)
-        stats.compared_bytes = sum(end - pos for _p, pos, end in tasks)
+        tasks = ReadAhead(
+            plan(pieces(image, reference, virtual_size, stats)), (image.stats, reference.stats)
+        )
+
+        def compare(task: Task, scratch: tuple[np.ndarray, np.ndarray]) -> tuple[Task, np.ndarray]:
+            return task, _compare_task(image, reference, task, scratch, granularity)
+
+        def buffers() -> tuple[np.ndarray, np.ndarray]:
+            return np.empty(BLOCK_BYTES, np.uint8), np.empty(BLOCK_BYTES, np.uint8)
+
+        done = 0
+        # Closed on the way out, whatever ends the loop (an error, Ctrl-C): the
+        # workers are stopped and joined before the disks are closed.
+        with contextlib.closing(ordered_map(compare, tasks, buffers)) as results:
+            for task, found in results:
+                stats.compared_bytes += task.length
+                if len(found):
+                    found = found[found < nbits]
+                    np.bitwise_or.at(bits, found >> 3, (1 << (found & 7)).astype(np.uint8))
+                progress.advance(task.end - done)
+                done = task.end
+        progress.advance(virtual_size - done)
         stats.image_bytes_read = image.stats.bytes_read
         stats.reference_bytes_read = reference.stats.bytes_read
-    if found:
-        idx = unique_sorted(np.concatenate(found))
-        idx = idx[idx < nbits]
-        stats.differing_granules = len(idx)
-        np.bitwise_or.at(bits, idx >> 3, (1 << (idx & 7)).astype(np.uint8))
+    stats.differing_granules = popcount(bits)
     return bits, stats
-
-
-def _run_tasks(
-    image: GuestDisk,
-    reference: GuestDisk,
-    tasks: list[tuple[Piece, int, int]],
-    granularity: int,
-    progress: Progress,
-) -> list[np.ndarray]:
-    """Compare every task's range; the differing granules of each, in task order.
-
-    On :func:`qbitmap.parallel.ordered_map`'s workers: reads, page-cache
-    copies and memcmp release the GIL.  Each worker keeps its own two
-    buffers; progress is advanced under a lock.
-    """
-    lock = threading.Lock()
-
-    def compare(i: int, bufs: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        piece, pos, end = tasks[i]
-        n = end - pos
-        found = _compare(image, reference, piece, pos, end, bufs[0][:n], bufs[1][:n], granularity)
-        with lock:
-            progress.advance(n)
-        return found
-
-    def buffers() -> tuple[np.ndarray, np.ndarray]:
-        return np.empty(CHUNK_BYTES, np.uint8), np.empty(CHUNK_BYTES, np.uint8)
-
-    return list(ordered_map(compare, len(tasks), buffers))
 
 
 _NO_GRANULES = np.empty(0, dtype=np.int64)
@@ -231,54 +396,69 @@ class _NullCtx:
         return None
 
 
-def _compare(
+def _compare_task(
     image: GuestDisk,
     reference: GuestDisk,
-    piece: Piece,
-    start: int,
-    end: int,
-    buf_a: np.ndarray,
-    buf_b: np.ndarray,
+    task: Task,
+    scratch: tuple[np.ndarray, np.ndarray],
     granularity: int,
 ) -> np.ndarray:
-    n = end - start
-    a = piece.a.cut(start, end)
-    b = piece.b.cut(start, end)
-    a_zero = a.kind == ZERO
-    b_zero = b.kind == ZERO
-    if not a_zero:
-        view = image.view_segment(a)
-        if view is None:
-            image.read_segment(a, buf_a.data)
-        else:
-            buf_a = view
-    if not b_zero:
-        view = reference.view_segment(b)
-        if view is None:
-            reference.read_segment(b, buf_b.data)
-        else:
-            buf_b = view
-    words = start % 8 == 0 and n % 8 == 0
-    if a_zero or b_zero:
-        data = buf_b if a_zero else buf_a
-        if _equal(data, _ZEROS[:n]):
-            return np.empty(0, dtype=np.int64)
-        if words:
-            w = data.view(np.uint64)
-            if not w.any():
-                return np.empty(0, dtype=np.int64)
-            return _granule_flags(w != 0, start, n, granularity)
+    """The differing granules of one task (sorted within each block, maybe repeated)."""
+    buf_a, buf_b = scratch
+    found: list[np.ndarray] = []
+    for part in task.parts:
+        a, b = part.a, part.b
+        pos = part.start
+        while pos < part.end:
+            end = min(part.end, (pos // BLOCK_BYTES + 1) * BLOCK_BYTES)
+            hit = _compare_block(
+                _side(image, a, pos, end, buf_a),
+                _side(reference, b, pos, end, buf_b),
+                pos,
+                end - pos,
+                granularity,
+            )
+            if hit is not None:
+                found.append(hit)
+            pos = end
+    if not found:
+        return _NO_GRANULES
+    return found[0] if len(found) == 1 else np.concatenate(found)
+
+
+def _side(
+    disk: GuestDisk, seg: Segment, start: int, end: int, buf: np.ndarray
+) -> np.ndarray | None:
+    """Guest bytes ``[start, end)`` of *seg*: None for zeros, else a view (of *buf* or of a
+    decompressed cluster)."""
+    if seg.kind == ZERO:
+        return None
+    delta = start - seg.start
+    if seg.kind == COMPRESSED:
+        return disk.view_segment(seg, delta, end - start)
+    out = buf[: end - start]
+    disk.read_segment(seg, out.data, delta)
+    return out
+
+
+def _compare_block(
+    a: np.ndarray | None, b: np.ndarray | None, start: int, n: int, granularity: int
+) -> np.ndarray | None:
+    """Granules of ``[start, start + n)`` where *a* and *b* (None: zeros) differ; None if none."""
+    if a is None or b is None:
+        data = b if a is None else a
+        if data is None:
+            return None
+        if (_equal(data, _ZEROS[:n]) if n <= len(_ZEROS) else not data.any()):
+            return None
+        if start % 8 == 0 and n % 8 == 0:
+            return _granule_flags(data.view(np.uint64) != 0, start, n, granularity)
         return _granule_flags_bytes(data != 0, start, granularity)
-    if _equal(buf_a, buf_b):
-        return np.empty(0, dtype=np.int64)
-    if words:
-        wa = buf_a.view(np.uint64)
-        wb = buf_b.view(np.uint64)
-        neq = wa != wb
-        if not neq.any():
-            return np.empty(0, dtype=np.int64)
-        return _granule_flags(neq, start, n, granularity)
-    return _granule_flags_bytes(buf_a != buf_b, start, granularity)
+    if _equal(a, b):
+        return None
+    if start % 8 == 0 and n % 8 == 0:
+        return _granule_flags(a.view(np.uint64) != b.view(np.uint64), start, n, granularity)
+    return _granule_flags_bytes(a != b, start, granularity)
 
 
 def validate_reference(
