@@ -10,6 +10,7 @@ makes sure recover changes no byte of an image the catalogue calls unsound.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -402,6 +403,10 @@ EDITS: dict[str, Edit] = {
     "l2-on-directory": lambda l: _l2(l, 50 * MiB, lambda _w: COPIED | l.dir_offset),
     # the image around the bitmaps
     "magic": lambda l: poke(l.path, 0, ">I", 0x12345678),
+    "version-0": lambda l: poke(l.path, 4, ">I", 0),
+    "cluster-bits-32": lambda l: poke(l.path, 20, ">I", 32),
+    # the file cut inside the v3 header (QEMU: 'qcow2 header too short')
+    "header-cut-short": lambda l: os.truncate(l.path, 50),
     "incompat-unknown-bit": lambda l: _set_incompat(l, 5),
     "incompat-corrupt-bit": lambda l: _set_incompat(l, 1),
     "incompat-dirty-bit": lambda l: _set_incompat(l, 0),

@@ -40,7 +40,7 @@ from qbitmap.check import clusters, directory, header, levels, tables
 from qbitmap.check.context import Context
 from qbitmap.check.findings import CODES, REPAIRS, Finding, Severity
 from qbitmap.check.levels import RecoveryEstimate
-from qbitmap.errors import ExitCode, ImageIOError, QbitmapError, UsageError
+from qbitmap.errors import ExitCode, ImageFormatError, ImageIOError, QbitmapError, UsageError
 from qbitmap.format import BitmapEntry, Image, select_entries
 from qbitmap.format.references import Kind, ReferenceMap
 
@@ -169,6 +169,16 @@ def check_image(
             findings.extend(more)
     except ImageIOError as exc:
         findings.append(Finding("image-read-error", f"the check stopped: {exc}", field="read"))
+    except ImageFormatError as exc:
+        # A structure QEMU also reads does not parse: the image is corrupt, not unreadable.
+        findings.append(
+            Finding(
+                "image-invalid",
+                f"the check stopped: {exc}",
+                offset=exc.offset,
+                field=exc.field,
+            )
+        )
     except QbitmapError as exc:
         # A structure the check modules expected to be readable was not; say so rather than crash.
         findings.append(
@@ -218,6 +228,14 @@ def check_path(path: str | os.PathLike[str], *, names: Sequence[str] | None = No
     """Open *path* read-only (no lock taken) and check it; an unreadable file is a report too."""
     try:
         image = Image.open(path)
+    except ImageFormatError as exc:
+        # A file with the qcow2 magic is a qcow2 image QEMU refuses to open: corrupt (exit 2).
+        # Without it, the file is something else, which check cannot judge (exit 1).
+        code = "image-unreadable" if exc.field == "magic" else "image-invalid"
+        return CheckReport(
+            filename=str(path),
+            findings=[Finding(code, f"{Path(path)}: {exc}", offset=exc.offset, field=exc.field)],
+        )
     except QbitmapError as exc:
         offset = getattr(exc, "offset", None)
         return CheckReport(

@@ -46,12 +46,17 @@ CODES: dict[str, tuple[Severity, str]] = {
     # -- the check itself -------------------------------------------------------------
     "image-unreadable": (
         F,
-        "the file could not be opened or is not a qcow2 image qbitmap can read",
+        "the file could not be opened or is not a qcow2 image (no qcow2 magic)",
     ),
     "image-read-error": (F, "reading the image failed part way through the check"),
+    "image-invalid": (
+        C,
+        "a qcow2 image whose header (or another structure read to open it) is invalid: QEMU "
+        "refuses to open it",
+    ),
     "image-unsupported-feature": (
-        F,
-        "the image sets incompatible feature bits qbitmap (and QEMU) does not know",
+        C,
+        "the image sets incompatible feature bits QEMU does not know: QEMU refuses to open it",
     ),
     # -- the image around the bitmaps --------------------------------------------------
     "image-marked-corrupt": (C, "incompatible feature bit 1 (corrupt) is set: QEMU found damage"),

@@ -120,9 +120,13 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     "levels-orphan": ("levels-record-orphan", 0),
     "levels-stale": ("levels-record-stale", 0),
     "levels-version-2": ("levels-extension-invalid", 0),
-    # could not check
+    # QEMU refuses to open it
+    "incompat-unknown-bit": ("image-unsupported-feature", 2),
+    "version-0": ("image-invalid", 2),
+    "cluster-bits-32": ("image-invalid", 2),
+    "header-cut-short": ("image-invalid", 2),
+    # could not check: not a qcow2 image
     "magic": ("image-unreadable", 1),
-    "incompat-unknown-bit": ("image-unsupported-feature", 1),
 }
 
 

@@ -94,6 +94,9 @@ BENIGN_STDERR = (
 
 #: What qemu-io says when an encrypted image is opened without ``--object secret``.
 _NEEDS_KEY = "'encrypt.key-secret' is required"
+#: What QEMU says of a file without the qcow2 magic: not a qcow2 image at all, which check
+#: cannot judge (exit 1, documented), rather than a qcow2 image it would refuse (exit 2).
+_NOT_QCOW2 = "Image is not in qcow2 format"
 
 CHECK_EXIT_CODES = frozenset({0, 1, 2, 3, 4, 64, 75})
 RECOVER_EXIT_CODES = frozenset({0, 1, 2, 64, 75})
@@ -104,7 +107,8 @@ PROPERTIES: dict[str, str] = {
     "line no 'Traceback' or 'internal error' on stderr and a documented exit status",
     "bounded": f"every qbitmap run uses at most {QBITMAP_CPU_SECONDS:g} s of CPU time, ends within "
     f"{QBITMAP_TIMEOUT:g} s and within {MEMORY_HEADROOM >> 20} MiB of extra address space",
-    "rejected-exits-2": "QEMU reports errors or refuses to open the image => check exits 2",
+    "rejected-exits-2": "QEMU reports errors or refuses to open the image => check exits 2 "
+    "(1 when QEMU says the file is not in qcow2 format: it lacks the qcow2 magic)",
     "usable-opens-rw": "check exits 0, 3 or 4 => QEMU opens the image read-write",
     "in-use-not-ok": "QEMU accepts the image and lists a bitmap flagged in-use => check exits 2 "
     "or 4, never 0 or 3 (an in-use bitmap cannot serve an incremental backup)",
@@ -261,7 +265,13 @@ def evaluate(obs: Observation) -> list[Failure]:
             )
     # a documented exception from check_path is what the command line would exit with
     code = obs.check.exit_code if obs.check.kind in ("ok", "error") else None
-    if q.verdict in ("errors", "refuses") and not q.needs_key and code is not None and code != 2:
+    expected = 1 if q.verdict == "refuses" and _NOT_QCOW2 in q.reason else 2
+    if (
+        q.verdict in ("errors", "refuses")
+        and not q.needs_key
+        and code is not None
+        and code != expected
+    ):
         fails.append(
             Failure(
                 "rejected-exits-2",

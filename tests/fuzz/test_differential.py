@@ -35,7 +35,7 @@ SWEEP_IDS = mutants.ids(2 * len(mutants.OPERATOR_NAMES) * len(bases.BASES), 0)
 CLASS_IDS = [
     mutants.MutantId.parse(text)
     for text in (
-        "std64k:1330",  # C1  version 0: QEMU refuses, check exits 1
+        "std64k:1330",  # C1  version 0: QEMU refuses, check exited 1 (now 2: image-invalid)
         "c512:334",  # C2  L1 entry reserved bit 56
         "crash4k:202",  # C2  L2 entry COPIED cleared, refcount 1
         "std64k:2235",  # C2  compressed L2 entry with COPIED
@@ -67,19 +67,6 @@ CI_IDS = SWEEP_IDS + CLASS_IDS
 KNOWN_DISAGREEMENTS: dict[str, tuple[str, frozenset[str]]] = {
     mid: (cls, frozenset(props.split()))
     for mid, cls, props in (
-        ("std64k:1330", "C1", "rejected-exits-2"),
-        ("c512:44", "C1", "rejected-exits-2"),
-        ("c512:50", "C1", "rejected-exits-2"),
-        ("crash512:57", "C1", "rejected-exits-2"),
-        ("crash512:61", "C1", "rejected-exits-2"),
-        ("xl2:76", "C1", "rejected-exits-2"),
-        ("noauto64k:130", "C1", "rejected-exits-2"),
-        ("std64k:139", "C1", "rejected-exits-2"),
-        ("crash512:193", "C1", "rejected-exits-2"),
-        ("crash512:205", "C1", "rejected-exits-2"),
-        ("crash512:207", "C1", "rejected-exits-2"),
-        ("xl2:225", "C1", "rejected-exits-2"),
-        ("noauto64k:263", "C1", "rejected-exits-2"),
         ("noauto64k:122", "C5", "recovered-opens-rw recovered-check-clean recovered-same-data"),
         ("c512:54", "C6", "recovered-keeps-bitmaps"),
         ("xl2:92", "C6", "recovered-keeps-bitmaps"),
