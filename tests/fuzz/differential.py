@@ -886,8 +886,8 @@ class Outcome:
 
 def _preload() -> None:
     """Import qbitmap's API once, so that each forked run does not import it again."""
-    import qbitmap.check
-    import qbitmap.recover  # noqa: F401
+    from qbitmap.check import check_path  # noqa: F401
+    from qbitmap.recover import engine  # noqa: F401
 
 
 def _work(args: tuple[mutants.MutantId, Path, int, Path | None]) -> Outcome:
