@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "libvirt"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import common
 from libvirt_files import Disk, Host
