@@ -1,7 +1,7 @@
 """``qbitmap.checkpoints`` returns the report ``qbitmap checkpoints --json DOMAIN`` prints.
 
 On a synthetic libvirt host (libvirt's own files as libvirt 9.0 writes them,
-tests/libvirt/libvirt_files.py) with disks made, written and crashed by
+tests/libvirt_files.py) with disks made, written and crashed by
 QEMU's tools; the verdicts themselves are proven against a real libvirtd in
 tests/libvirt/.
 """

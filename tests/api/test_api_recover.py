@@ -1,7 +1,7 @@
 """``qbitmap.recover`` returns the report ``qbitmap recover --json`` prints, or raises what the
 command reports as an error, having written nothing.
 
-The images are crashed by SIGKILLing a real QEMU writer (tests/recover/recover_helpers.py);
+The images are crashed by SIGKILLing a real QEMU writer (tests/recover_helpers.py);
 QEMU judges the result (``qemu-img check``, ``qemu-img info``, its NBD export of the bitmaps).
 """
 
