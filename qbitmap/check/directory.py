@@ -186,7 +186,19 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             entry.field_offset("bitmap_table_size"),
             "bitmap_table_size",
         )
-    if entry.granularity_valid and 0 < entry.bitmap_table_size <= layout.BME_MAX_TABLE_SIZE:
+    if image.virtual_size == 0 and entry.in_use:
+        # check_dir_entry refuses a table of 0 entries, and a disk of 0 bytes needs exactly 0:
+        # once in_use is cleared QEMU refuses every table this bitmap could have.
+        yield Finding.for_bitmap(
+            entry,
+            "bitmap-disk-size-zero",
+            f"in-use bitmap {name!r} belongs to a disk of 0 bytes, for which QEMU accepts no "
+            "bitmap table (a table of 0 entries 'doesn't satisfy the constraints'), so it can "
+            "never be brought back; 'qbitmap recover --drop-broken' drops it",
+            layout.HEADER_FIELD.size,
+            "size",
+        )
+    elif entry.granularity_valid and 0 < entry.bitmap_table_size <= layout.BME_MAX_TABLE_SIZE:
         expected = Geometry(image.virtual_size, entry.granularity, cs).table_size
         actual = entry.bitmap_table_size
         if actual != expected:

@@ -423,12 +423,15 @@ class _Plan:
         if (area_bad or bitmap_bad) and not self.options.drop_broken:
             first = (area_bad or bitmap_bad)[0]
             who = f"bitmap {first.bitmap!r}: " if first.bitmap else ""
-            remedy = (
-                "--drop-broken repairs those bitmaps (QEMU still loads them)"
-                if repairable and not area_bad
-                else "--drop-broken removes the bitmaps QEMU cannot load, so that it opens the "
-                "image again"
-            )
+            if repairable and not area_bad:
+                remedy = "--drop-broken repairs those bitmaps (QEMU still loads them)"
+            elif first.code == "bitmap-disk-size-zero":
+                remedy = "no mode can bring it back; --drop-broken drops it"
+            else:
+                remedy = (
+                    "--drop-broken removes the bitmaps QEMU cannot load, so that it opens the "
+                    "image again"
+                )
             raise RefusedError(
                 f"{path}: bitmap metadata is corrupt ({who}{first.code}: {first.message}); "
                 + remedy
@@ -448,6 +451,12 @@ class _Plan:
         for name in [*options.names, *options.enable]:
             if not any(e.named(name) for e in self.entries):
                 raise UsageError(f"{path}: no bitmap named {name!r}")
+        if self.creations and self.image.virtual_size == 0:
+            # check_dir_entry refuses a table of 0 entries, the only size for a disk of 0 bytes.
+            raise RefusedError(
+                f"{path}: the disk is 0 bytes long, and QEMU accepts no bitmap table for such a "
+                f"disk: bitmap {self.creations[0].name!r} cannot be created"
+            )
         for new in self.creations:
             if any(e.named(new.name) for e in self.entries):
                 raise UsageError(f"{path}: a bitmap named {new.name!r} already exists")

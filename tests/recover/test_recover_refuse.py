@@ -295,3 +295,44 @@ def test_recover_never_makes_a_catalogue_image_worse(edit, base_image, tmp_path)
         qemu.qemu_io(path, "write -P 0x5a 10M 4M")
     assert qemu.images_identical(expected, image), f"{edit}: a later QEMU write changed other data"
     assert qemu.img_check(image)[1].get("corruptions", 0) == 0, edit
+
+
+# -- a disk of 0 bytes -------------------------------------------------------------------------
+
+
+def test_in_use_bitmaps_of_a_zero_byte_disk_are_refused_not_brought_back(tmp_path):
+    image = corrupt.zero_byte_disk_with_in_use_bitmaps(tmp_path / "z.qcow2")
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "bitmap-disk-size-zero" in result.stderr and "--drop-broken" in result.stderr
+    assert sha(image) == before
+    # Still what QEMU accepts: both bitmaps listed, in use.
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+
+
+def test_drop_broken_drops_the_bitmaps_of_a_zero_byte_disk_and_only_their_clusters(tmp_path):
+    image = corrupt.zero_byte_disk_with_in_use_bitmaps(tmp_path / "z.qcow2")
+    copy = tmp_path / "before.qcow2"
+    shutil.copyfile(image, copy)
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {b["name"]: b["action"] for b in out["bitmaps"]} == {"b0": "dropped", "b1": "dropped"}
+    rc, report = qemu.img_check(image)
+    assert rc == 0 and not report.get("corruptions") and not report.get("leaks"), report
+    assert qemu.img_bitmaps(image) == {}
+    qemu.qemu_io(image, "quit")  # a read-write open and close: nothing to complain about
+    compare = qemu.qemu_img("compare", "-f", "qcow2", "-F", "qcow2", copy, image, check=False)
+    assert compare.returncode == 0, compare.stdout
+
+
+def test_no_bitmap_is_created_on_a_zero_byte_disk(tmp_path):
+    from qbitmap.errors import RefusedError
+    from qbitmap.recover import NewBitmap, Options, recover
+
+    image = qemu.create_image(tmp_path / "empty.qcow2", 0)
+    before = sha(image)
+    with pytest.raises(RefusedError, match="0 bytes"):
+        recover(image, Options(create=(NewBitmap("cp1", 65536),)))
+    assert sha(image) == before
