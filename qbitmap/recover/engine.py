@@ -499,6 +499,19 @@ class _Plan:
                 "--drop-broken to drop them"
             )
         if revivable and reviving_mode:
+            refused_names = [
+                f
+                for f in self.check.findings
+                if _refusing(f) and f.area == "bitmaps" and f.bitmap_index is not None
+            ]
+            if refused_names and not options.drop_broken:
+                first = refused_names[0]
+                raise RefusedError(
+                    f"{path}: autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, "
+                    f"and some of its names break QEMU's rules ({first.code}: {first.message}); "
+                    "--drop-broken brings the bitmaps back "
+                    "and drops or renames the entries whose names QEMU refuses"
+                )
             self._select(ignored=True)
             return
         if options.drop_broken:
@@ -533,16 +546,30 @@ class _Plan:
             }  # check_image applied the -b names
         named = bool(self.options.names)
         for entry in self.entries:
-            if entry.index not in chosen:
-                if ignored:
-                    self.stale_kept.add(entry.index)  # kept, but marked in use: still stale
-                continue
+            # An ignored extension's entries have no findings of their own; its names QEMU
+            # would refuse are reported for the extension, each with its entry's index.
             problems = [
                 f
                 for f in self.check.findings
-                if f.bitmap_index == entry.index and _refusing(f) and f.area == "bitmap"
+                if f.bitmap_index == entry.index
+                and _refusing(f)
+                and (f.area == "bitmap" or (ignored and f.area == "bitmaps"))
             ]
             repairs = {REPAIRS.get(f.code) for f in problems}
+            if entry.index not in chosen:
+                if ignored:
+                    # Kept, but marked in use: still stale.  Its name is repaired all the
+                    # same, since the whole directory becomes QEMU's again.
+                    if None in repairs:
+                        self.drop.add(entry.index)
+                        self.results[entry.index] = BitmapResult(
+                            entry.display_name, "dropped", reason=problems[0].message
+                        )
+                        continue
+                    if "rename" in repairs:
+                        self.renames.add(entry.index)
+                    self.stale_kept.add(entry.index)
+                continue
             if None in repairs:
                 self.drop.add(entry.index)
                 self.results[entry.index] = BitmapResult(

@@ -336,3 +336,67 @@ def test_no_bitmap_is_created_on_a_zero_byte_disk(tmp_path):
     with pytest.raises(RefusedError, match="0 bytes"):
         recover(image, Options(create=(NewBitmap("cp1", 65536),)))
     assert sha(image) == before
+
+
+# -- names QEMU refuses in an ignored extension --------------------------------------------------
+
+
+def _ignored_with_c_string_duplicate(tmp_path):
+    """b0 and b2 left by QEMU, b2 renamed b"b0\\0x" (b0 to QEMU), then autoclear bit 0 cleared."""
+    image = _image(tmp_path)
+    corrupt.rewrite_directory(
+        lay := corrupt.layout(image),
+        [(e, b"", b"b0\0x" if e.name == b"b2" else e.name) for e in lay.entries],
+    )
+    _clear_autoclear_bit0(image)
+    assert qemu.img_bitmaps(image) == {}  # QEMU ignores the extension
+    return image
+
+
+def test_ignored_extension_with_names_qemu_refuses_is_not_brought_back_as_it_is(tmp_path):
+    image = _ignored_with_c_string_duplicate(tmp_path)
+    check = run_cli("check", "--json", image)
+    assert check.exit_code == 2, check.stdout
+    codes = {f["code"] for f in json.loads(check.stdout)["findings"]}
+    assert {"bitmaps-extension-ignored", "bitmap-name-duplicate"} <= codes
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "bitmap-name-duplicate" in result.stderr and "--drop-broken" in result.stderr
+    assert sha(image) == before
+
+
+def test_drop_broken_brings_an_ignored_extension_back_without_the_duplicate(tmp_path):
+    image = _ignored_with_c_string_duplicate(tmp_path)
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    actions = {b["name"]: b["action"] for b in out["bitmaps"]}
+    # The first entry keeps the name, as QEMU keeps the first of a live directory's duplicates.
+    assert actions == {"b0\x00x": "recovered", "b0": "dropped"}, out
+    # QEMU opens the image again, with b0 (every bit set), and nothing leaked
+    assert set(qemu.img_bitmaps(image)) == {"b0"}
+    assert_qemu_accepts(image, names=("b0",))
+    assert qemu.nbd_dirty_extents(image, "b0") == [(0, SIZE)]
+
+
+def test_an_ignored_entry_qemu_cannot_store_comes_back_under_its_qemu_name(tmp_path):
+    image = _image(tmp_path)
+    # b"\0ig": QEMU would know it as "" and fail to store the directory back
+    corrupt.rewrite_directory(
+        lay := corrupt.layout(image),
+        [(e, b"", b"\0ig" if e.name == b"b2" else e.name) for e in lay.entries],
+    )
+    _clear_autoclear_bit0(image)
+    before = sha(image)
+    assert run_cli("recover", "--mode", "full", image).exit_code == 2
+    assert sha(image) == before
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    bitmaps = qemu.img_bitmaps(image)
+    assert set(bitmaps) == {"b0", ""}
+    assert not any("in-use" in b["flags"] for b in bitmaps.values()), bitmaps
+    rc, report = qemu.img_check(image)
+    assert rc == 0 and not report.get("leaks") and not report.get("corruptions"), report
+    qemu.qemu_io(image, "quit")  # stores the directory back: the entry fits QEMU's copy
+    assert set(qemu.img_bitmaps(image)) == {"b0", ""}
