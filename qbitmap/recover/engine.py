@@ -68,6 +68,7 @@ import numpy as np
 
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
+from qbitmap.check.directory import loads_past_eof
 from qbitmap.errors import NoModeError, QbitmapError, RefusedError, UsageError
 from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, read_bits
 from qbitmap.format.bitmap import dirty_bytes_of, geometry_of
@@ -418,6 +419,9 @@ class _Plan:
         area_bad = [
             f for f in findings if _refusing(f) and f.area == "bitmaps" and f.code not in REPAIRS
         ]
+        cut_short = [f.code for f in area_bad] == ["bitmap-directory-outside-file"]
+        if cut_short and loads_past_eof(self.image):
+            self._refuse_cut_short()
         bitmap_bad = [f for f in findings if _refusing(f) and f.area == "bitmap"]
         repairable = all(f.code in REPAIRS for f in bitmap_bad)
         if (area_bad or bitmap_bad) and not self.options.drop_broken:
@@ -443,6 +447,20 @@ class _Plan:
             _refusing(f) and f.area == "bitmaps" and f.code in REPAIRS for f in findings
         )
         self._select()
+
+    def _refuse_cut_short(self) -> None:
+        """The directory runs past the end of the file, and QEMU loads it all the same."""
+        ext = self.image.bitmaps_extension
+        assert ext is not None
+        end = ext.bitmap_directory_offset + ext.bitmap_directory_size
+        raise RefusedError(
+            f"{self.image.path}: the bitmap directory ({ext.bitmap_directory_size} bytes at "
+            f"{ext.bitmap_directory_offset:#x}) is cut short by the end of the file "
+            f"({self.image.file_size} bytes); QEMU reads the missing bytes as zeros and loads "
+            "every bitmap, so recover writes nothing (and --drop-broken drops none of them); "
+            f"extending the file with zeros to {end} bytes changes nothing QEMU reads and makes "
+            "the directory whole"
+        )
 
     def _decide_explicit(self) -> None:
         """Names to recover, enable and create: known, new, and room for them; before a write."""

@@ -80,9 +80,6 @@ KNOWN_DISAGREEMENTS: dict[str, tuple[str, frozenset[str]]] = {
         ("crash512:207", "C1", "rejected-exits-2"),
         ("xl2:225", "C1", "rejected-exits-2"),
         ("noauto64k:263", "C1", "rejected-exits-2"),
-        ("c512:54", "C6", "recovered-keeps-bitmaps"),
-        ("xl2:92", "C6", "recovered-keeps-bitmaps"),
-        ("std64k:54", "C6", "recovered-keeps-bitmaps"),
     )
 }
 #: One CI mutant in this many also goes through the command line (a fresh interpreter costs

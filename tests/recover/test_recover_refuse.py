@@ -400,3 +400,58 @@ def test_an_ignored_entry_qemu_cannot_store_comes_back_under_its_qemu_name(tmp_p
     assert rc == 0 and not report.get("leaks") and not report.get("corruptions"), report
     qemu.qemu_io(image, "quit")  # stores the directory back: the entry fits QEMU's copy
     assert set(qemu.img_bitmaps(image)) == {"b0", ""}
+
+
+# -- a directory cut short by the end of the file ------------------------------------------------
+
+
+def _directory_last_in_the_file(tmp_path):
+    """Two bitmaps stored by QEMU at a clean close: their directory is the file's last bytes."""
+    image = qemu.create_image(tmp_path / "cut.qcow2", 64 * 1024 * 1024)
+    qemu.add_bitmap(image, "b0")
+    qemu.add_bitmap(image, "b1")
+    qemu.qemu_io_write(image, [(0, 1 << 20)], pattern=0x44)
+    lay = corrupt.layout(image)
+    assert lay.dir_offset + lay.dir_size == lay.file_size, "the recipe no longer ends the file"
+    return image, lay
+
+
+@pytest.mark.parametrize("drop_broken", [False, True])
+def test_a_directory_cut_short_that_qemu_loads_is_never_dropped(tmp_path, drop_broken):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.file_size - 1)  # a byte of the last entry's padding
+    # QEMU reads the missing byte as zero: it accepts the image and loads both bitmaps.
+    assert qemu.img_check(image)[0] == 0
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+    before = sha(image)
+    args = ["recover", "--mode", "full", *(["--drop-broken"] if drop_broken else []), image]
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "cut short by the end of the file" in result.stderr
+    assert f"to {lay.file_size} bytes" in result.stderr
+    assert sha(image) == before
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+
+
+def test_a_directory_wholly_past_the_end_of_the_file_is_still_dropped(tmp_path):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.dir_offset)  # QEMU reads a directory of zeros, and refuses it
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    assert qemu.img_bitmaps(image) == {}
+    assert qemu.img_check(image)[0] == 0
+
+
+def test_a_directory_cut_short_with_another_fault_qemu_refuses_is_still_dropped(tmp_path):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.file_size - 1)
+    corrupt.poke(image, lay.ext_offset + 8 + 4, ">I", 1)  # the extension's reserved field
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    assert qemu.img_bitmaps(image) == {}
+    assert qemu.img_check(image)[0] == 0
