@@ -359,8 +359,7 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
                 else f"'qbitmap recover --mode full --drop-broken' (or '--reference FILE "
                 f"--drop-broken') can bring the bitmaps back, dropping or renaming the "
                 f"{len(refused_names)} {'entry' if len(refused_names) == 1 else 'entries'} whose "
-                "names QEMU would "
-                "refuse; without '--drop-broken' recover refuses"
+                "names QEMU would refuse; without '--drop-broken' recover refuses"
             ),
             offset=layout.HEADER_FIELD.autoclear_features,
             field="autoclear_features",
