@@ -300,6 +300,20 @@ def _leak_one_cluster(lay: Layout) -> None:
     poke(lay.path, lay.refcount_entry_offset(end), ">H", 1)
 
 
+def zero_byte_disk_with_in_use_bitmaps(path: Path) -> Path:
+    """A crash of a real QEMU writer, then the header's disk size set to 0.
+
+    QEMU itself cannot store a bitmap of a 0-byte disk, so the size is the one edited field.
+    """
+    qemu.require_tools("qemu-img", "qemu-io", "qemu-storage-daemon")
+    image = qemu.create_image(path, MiB)
+    qemu.crash_image(image, [(0, 4096)], bitmaps=("b0", "b1"))
+    with open(image, "r+b") as f:
+        f.seek(24)  # size
+        f.write(struct.pack(">Q", 0))
+    return image
+
+
 # -- the named edits ------------------------------------------------------------------------
 
 Edit = Callable[[Layout], None]

@@ -14,13 +14,14 @@ to learn which clusters it may free and which it must never allocate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from qbitmap.check.context import Context
-from qbitmap.check.directory import directory_findings, entry_findings
-from qbitmap.check.findings import Finding
+from qbitmap.check.directory import directory_findings, entry_findings, name_findings
+from qbitmap.check.findings import Finding, Severity
 from qbitmap.check.tables import entry_problems
 from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout, unique_sorted
 from qbitmap.format.model import BitmapStructures
@@ -328,6 +329,13 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
         ", ..." if len(entries) > 5 else ""
     )
     held = f" ({names})" if entries else ""
+    # Names QEMU would refuse once the extension is honoured again: the same rules as for a
+    # live extension, so that nothing is brought back that QEMU then refuses.
+    refused_names = (
+        [f for f in name_findings(entries) if f.severity >= Severity.CORRUPT]
+        if recoverable
+        else []
+    )
     if image.header.version < 3:
         yield Finding(
             "bitmaps-extension-v2",
@@ -343,12 +351,28 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
             "bitmaps-extension-ignored",
             f"autoclear bit 0 is clear, so QEMU ignores the bitmaps extension "
             f"({_plural(ext.nb_bitmaps, 'bitmap')}{held}) and drops it on its next write; its "
-            "clusters are still theirs alone, so 'qbitmap recover --mode full' (or "
-            "'--reference FILE') can bring the bitmaps back, and '--drop-broken' drops them",
+            "clusters are still theirs alone, so "
+            + (
+                "'qbitmap recover --mode full' (or '--reference FILE') can bring the bitmaps "
+                "back, and '--drop-broken' drops them"
+                if not refused_names
+                else f"'qbitmap recover --mode full --drop-broken' (or '--reference FILE "
+                f"--drop-broken') can bring the bitmaps back, dropping or renaming the "
+                f"{len(refused_names)} {'entry' if len(refused_names) == 1 else 'entries'} whose "
+                "names QEMU would refuse; without '--drop-broken' recover refuses"
+            ),
             offset=layout.HEADER_FIELD.autoclear_features,
             field="autoclear_features",
             area="bitmaps",
         )
+        for found in refused_names:
+            # Reported for the extension as a whole: reviving any bitmap revives every name.
+            yield dataclasses.replace(
+                found,
+                message=f"{found.message}; brought back as it is, the extension would make "
+                "QEMU refuse the image",
+                area="bitmaps",
+            )
     else:
         yield Finding(
             "bitmaps-extension-lost",

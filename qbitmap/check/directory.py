@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from qbitmap.check.context import Context
-from qbitmap.check.findings import Finding
+from qbitmap.check.findings import Finding, Severity
 from qbitmap.format import BitmapEntry, BitmapFlag, BitmapsExtension, Geometry, Image, layout
 from qbitmap.format.image import Directory
 
@@ -186,7 +186,19 @@ def entry_findings(image: Image, entry: BitmapEntry) -> Iterator[Finding]:
             entry.field_offset("bitmap_table_size"),
             "bitmap_table_size",
         )
-    if entry.granularity_valid and 0 < entry.bitmap_table_size <= layout.BME_MAX_TABLE_SIZE:
+    if image.virtual_size == 0 and entry.in_use:
+        # check_dir_entry refuses a table of 0 entries, and a disk of 0 bytes needs exactly 0:
+        # once in_use is cleared QEMU refuses every table this bitmap could have.
+        yield Finding.for_bitmap(
+            entry,
+            "bitmap-disk-size-zero",
+            f"in-use bitmap {name!r} belongs to a disk of 0 bytes, for which QEMU accepts no "
+            "bitmap table (a table of 0 entries 'doesn't satisfy the constraints'), so it can "
+            "never be brought back; 'qbitmap recover --drop-broken' drops it",
+            layout.HEADER_FIELD.size,
+            "size",
+        )
+    elif entry.granularity_valid and 0 < entry.bitmap_table_size <= layout.BME_MAX_TABLE_SIZE:
         expected = Geometry(image.virtual_size, entry.granularity, cs).table_size
         actual = entry.bitmap_table_size
         if actual != expected:
@@ -269,6 +281,24 @@ def name_findings(entries: list[BitmapEntry]) -> Iterator[Finding]:
                 "name",
             )
         seen[name] += 1
+
+
+def loads_past_eof(image: Image) -> bool:
+    """Whether QEMU loads the bitmap directory although the end of the file cuts it short.
+
+    QEMU reads the bytes past the end of the file as zeros (a short read of
+    the file is padded).  True when the directory read that way is whole and
+    every entry and name passes QEMU's rules: then its bitmaps are ones QEMU
+    accepts, not broken ones.
+    """
+    if image.bitmaps_extension is None:
+        return False
+    directory = image.read_directory(past_eof_as_zeros=True)
+    if directory.error is not None or not directory.entries:
+        return False
+    findings = [f for e in directory.entries for f in entry_findings(image, e)]
+    findings += name_findings(list(directory.entries))
+    return all(f.severity < Severity.CORRUPT for f in findings)
 
 
 def check(ctx: Context) -> Iterator[Finding]:

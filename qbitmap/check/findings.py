@@ -229,6 +229,13 @@ CODES: dict[str, tuple[Severity, str]] = {
         C,
         "the table of a bitmap not in use does not have exactly the size QEMU expects",
     ),
+    "bitmap-disk-size-zero": (
+        C,
+        (
+            "an in-use bitmap of a disk of 0 bytes: QEMU accepts no bitmap table for such a disk, "
+            "so the bitmap can never be brought back ('recover --drop-broken' drops it)"
+        ),
+    ),
     "bitmap-table-size-stale": (
         I,
         (

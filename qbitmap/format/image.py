@@ -436,13 +436,15 @@ class Image:
 
     # -- bitmap directory ------------------------------------------------------------
 
-    def read_directory(self) -> Directory:
+    def read_directory(self, *, past_eof_as_zeros: bool = False) -> Directory:
         """Parse the bitmap directory named by the bitmaps extension.
 
         Structural problems (the directory outside the file, an entry crossing
         its end, a count that disagrees) are returned in ``Directory.error``
         with the entries parsed before them; QEMU's per-entry constraints are
-        judged by ``qbitmap.check``.
+        judged by ``qbitmap.check``.  With *past_eof_as_zeros*, a directory
+        that extends past the end of the file is read as QEMU reads it: the
+        missing bytes as zeros (still within QEMU's 64 MiB limit).
         """
         ext = self.bitmaps_extension
         if ext is None:
@@ -457,7 +459,7 @@ class Image:
                 field="bitmap_directory_size",
             )
             return Directory(offset, size, (), err, "location")
-        if offset + size > self.file_size:
+        if offset + size > self.file_size and not past_eof_as_zeros:
             err = ImageFormatError(
                 f"bitmap directory ({size} bytes at {offset:#x}) extends past the end of the "
                 f"file ({self.file_size} bytes)",
@@ -479,15 +481,16 @@ class Image:
 
         def have(end: int) -> None:
             if end > len(data):
+                at = offset + len(data)
                 want = min(size, max(end, len(data) + DIRECTORY_READ_WINDOW)) - len(data)
-                data.extend(
-                    self.read(
-                        offset + len(data),
-                        want,
-                        what="bitmap directory",
-                        field="bitmap_directory_offset",
+                inside = want if not past_eof_as_zeros else max(0, min(want, self.file_size - at))
+                if inside:
+                    data.extend(
+                        self.read(
+                            at, inside, what="bitmap directory", field="bitmap_directory_offset"
+                        )
                     )
-                )
+                data.extend(bytes(want - inside))
 
         E = layout.BITMAP_DIR_ENTRY_FIELD
         entries: list[BitmapEntry] = []

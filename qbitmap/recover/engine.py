@@ -68,6 +68,7 @@ import numpy as np
 
 from qbitmap import levels
 from qbitmap.check import REPAIRS, CheckReport, Finding, Severity, check_image
+from qbitmap.check.directory import loads_past_eof
 from qbitmap.errors import NoModeError, QbitmapError, RefusedError, UsageError
 from qbitmap.format import BitmapEntry, BitmapFlag, Geometry, layout, read_bits
 from qbitmap.format.bitmap import dirty_bytes_of, geometry_of
@@ -418,17 +419,23 @@ class _Plan:
         area_bad = [
             f for f in findings if _refusing(f) and f.area == "bitmaps" and f.code not in REPAIRS
         ]
+        cut_short = [f.code for f in area_bad] == ["bitmap-directory-outside-file"]
+        if cut_short and loads_past_eof(self.image):
+            self._refuse_cut_short()
         bitmap_bad = [f for f in findings if _refusing(f) and f.area == "bitmap"]
         repairable = all(f.code in REPAIRS for f in bitmap_bad)
         if (area_bad or bitmap_bad) and not self.options.drop_broken:
             first = (area_bad or bitmap_bad)[0]
             who = f"bitmap {first.bitmap!r}: " if first.bitmap else ""
-            remedy = (
-                "--drop-broken repairs those bitmaps (QEMU still loads them)"
-                if repairable and not area_bad
-                else "--drop-broken removes the bitmaps QEMU cannot load, so that it opens the "
-                "image again"
-            )
+            if repairable and not area_bad:
+                remedy = "--drop-broken repairs those bitmaps (QEMU still loads them)"
+            elif first.code == "bitmap-disk-size-zero":
+                remedy = "no mode can bring it back; --drop-broken drops it"
+            else:
+                remedy = (
+                    "--drop-broken removes the bitmaps QEMU cannot load, so that it opens the "
+                    "image again"
+                )
             raise RefusedError(
                 f"{path}: bitmap metadata is corrupt ({who}{first.code}: {first.message}); "
                 + remedy
@@ -441,6 +448,20 @@ class _Plan:
         )
         self._select()
 
+    def _refuse_cut_short(self) -> None:
+        """The directory runs past the end of the file, and QEMU loads it all the same."""
+        ext = self.image.bitmaps_extension
+        assert ext is not None
+        end = ext.bitmap_directory_offset + ext.bitmap_directory_size
+        raise RefusedError(
+            f"{self.image.path}: the bitmap directory ({ext.bitmap_directory_size} bytes at "
+            f"{ext.bitmap_directory_offset:#x}) is cut short by the end of the file "
+            f"({self.image.file_size} bytes); QEMU reads the missing bytes as zeros and loads "
+            "every bitmap, so recover writes nothing (and --drop-broken drops none of them); "
+            f"extending the file with zeros to {end} bytes changes nothing QEMU reads and makes "
+            "the directory whole"
+        )
+
     def _decide_explicit(self) -> None:
         """Names to recover, enable and create: known, new, and room for them; before a write."""
         path = self.image.path
@@ -448,6 +469,12 @@ class _Plan:
         for name in [*options.names, *options.enable]:
             if not any(e.named(name) for e in self.entries):
                 raise UsageError(f"{path}: no bitmap named {name!r}")
+        if self.creations and self.image.virtual_size == 0:
+            # check_dir_entry refuses a table of 0 entries, the only size for a disk of 0 bytes.
+            raise RefusedError(
+                f"{path}: the disk is 0 bytes long, and QEMU accepts no bitmap table for such a "
+                f"disk: bitmap {self.creations[0].name!r} cannot be created"
+            )
         for new in self.creations:
             if any(e.named(new.name) for e in self.entries):
                 raise UsageError(f"{path}: a bitmap named {new.name!r} already exists")
@@ -490,6 +517,19 @@ class _Plan:
                 "--drop-broken to drop them"
             )
         if revivable and reviving_mode:
+            refused_names = [
+                f
+                for f in self.check.findings
+                if _refusing(f) and f.area == "bitmaps" and f.bitmap_index is not None
+            ]
+            if refused_names and not options.drop_broken:
+                first = refused_names[0]
+                raise RefusedError(
+                    f"{path}: autoclear bit 0 is clear, so QEMU ignores the bitmaps extension, "
+                    f"and some of its names break QEMU's rules ({first.code}: {first.message}); "
+                    "--drop-broken brings the bitmaps back "
+                    "and drops or renames the entries whose names QEMU refuses"
+                )
             self._select(ignored=True)
             return
         if options.drop_broken:
@@ -524,16 +564,30 @@ class _Plan:
             }  # check_image applied the -b names
         named = bool(self.options.names)
         for entry in self.entries:
-            if entry.index not in chosen:
-                if ignored:
-                    self.stale_kept.add(entry.index)  # kept, but marked in use: still stale
-                continue
+            # An ignored extension's entries have no findings of their own; its names QEMU
+            # would refuse are reported for the extension, each with its entry's index.
             problems = [
                 f
                 for f in self.check.findings
-                if f.bitmap_index == entry.index and _refusing(f) and f.area == "bitmap"
+                if f.bitmap_index == entry.index
+                and _refusing(f)
+                and (f.area == "bitmap" or (ignored and f.area == "bitmaps"))
             ]
             repairs = {REPAIRS.get(f.code) for f in problems}
+            if entry.index not in chosen:
+                if ignored:
+                    # Kept, but marked in use: still stale.  Its name is repaired all the
+                    # same, since the whole directory becomes QEMU's again.
+                    if None in repairs:
+                        self.drop.add(entry.index)
+                        self.results[entry.index] = BitmapResult(
+                            entry.display_name, "dropped", reason=problems[0].message
+                        )
+                        continue
+                    if "rename" in repairs:
+                        self.renames.add(entry.index)
+                    self.stale_kept.add(entry.index)
+                continue
             if None in repairs:
                 self.drop.add(entry.index)
                 self.results[entry.index] = BitmapResult(

@@ -324,3 +324,29 @@ def test_directory_entries_decode_and_build_byte_for_byte() -> None:
         assert BitmapEntry.decode(bytearray(blob), offset=0, index=0).build() == blob
     with pytest.raises(ValueError):
         BitmapEntry.decode(blob + bytes(8), offset=0, index=0)
+
+
+def test_a_directory_cut_short_reads_as_qemu_reads_it(tmp_path: Path) -> None:
+    """The bytes past the end of the file read as zeros, on request only."""
+    path = qemu.create_image(tmp_path / "cut.qcow2", 64 << 20)
+    qemu.add_bitmap(path, "b0")
+    qemu.add_bitmap(path, "b1")
+    qemu.qemu_io_write(path, [(0, 1 << 20)], pattern=0x44)
+    with Image.open(path) as img:
+        whole = img.read_directory()
+        ext = img.bitmaps_extension
+        assert ext is not None and whole.error is None
+        end = ext.bitmap_directory_offset + ext.bitmap_directory_size
+        assert end == path.stat().st_size  # the directory is the file's last bytes
+    with open(path, "r+b") as f:
+        f.truncate(end - 1)  # the last byte of b1's entry: padding, a zero
+    with Image.open(path) as img:
+        assert img.read_directory().problem == "location"
+        padded = img.read_directory(past_eof_as_zeros=True)
+        assert padded.error is None and padded.entries == whole.entries
+    with open(path, "r+b") as f:
+        f.truncate(ext.bitmap_directory_offset + 8)  # b0's table offset is all that is left
+    with Image.open(path) as img:
+        zeros = img.read_directory(past_eof_as_zeros=True)
+        assert zeros.entries[0].bitmap_table_offset == whole.entries[0].bitmap_table_offset
+        assert zeros.entries[0].bitmap_table_size == 0 and zeros.entries[0].name == b""

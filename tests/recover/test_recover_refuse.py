@@ -295,3 +295,163 @@ def test_recover_never_makes_a_catalogue_image_worse(edit, base_image, tmp_path)
         qemu.qemu_io(path, "write -P 0x5a 10M 4M")
     assert qemu.images_identical(expected, image), f"{edit}: a later QEMU write changed other data"
     assert qemu.img_check(image)[1].get("corruptions", 0) == 0, edit
+
+
+# -- a disk of 0 bytes -------------------------------------------------------------------------
+
+
+def test_in_use_bitmaps_of_a_zero_byte_disk_are_refused_not_brought_back(tmp_path):
+    image = corrupt.zero_byte_disk_with_in_use_bitmaps(tmp_path / "z.qcow2")
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "bitmap-disk-size-zero" in result.stderr and "--drop-broken" in result.stderr
+    assert sha(image) == before
+    # Still what QEMU accepts: both bitmaps listed, in use.
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+
+
+def test_drop_broken_drops_the_bitmaps_of_a_zero_byte_disk_and_only_their_clusters(tmp_path):
+    image = corrupt.zero_byte_disk_with_in_use_bitmaps(tmp_path / "z.qcow2")
+    copy = tmp_path / "before.qcow2"
+    shutil.copyfile(image, copy)
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert {b["name"]: b["action"] for b in out["bitmaps"]} == {"b0": "dropped", "b1": "dropped"}
+    rc, report = qemu.img_check(image)
+    assert rc == 0 and not report.get("corruptions") and not report.get("leaks"), report
+    assert qemu.img_bitmaps(image) == {}
+    qemu.qemu_io(image, "quit")  # a read-write open and close: nothing to complain about
+    compare = qemu.qemu_img("compare", "-f", "qcow2", "-F", "qcow2", copy, image, check=False)
+    assert compare.returncode == 0, compare.stdout
+
+
+def test_no_bitmap_is_created_on_a_zero_byte_disk(tmp_path):
+    from qbitmap.errors import RefusedError
+    from qbitmap.recover import NewBitmap, Options, recover
+
+    image = qemu.create_image(tmp_path / "empty.qcow2", 0)
+    before = sha(image)
+    with pytest.raises(RefusedError, match="0 bytes"):
+        recover(image, Options(create=(NewBitmap("cp1", 65536),)))
+    assert sha(image) == before
+
+
+# -- names QEMU refuses in an ignored extension --------------------------------------------------
+
+
+def _ignored_with_c_string_duplicate(tmp_path):
+    """b0 and b2 left by QEMU, b2 renamed b"b0\\0x" (b0 to QEMU), then autoclear bit 0 cleared."""
+    image = _image(tmp_path)
+    corrupt.rewrite_directory(
+        lay := corrupt.layout(image),
+        [(e, b"", b"b0\0x" if e.name == b"b2" else e.name) for e in lay.entries],
+    )
+    _clear_autoclear_bit0(image)
+    assert qemu.img_bitmaps(image) == {}  # QEMU ignores the extension
+    return image
+
+
+def test_ignored_extension_with_names_qemu_refuses_is_not_brought_back_as_it_is(tmp_path):
+    image = _ignored_with_c_string_duplicate(tmp_path)
+    check = run_cli("check", "--json", image)
+    assert check.exit_code == 2, check.stdout
+    codes = {f["code"] for f in json.loads(check.stdout)["findings"]}
+    assert {"bitmaps-extension-ignored", "bitmap-name-duplicate"} <= codes
+    before = sha(image)
+    result = run_cli("recover", "--mode", "full", image)
+    assert result.exit_code == 2, result.output
+    assert "bitmap-name-duplicate" in result.stderr and "--drop-broken" in result.stderr
+    assert sha(image) == before
+
+
+def test_drop_broken_brings_an_ignored_extension_back_without_the_duplicate(tmp_path):
+    image = _ignored_with_c_string_duplicate(tmp_path)
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    actions = {b["name"]: b["action"] for b in out["bitmaps"]}
+    # The first entry keeps the name, as QEMU keeps the first of a live directory's duplicates.
+    assert actions == {"b0\x00x": "recovered", "b0": "dropped"}, out
+    # QEMU opens the image again, with b0 (every bit set), and nothing leaked
+    assert set(qemu.img_bitmaps(image)) == {"b0"}
+    assert_qemu_accepts(image, names=("b0",))
+    assert qemu.nbd_dirty_extents(image, "b0") == [(0, SIZE)]
+
+
+def test_an_ignored_entry_qemu_cannot_store_comes_back_under_its_qemu_name(tmp_path):
+    image = _image(tmp_path)
+    # b"\0ig": QEMU would know it as "" and fail to store the directory back
+    corrupt.rewrite_directory(
+        lay := corrupt.layout(image),
+        [(e, b"", b"\0ig" if e.name == b"b2" else e.name) for e in lay.entries],
+    )
+    _clear_autoclear_bit0(image)
+    before = sha(image)
+    assert run_cli("recover", "--mode", "full", image).exit_code == 2
+    assert sha(image) == before
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    bitmaps = qemu.img_bitmaps(image)
+    assert set(bitmaps) == {"b0", ""}
+    assert not any("in-use" in b["flags"] for b in bitmaps.values()), bitmaps
+    rc, report = qemu.img_check(image)
+    assert rc == 0 and not report.get("leaks") and not report.get("corruptions"), report
+    qemu.qemu_io(image, "quit")  # stores the directory back: the entry fits QEMU's copy
+    assert set(qemu.img_bitmaps(image)) == {"b0", ""}
+
+
+# -- a directory cut short by the end of the file ------------------------------------------------
+
+
+def _directory_last_in_the_file(tmp_path):
+    """Two bitmaps stored by QEMU at a clean close: their directory is the file's last bytes."""
+    image = qemu.create_image(tmp_path / "cut.qcow2", 64 * 1024 * 1024)
+    qemu.add_bitmap(image, "b0")
+    qemu.add_bitmap(image, "b1")
+    qemu.qemu_io_write(image, [(0, 1 << 20)], pattern=0x44)
+    lay = corrupt.layout(image)
+    assert lay.dir_offset + lay.dir_size == lay.file_size, "the recipe no longer ends the file"
+    return image, lay
+
+
+@pytest.mark.parametrize("drop_broken", [False, True])
+def test_a_directory_cut_short_that_qemu_loads_is_never_dropped(tmp_path, drop_broken):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.file_size - 1)  # a byte of the last entry's padding
+    # QEMU reads the missing byte as zero: it accepts the image and loads both bitmaps.
+    assert qemu.img_check(image)[0] == 0
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+    before = sha(image)
+    args = ["recover", "--mode", "full", *(["--drop-broken"] if drop_broken else []), image]
+    result = run_cli(*args)
+    assert result.exit_code == 2, result.output
+    assert "cut short by the end of the file" in result.stderr
+    assert f"to {lay.file_size} bytes" in result.stderr
+    assert sha(image) == before
+    assert set(qemu.img_bitmaps(image)) == {"b0", "b1"}
+
+
+def test_a_directory_wholly_past_the_end_of_the_file_is_still_dropped(tmp_path):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.dir_offset)  # QEMU reads a directory of zeros, and refuses it
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    assert qemu.img_bitmaps(image) == {}
+    assert qemu.img_check(image)[0] == 0
+
+
+def test_a_directory_cut_short_with_another_fault_qemu_refuses_is_still_dropped(tmp_path):
+    image, lay = _directory_last_in_the_file(tmp_path)
+    with open(image, "r+b") as f:
+        f.truncate(lay.file_size - 1)
+    corrupt.poke(image, lay.ext_offset + 8 + 4, ">I", 1)  # the extension's reserved field
+    assert qemu.qemu_img("info", "-U", image, check=False).returncode != 0
+    result = run_cli("recover", "--json", "--mode", "full", "--drop-broken", image)
+    assert result.exit_code == 0, result.output
+    assert qemu.img_bitmaps(image) == {}
+    assert qemu.img_check(image)[0] == 0
