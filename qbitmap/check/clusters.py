@@ -24,6 +24,7 @@ from qbitmap.check.directory import directory_findings, entry_findings, name_fin
 from qbitmap.check.findings import Finding, Severity
 from qbitmap.check.tables import entry_problems
 from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout, unique_sorted
+from qbitmap.format.entries import refcounts_as_int64
 from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import (
     BitmapRef,
@@ -117,7 +118,7 @@ def bitmap_cluster_findings(refmap: ReferenceMap, entries: list[BitmapEntry]) ->
     if refcounts is not None:
         inside = clusters < len(refcounts)
         rc = np.zeros(len(clusters), dtype=np.int64)
-        rc[inside] = refcounts[clusters[inside]].astype(np.int64)
+        rc[inside] = refcounts_as_int64(refcounts[clusters[inside]])
     else:
         inside = np.zeros(len(clusters), dtype=bool)
         rc = np.zeros(len(clusters), dtype=np.int64)
@@ -201,7 +202,7 @@ def image_refcount_findings(
     refcounts = refmap.refcounts
     if refcounts is None:
         return
-    rc = refcounts.astype(np.int64)
+    rc = refcounts_as_int64(refcounts)
     image_refs, bm_refs = refmap.file_reference_counts()
     advice = (
         "; the image is marked dirty (lazy refcounts): 'qemu-img check -r all' repairs the refcounts"
@@ -306,7 +307,7 @@ def ignored_bitmaps(
     if recoverable and refmap.refcounts is not None and len(clusters):
         inside = clusters < len(refmap.refcounts)
         rc = np.zeros(len(clusters), dtype=np.int64)
-        rc[inside] = refmap.refcounts[clusters[inside]].astype(np.int64)
+        rc[inside] = refcounts_as_int64(refmap.refcounts[clusters[inside]])
         others = refmap.reference_counts(clusters)
         recoverable = bool(inside.all() and (rc == 1).all() and (others == 0).all())
     elif refmap.refcounts is None:

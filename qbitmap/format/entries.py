@@ -181,6 +181,17 @@ def decode_refcount_block(data: bytes | bytearray | memoryview, refcount_order: 
     return vals.reshape(-1).astype(np.uint64)
 
 
+def refcounts_as_int64(refcounts: np.ndarray) -> np.ndarray:
+    """Stored refcounts (uint64) as int64, for comparison with counts of references.
+
+    A 64-bit refcount may hold 2^63 or more, which int64 would read as
+    negative; no image has that many references, so such a value saturates
+    at 2^63 - 1 and still compares as more than any count of references.
+    Code that writes a refcount back uses the exact uint64 value.
+    """
+    return np.minimum(refcounts, np.uint64(np.iinfo(np.int64).max)).astype(np.int64)
+
+
 def set_refcount_in_block(block: bytearray, index: int, value: int, refcount_order: int) -> None:
     """Store *value* as refcount entry *index* of a refcount block held in *block*."""
     width = 1 << refcount_order

@@ -449,7 +449,7 @@ class _Walker:
             return None
         rc = np.zeros(len(clusters), dtype=np.int64)
         inside = (clusters >= 0) & (clusters < len(self.refcounts))
-        rc[inside] = self.refcounts[clusters[inside]].astype(np.int64)
+        rc[inside] = ent.refcounts_as_int64(self.refcounts[clusters[inside]])
         return rc
 
     # -- L1 tables ------------------------------------------------------------------

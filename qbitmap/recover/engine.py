@@ -764,7 +764,7 @@ class _Plan:
         if not refmap.complete or refmap.refcounts is None:
             return
         image_refs, bm_refs = refmap.file_reference_counts()
-        rc = refmap.refcounts.astype(np.int64)
+        rc = refmap.refcounts  # uint64: freed by its exact value, 2^63 and more included
         leaked = np.flatnonzero((rc > 0) & (image_refs + bm_refs == 0))
         self.leaks = [(int(c), int(rc[c])) for c in leaked.tolist()]
         # Past the end of the file too: a killed writer may have counted clusters it never wrote.

@@ -197,9 +197,9 @@ class Allocator:
             clusters = used + table_index * epb
             keep = clusters >= first_cluster
             found_c.append(clusters[keep])
-            found_v.append(values[used[keep]].astype(np.int64))
+            found_v.append(values[used[keep]])  # uint64: the exact refcounts
         if not found_c:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
         return np.concatenate(found_c), np.concatenate(found_v)
 
     def highest_used_cluster(self) -> int:

@@ -14,6 +14,7 @@ import qemu
 from recover_helpers import SIZE
 from recover_helpers import clean as _clean
 
+from qbitmap.check import check_path
 from qbitmap.recover import Options, recover
 
 MiB = 1 << 20
@@ -47,3 +48,35 @@ def test_a_huge_leaked_refcount_is_freed_in_one_write(tmp_path):
     assert 1 <= len(refcount_writes) <= 2, len(refcount_writes)
     _clean(image)
     assert "in-use" not in qemu.img_bitmaps(image)["b0"]["flags"]
+
+
+def test_a_64_bit_refcount_of_2_to_the_64_minus_1_is_freed(tmp_path):
+    """A 64-bit refcount at or above 2^63 is a count, not a negative number."""
+    image = qemu.create_image(tmp_path / "t.qcow2", SIZE, extra_opts=["refcount_bits=64"])
+    qemu.add_bitmap(image, "b0")
+    qemu.qemu_io_write(image, [(0, MiB)], pattern=0x51)
+    with open(image, "rb") as f:
+        head = f.read(104)
+    cs = 1 << struct.unpack(">I", head[20:24])[0]
+    reftable = struct.unpack(">Q", head[48:56])[0]
+    first = -(-image.stat().st_size // cs)
+    with open(image, "r+b") as f:
+        f.seek(reftable)
+        block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
+        # inside the file (a leak to qemu-img check) and past its end (invisible to it)
+        for cluster, value in ((first, 1 << 63), (first + 3, (1 << 64) - 1)):
+            f.seek(block + 8 * cluster)
+            f.write(struct.pack(">Q", value))
+        f.truncate((first + 1) * cs)
+    rc, before = qemu.img_check(image)
+    assert rc == 3 and before["leaks"] == 1, before
+    assert check_path(image).exit_code == 3  # a leak, as QEMU says; not a refcount too low
+
+    report = recover(image, Options(mode="full"))
+
+    assert report.status == "leaks-reclaimed" and report.leaked_clusters_reclaimed == 2
+    _clean(image)
+    with open(image, "rb") as f:
+        for cluster in (first, first + 3):
+            f.seek(block + 8 * cluster)
+            assert struct.unpack(">Q", f.read(8))[0] == 0
