@@ -237,7 +237,11 @@ def main() -> int:
                 "maxrss_kib": max(m.maxrss_kib for m in ours_runs),
             },
             "peer": {
-                "argv": ["sh", "-c", f"qemu-img info --backing-chain --output=json -U TOP x {len(tops)}"],
+                "argv": [
+                    "sh",
+                    "-c",
+                    f"qemu-img info --backing-chain --output=json -U TOP x {len(tops)}",
+                ],
                 "median_wall": peer_wall,
                 "walls": [m.wall for m in peer_runs],
                 "maxrss_kib": max(m.maxrss_kib for m in peer_runs),

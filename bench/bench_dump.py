@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import common
 
 
 def dirty_ranges_from_nbdinfo(path: Path) -> list[tuple[int, int]]:

@@ -37,7 +37,11 @@ def _commands() -> dict[str, list[str]]:
         "qbitmap check --json": common.qbitmap_argv("check", "--json", str(SAMPLE)),
         "qbitmap dump --json": common.qbitmap_argv("dump", "--json", str(SAMPLE)),
         "qemu-img check --output=json": [
-            "qemu-img", "check", "--output=json", "-U", str(SAMPLE),
+            "qemu-img",
+            "check",
+            "--output=json",
+            "-U",
+            str(SAMPLE),
         ],
     }
 
@@ -96,11 +100,16 @@ def main() -> int:
             "cpu_ratio": c / base_cpu,
             "wall_s": wall[name],
         }
-        rows.append((name, f"{w * 1000:.1f} ms", f"{w / base_wall:.2f}x",
-                     f"{c * 1000:.1f} ms", f"{c / base_cpu:.2f}x"))
-    common.print_table(
-        ("command", "wall (median)", "vs python", "cpu (median)", "vs python"), rows
-    )
+        rows.append(
+            (
+                name,
+                f"{w * 1000:.1f} ms",
+                f"{w / base_wall:.2f}x",
+                f"{c * 1000:.1f} ms",
+                f"{c / base_cpu:.2f}x",
+            )
+        )
+    common.print_table(("command", "wall (median)", "vs python", "cpu (median)", "vs python"), rows)
     imports = {
         name: _heaviest_imports(commands[name])
         for name in ("qbitmap check --json", "qbitmap dump --json")

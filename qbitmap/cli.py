@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+from itertools import pairwise
 from typing import Any
 
 import click
@@ -95,7 +96,7 @@ class _Run:
         words = self.args[self.args.index(command) + 1 :]
         words = words[: words.index("--")] if "--" in words else words
         asked = "--json" in words or "--output=json" in words
-        asked = asked or any(a == "--output" and b == "json" for a, b in zip(words, words[1:]))
+        asked = asked or any(a == "--output" and b == "json" for a, b in pairwise(words))
         return command if asked else None
 
     def image(self) -> object | None:
@@ -320,8 +321,6 @@ def cli(ctx: click.Context, color: bool | None, quiet: bool, debug: bool) -> Non
     """
     ctx.meta["qbitmap.debug"] = debug
     ctx.obj = Ui(color=color, quiet=quiet)
-
-
 
 
 def main() -> None:

@@ -23,5 +23,3 @@ def exit_interrupted(signum: int | None = None, frame: object = None) -> None:
     except OSError:
         pass
     os._exit(INTERRUPTED)
-
-

@@ -13,7 +13,7 @@ import errno
 import functools
 import os
 import sys
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Self, TextIO
 
 from qbitmap.render import printable
 
@@ -213,7 +213,7 @@ class Ui:
 class NullProgress:
     """Progress reporting that shows nothing (pipes, --quiet)."""
 
-    def __enter__(self) -> NullProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -230,7 +230,7 @@ class _RichProgress:
         self._total = total
         self._task: Any = None
 
-    def __enter__(self) -> _RichProgress:
+    def __enter__(self) -> Self:
         self._progress.__enter__()
         self._task = self._progress.add_task(self._description, total=self._total)
         return self

@@ -277,7 +277,9 @@ def _levels_ext(records: list[tuple[int, int, int, int, int, bytes]], version: i
     return out
 
 
-def _l2(lay: Layout, guest_offset: int, transform: Callable[[int], int], l2: int | None = None) -> None:
+def _l2(
+    lay: Layout, guest_offset: int, transform: Callable[[int], int], l2: int | None = None
+) -> None:
     """Rewrite the L2 entry mapping *guest_offset* as ``transform(old)``."""
     at = lay.l2_entry_offset(guest_offset, l2)
     poke(lay.path, at, ">Q", transform(peek(lay.path, at, ">Q")))
@@ -289,7 +291,9 @@ L2_OFFSET = 0x00FFFFFFFFFFFE00
 
 def _names(lay: Layout, *names: bytes) -> None:
     """Rename the bitmaps, in directory order."""
-    rewrite_directory(lay, [(e, x, n) for (e, x, _old), n in zip(_entries(lay), names, strict=True)])
+    rewrite_directory(
+        lay, [(e, x, n) for (e, x, _old), n in zip(_entries(lay), names, strict=True)]
+    )
 
 
 def _leak_one_cluster(lay: Layout) -> None:
@@ -443,7 +447,9 @@ EDITS: dict[str, Edit] = {
     # single L1 and L2 entries (qemu-img check's check_refcounts_l1/l2, check_oflag_copied)
     "l1-entry-reserved-bit": lambda l: poke(l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) | 2),
     "l1-entry-flags-only": lambda l: poke(l.path, l.l1_offset, ">Q", COPIED),
-    "l1-entry-copied-clear": lambda l: poke(l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) & ~COPIED),
+    "l1-entry-copied-clear": lambda l: poke(
+        l.path, l.l1_offset, ">Q", l.u64(l.l1_offset) & ~COPIED
+    ),
     "l2-entry-reserved-bit": lambda l: _l2(l, 50 * MiB, lambda w: w | 2),
     "l2-entry-unaligned": lambda l: _l2(l, 50 * MiB, lambda w: w + 512),
     "l2-entry-past-eof": lambda l: _l2(l, 50 * MiB, lambda _w: COPIED | _past_eof(l)),

@@ -132,7 +132,9 @@ def man_source() -> str:
 def section(source: str, name: str) -> str:
     """The roff source of section (.SH) or subsection (.SS) *name*."""
     match = re.search(
-        rf"^\.S[HS] \"?{re.escape(name)}\"?\n(.*?)(?=^\.S[HS] |\Z)", source, re.M | re.S
+        rf"^\.S[HS] \"?{re.escape(name)}\"?\n(.*?)(?=^\.S[HS] |\Z)",
+        source,
+        re.MULTILINE | re.DOTALL,
     )
     assert match, f"man/qbitmap.1 has no section {name!r}"
     return match.group(1)
@@ -167,7 +169,7 @@ def test_man_page_lists_exactly_the_click_options(command: click.Command, man_se
     documented = {unroff(o) for o in roff_options(section(man_source(), man_section))}
     # .TP items are option definitions; other mentions (e.g. NO_COLOR) are not options.
     defined = set()
-    for item in re.findall(r"^\.TP\n(.*)$", section(man_source(), man_section), re.M):
+    for item in re.findall(r"^\.TP\n(.*)$", section(man_source(), man_section), re.MULTILINE):
         defined |= {unroff(o) for o in roff_options(item)}
     assert defined == click_options(command)
     assert click_options(command) <= documented
@@ -175,7 +177,7 @@ def test_man_page_lists_exactly_the_click_options(command: click.Command, man_se
 
 def test_man_page_documents_every_exit_code() -> None:
     text = section(man_source(), "EXIT STATUS")
-    listed = {int(n) for n in re.findall(r"^\.TP\n\.B (\d+)$", text, re.M)}
+    listed = {int(n) for n in re.findall(r"^\.TP\n\.B (\d+)$", text, re.MULTILINE)}
     assert listed == {int(code) for code in ExitCode} == {0, 1, 2, 3, 4, 64, 75, 130}
 
 
@@ -190,7 +192,7 @@ def test_man_page_documents_the_json_keys(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     text = section(man_source(), "JSON OUTPUT")
     words = set(re.findall(r"\\\(dq(\w+)\\\(dq", text))
-    for line in re.findall(r"^\.BR? (.*)$", text, re.M):
+    for line in re.findall(r"^\.BR? (.*)$", text, re.MULTILINE):
         words |= set(re.findall(r"[a-z_][a-z0-9_]*", line))
     keys = set(report) | set(report["header"]) | set(report["features"]) | set(report["bitmaps"][0])
     keys |= {k for ext in report["extensions"] for k in ext}

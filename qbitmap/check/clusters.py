@@ -333,9 +333,7 @@ def _ignored_extension(ctx: Context, refmap: ReferenceMap) -> Iterator[Finding]:
     # Names QEMU would refuse once the extension is honoured again: the same rules as for a
     # live extension, so that nothing is brought back that QEMU then refuses.
     refused_names = (
-        [f for f in name_findings(entries) if f.severity >= Severity.CORRUPT]
-        if recoverable
-        else []
+        [f for f in name_findings(entries) if f.severity >= Severity.CORRUPT] if recoverable else []
     )
     if image.header.version < 3:
         yield Finding(

@@ -51,8 +51,10 @@ CODES: dict[str, tuple[Severity, str]] = {
     "image-read-error": (F, "reading the image failed part way through the check"),
     "image-invalid": (
         C,
-        "a qcow2 image whose header (or another structure read to open it) is invalid: QEMU "
-        "refuses to open it",
+        (
+            "a qcow2 image whose header (or another structure read to open it) is invalid: "
+            "QEMU refuses to open it"
+        ),
     ),
     "image-unsupported-feature": (
         C,

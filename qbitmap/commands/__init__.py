@@ -14,6 +14,7 @@ line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -61,9 +62,7 @@ def output_option(function: F) -> F:
     )(function)
 
 
-def complete_bitmap_names(
-    ctx: click.Context, param: click.Parameter, incomplete: str
-) -> list[str]:
+def complete_bitmap_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Shell completion of ``-b``: the bitmap names of the images already on the command line.
 
     Completion runs on every Tab press, on whatever the line names: it never
@@ -79,16 +78,13 @@ def complete_bitmap_names(
         return []
     names: list[str] = []
     for image in images:
-        try:
+        # Completion offers nothing for an image it cannot read, rather than fail.
+        with contextlib.suppress(Exception):
             names.extend(_bitmap_names(Path(image)))
-        except Exception:  # noqa: BLE001 -- completion offers nothing rather than fail
-            continue
     return [
         name
         for name in dict.fromkeys(names)
-        if name.startswith(incomplete)
-        and name.isprintable()
-        and not any(c.isspace() for c in name)
+        if name.startswith(incomplete) and name.isprintable() and not any(c.isspace() for c in name)
     ]
 
 

@@ -27,9 +27,7 @@ if TYPE_CHECKING:
     metavar="IMAGE...",
     type=click.Path(path_type=Path, readable=False),
 )
-@bitmap_option(
-    "Report only this bitmap (repeatable); image-wide findings are always reported."
-)
+@bitmap_option("Report only this bitmap (repeatable); image-wide findings are always reported.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per image on stdout.")
 @output_option
 @click.option(
@@ -143,9 +141,7 @@ def _show(ui: Ui, report: CheckReport, as_json: bool) -> None:
         ui.print(human(report))
 
 
-def _several(
-    ui: Ui, images: tuple[Path, ...], one: Callable[[Path], int], as_json: bool
-) -> int:
+def _several(ui: Ui, images: tuple[Path, ...], one: Callable[[Path], int], as_json: bool) -> int:
     """Each image's report in turn (JSON Lines with --json), a warning per image not sound."""
     from qbitmap.commands._many import for_each_image, worst
     from qbitmap.render.check import verdict, write_failure_json

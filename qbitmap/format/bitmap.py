@@ -29,7 +29,7 @@ from qbitmap.format.model import BitmapEntry
 # Contiguous data clusters are read together, up to this many bytes per read.
 READ_BATCH_BYTES = 1 << 20
 
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+_POPCOUNT = np.array([i.bit_count() for i in range(256)], dtype=np.uint8)
 
 
 def popcount(buf: np.ndarray) -> int:
@@ -313,9 +313,7 @@ def dirty_bytes(geo: Geometry, chunks: Iterator[Chunk]) -> int:
     return total
 
 
-def dirty_bytes_below(
-    geo: Geometry, chunks: Iterator[Chunk], offsets: Sequence[int]
-) -> list[int]:
+def dirty_bytes_below(geo: Geometry, chunks: Iterator[Chunk], offsets: Sequence[int]) -> list[int]:
     """Guest bytes marked dirty in ``[0, offset)`` for each of the sorted *offsets*.
 
     *offsets* are guest byte offsets in ``[0, virtual_size]``, ascending, a

@@ -113,9 +113,7 @@ class ImagePlan:
         return Options(
             names=tuple(r.bitmap for r in recover),
             mode=modes.pop() if modes else "full",
-            reference=self.reference
-            if any(r.mode == "reference" for r in self.repairs)
-            else None,
+            reference=self.reference if any(r.mode == "reference" for r in self.repairs) else None,
             create=tuple(
                 NewBitmap(r.bitmap, r.granularity or 0, mode=r.mode)
                 for r in self.repairs
@@ -165,8 +163,10 @@ def plan_repairs(
             action = ACTIONS[p.kind]
             mode = "full"
             if reference is not None and action == "recover":
-                stored_after = latest is not None and latest.chain is not None and any(
-                    lb.index == p.index and lb.present for lb in latest.chain.layers
+                stored_after = (
+                    latest is not None
+                    and latest.chain is not None
+                    and any(lb.index == p.index and lb.present for lb in latest.chain.layers)
                 )
                 mode = "reference" if stored_after else "full"
             elif reference is not None and action == "create":
@@ -359,9 +359,7 @@ def repair_domain(
     return report
 
 
-def parse_references(
-    specs: Iterable[str], domain: DomainDefinition | None
-) -> dict[str, Path]:
+def parse_references(specs: Iterable[str], domain: DomainDefinition | None) -> dict[str, Path]:
     """``DISK=FILE`` options into ``{disk: path}``; raises ValueError with one sentence."""
     out: dict[str, Path] = {}
     for spec in specs:

@@ -196,9 +196,12 @@ def _validate(options: Options) -> None:
     if options.mode == "reference" and options.reference is None:
         raise UsageError("--mode reference needs --reference FILE")
     creating_from_reference = any(b.mode == "reference" for b in options.create)
-    if options.reference is not None and options.mode in ("full", "level"):
-        if not creating_from_reference:
-            raise UsageError(f"--reference makes no sense with --mode {options.mode}")
+    if (
+        options.reference is not None
+        and options.mode in ("full", "level")
+        and not creating_from_reference
+    ):
+        raise UsageError(f"--reference makes no sense with --mode {options.mode}")
     if creating_from_reference and options.reference is None:
         raise UsageError("a bitmap created from a reference needs a reference FILE")
     if options.explicit and options.drop_broken:

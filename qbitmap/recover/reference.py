@@ -449,7 +449,7 @@ def _compare_block(
         data = b if a is None else a
         if data is None:
             return None
-        if (_equal(data, _ZEROS[:n]) if n <= len(_ZEROS) else not data.any()):
+        if _equal(data, _ZEROS[:n]) if n <= len(_ZEROS) else not data.any():
             return None
         if start % 8 == 0 and n % 8 == 0:
             return _granule_flags(data.view(np.uint64) != 0, start, n, granularity)

@@ -52,9 +52,7 @@ def running_message(report: DomainReport) -> str:
     )
 
 
-def to_json(
-    reports: Sequence[DomainReport | RepairReport], *, all_domains: bool
-) -> dict[str, Any]:
+def to_json(reports: Sequence[DomainReport | RepairReport], *, all_domains: bool) -> dict[str, Any]:
     """The JSON object: one domain's report, or ``{"domains": [...], "exit_code"}`` for --all."""
     if not all_domains:
         (report,) = reports

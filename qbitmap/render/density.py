@@ -16,6 +16,7 @@ against ranges QEMU wrote.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from qbitmap.render import iec, printable
@@ -43,7 +44,7 @@ def cell_dirty_bytes(
 ) -> list[int]:
     """Dirty bytes of each cell, from a source of the dirty bytes below given offsets."""
     below = dirty_below(bounds)
-    return [b - a for a, b in zip(below[:-1], below[1:], strict=False)]
+    return [b - a for a, b in pairwise(below)]
 
 
 def shade_levels(dirty: Sequence[int], bounds: Sequence[int]) -> list[int]:

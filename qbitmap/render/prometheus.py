@@ -61,11 +61,11 @@ class Family:
     help: str
     samples: list[tuple[tuple[tuple[str, str], ...], int | float]] = field(default_factory=list)
 
-    def add(self, value: int | float, **labels: str) -> None:
+    def add(self, value: float, **labels: str) -> None:
         self.samples.append((tuple(labels.items()), value))
 
 
-def _number(value: int | float) -> str:
+def _number(value: float) -> str:
     if isinstance(value, bool):
         return str(int(value))
     if isinstance(value, int):

@@ -47,7 +47,7 @@ def test_every_name_resolves_and_is_listed_by_dir():
         assert getattr(qbitmap, name) is not None
     assert set(qbitmap.__all__) <= set(dir(qbitmap))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        qbitmap.no_such_name
+        _ = qbitmap.no_such_name
 
 
 def _own_doc(obj: object, name: str) -> str:

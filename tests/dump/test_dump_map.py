@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import termios
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def map_cells(path: Path, bitmap: str, width: int) -> tuple[list[int], list[int]
 def expected_cells(extents: list[tuple[int, int]], bounds: list[int]) -> list[int]:
     """Dirty bytes per cell, from QEMU's ranges, by brute force."""
     out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in pairwise(bounds):
         out.append(sum(max(0, min(hi, s + n) - max(lo, s)) for s, n in extents))
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,7 @@ def assert_matches_qemu(path: Path, *, expect_bitmaps: int | None = None) -> dic
         assert ours == qemu.nbd_dirty_extents(path, name), name
         assert bitmap["dirty_bytes"] == sum(n for _, n in ours)
         # Sorted, merged, inside the disk.
-        assert all(a + n < b for (a, n), (b, _) in zip(ours, ours[1:], strict=False))
+        assert all(a + n < b for (a, n), (b, _) in pairwise(ours))
         assert all(0 <= a and a + n <= report["virtual_size"] for a, n in ours)
     return report
 

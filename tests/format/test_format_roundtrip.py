@@ -308,9 +308,7 @@ def test_directory_entries_decode_and_build_byte_for_byte() -> None:
         )
         size = layout.dir_entry_size(len(name), len(extra))
         padding = rng.randbytes(size - 24 - len(extra) - len(name))
-        blob = (
-            struct.pack(">QIIBBHI", *fixed, len(name), len(extra)) + extra + name + padding
-        )
+        blob = struct.pack(">QIIBBHI", *fixed, len(name), len(extra)) + extra + name + padding
         entry = BitmapEntry.decode(blob, offset=4096 + i, index=i)
         assert (
             entry.bitmap_table_offset,

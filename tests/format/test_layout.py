@@ -35,7 +35,7 @@ def test_entry_offsets_are_the_specs():
 
 def test_unknown_fields_have_no_offset():
     try:
-        layout.BITMAP_DIR_ENTRY_FIELD.no_such_field
+        _ = layout.BITMAP_DIR_ENTRY_FIELD.no_such_field
     except AttributeError as exc:
         assert "no_such_field" in str(exc)
     else:

@@ -38,7 +38,12 @@ def test_parse_reads_every_field_in_order_and_conditionals_as_none() -> None:
     one = b"RC" + b"\x01" + struct.pack(">H", 3) + b"abc"
     parsed = Record.parse(one)
     assert parsed == {
-        "magic": b"RC", "kind": 1, "name_size": 3, "extra": None, "name": b"abc", "padding": b"",
+        "magic": b"RC",
+        "kind": 1,
+        "name_size": 3,
+        "extra": None,
+        "name": b"abc",
+        "padding": b"",
     }
     assert parsed.name == b"abc"  # fields are attributes too
     two = b"RC" + b"\x02" + struct.pack(">HI", 2, 0xDEADBEEF) + b"xy" + b"\x07" * 5
@@ -84,18 +89,30 @@ def test_field_offsets_stop_at_the_first_field_of_unknown_size() -> None:
     assert offsets.extra == 5  # its presence depends on kind: known start, unknown size
     assert "name" not in offsets
     with pytest.raises(AttributeError):
-        offsets.name
+        _ = offsets.name
     assert FieldOffsets(Record, kind=1, name_size=2).name == 5
 
 
 def test_the_qcow2_header_declaration_matches_qemus_offsets() -> None:
     # docs/interop/qcow2.rst gives these byte offsets; QEMU writes a 112-byte v3 header.
     spec = {
-        "version": 4, "backing_file_offset": 8, "backing_file_size": 16, "cluster_bits": 20,
-        "size": 24, "crypt_method": 32, "l1_size": 36, "l1_table_offset": 40,
-        "refcount_table_offset": 48, "refcount_table_clusters": 56, "nb_snapshots": 60,
-        "snapshots_offset": 64, "incompatible_features": 72, "compatible_features": 80,
-        "autoclear_features": 88, "refcount_order": 96, "header_length": 100,
+        "version": 4,
+        "backing_file_offset": 8,
+        "backing_file_size": 16,
+        "cluster_bits": 20,
+        "size": 24,
+        "crypt_method": 32,
+        "l1_size": 36,
+        "l1_table_offset": 40,
+        "refcount_table_offset": 48,
+        "refcount_table_clusters": 56,
+        "nb_snapshots": 60,
+        "snapshots_offset": 64,
+        "incompatible_features": 72,
+        "compatible_features": 80,
+        "autoclear_features": 88,
+        "refcount_order": 96,
+        "header_length": 100,
         "compression_type": 104,
     }
     assert {name: getattr(layout.HEADER_FIELD, name) for name in spec} == spec

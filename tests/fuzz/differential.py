@@ -62,7 +62,6 @@ from typing import Any
 import bases
 import mutants
 
-
 #: CPU seconds one qbitmap operation (check, recover) may use on these images of at most a few
 #: MiB.  In 6000 mutants every run used under 0.3 s except leak reclaims of huge refcounts
 #: (docs/fuzz-findings.md, C7).  CPU time, not wall time, so that the verdict does not depend

@@ -20,12 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import bases
 import differential as D
 import layout
 import mutants
+import pytest
 import qemu
 
 #: Every operator on every base, twice: seeds 0 .. 2 * 19 * 7 - 1.
@@ -66,9 +65,7 @@ CI_IDS = SWEEP_IDS + CLASS_IDS
 #: properties: another failure fails the test, and so does a fix (a strict xfail that passes), so
 #: that this list always says what is still open and shrinks with every fix.
 KNOWN_DISAGREEMENTS: dict[str, tuple[str, frozenset[str]]] = {
-    mid: (cls, frozenset(props.split()))
-    for mid, cls, props in (
-    )
+    mid: (cls, frozenset(props.split())) for mid, cls, props in ()
 }
 #: One CI mutant in this many also goes through the command line (a fresh interpreter costs
 #: 0.3-1 s per run, four runs per mutant: most of the set's time otherwise).

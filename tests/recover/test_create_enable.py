@@ -241,9 +241,11 @@ def test_what_recover_refuses_is_refused_for_creating_too(edit, words, base_imag
 
 def test_a_held_image_is_left_alone(mixed):
     before = sha(mixed)
-    with qemu.StorageDaemon(mixed, writable=False, read_only=True):
-        with pytest.raises(ImageBusyError):
-            recover(mixed, OPTIONS)
+    with (
+        qemu.StorageDaemon(mixed, writable=False, read_only=True),
+        pytest.raises(ImageBusyError),
+    ):
+        recover(mixed, OPTIONS)
     assert sha(mixed) == before
 
 
@@ -254,9 +256,9 @@ def test_prepared_runs_write_nothing_until_applied(mixed, tmp_path):
     before = sha(mixed)
     with prepare(mixed, OPTIONS) as first:
         assert first.has_work()
-        with pytest.raises(UsageError):  # the second image refuses: the first is not applied
-            with prepare(other, Options(create=(NewBitmap("old", 65536),))):
-                pass
+        # The second image refuses: the first is not applied.
+        with pytest.raises(UsageError), prepare(other, Options(create=(NewBitmap("old", 65536),))):
+            pass
     assert sha(mixed) == before
     with prepare(mixed, OPTIONS) as run:
         with pytest.raises(ImageBusyError):  # held by the prepared run: a writer is kept out

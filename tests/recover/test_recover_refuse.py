@@ -91,7 +91,7 @@ def test_leaks_of_a_killed_run_are_reclaimed_unless_keep_leaks(tmp_path):
     import pytest
 
     from qbitmap.recover import Options, recover
-    
+
     image = _image(tmp_path)
     # Kill the run right after its commit: recovered, old clusters leaked.
     probe = tmp_path / "p.qcow2"
@@ -144,7 +144,10 @@ def test_ignored_bitmaps_extension_is_brought_back_by_a_full_recovery(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["status"] == "recovered"
-    assert {b["name"]: b["action"] for b in out["bitmaps"]} == {"b0": "recovered", "b2": "recovered"}
+    assert {b["name"]: b["action"] for b in out["bitmaps"]} == {
+        "b0": "recovered",
+        "b2": "recovered",
+    }
     # QEMU sees both again, consistent, every bit set: a program that did not track writes
     # wrote the image, so only "everything changed" is safe.
     assert set(qemu.img_bitmaps(image)) == {"b0", "b2"}

@@ -138,9 +138,7 @@ def test_check_metrics_of_a_fleet_parse_with_their_values(
     assert {ls["status"] for ls in statuses} == {"in-use"}
     for labels, value in families["qbitmap_bitmap_status"]:
         assert value in (0, 1)
-    per_bitmap = Counter(
-        (ls["image"], ls["bitmap"]) for ls, _ in families["qbitmap_bitmap_status"]
-    )
+    per_bitmap = Counter((ls["image"], ls["bitmap"]) for ls, _ in families["qbitmap_bitmap_status"])
     assert set(per_bitmap.values()) == {4}  # consistent, in-use, corrupt, ignored
     # Dirty bytes on disk: what QEMU stored at the last clean close (two 64 KiB granules).
     assert by(families["qbitmap_bitmap_dirty_bytes"], image=image, bitmap=QUOTE) == 2 * 65536
@@ -183,9 +181,7 @@ def test_label_values_are_escaped_as_the_format_requires() -> None:
     assert escape_label_value("vm-1 é") == "vm-1 é"
     line = 'm{a="' + escape_label_value('"\\\n\x1b\u202e') + '"} 1\n'
     ((_, labels, _),) = [
-        (s.name, s.labels, s.value)
-        for f in text_string_to_metric_families(line)
-        for s in f.samples
+        (s.name, s.labels, s.value) for f in text_string_to_metric_families(line) for s in f.samples
     ]
     assert labels == {"a": '"\\\\n\\x1b\\u202e'}
 
