@@ -20,6 +20,11 @@ per disk (40 processes, run one after the other by one shell).  Whole
 wall time, the two alternating in the same run, median of N rounds
 (``--runs``, default 9).  Target: ratio (qbitmap / qemu-img) <= 1.0.
 
+A second host three times as large (60 domains, the same disks) is timed
+the same way, so that the cost of one more disk -- the slope between the two
+hosts -- is reported apart from each tool's fixed cost, with the host size
+from which qbitmap is the faster.
+
 Before timing, both must report the same layers and the same bitmaps with
 the same flags for every disk.  Writes bench/results/checkpoints.json.
 Not a test: it reports.
@@ -43,12 +48,16 @@ import common
 from libvirt_files import Disk, Host
 
 DOMAINS = 20
+LARGE_DOMAINS = 3 * DOMAINS  # the second host, for the cost of one more disk
 DISKS = ("vda", "vdb")
 CHECKPOINTS = 10
 # Checkpoints whose bitmaps each layer holds (libvirt copies them into each new overlay).
 LAYERS = (("base.qcow2", 4), ("mid.qcow2", 7), ("top.qcow2", 10))
 VIRTUAL_SIZE = "1G"
-SPEC = f"d{DOMAINS}x{len(DISKS)}-l{len(LAYERS)}-c{CHECKPOINTS}"
+
+
+def spec(domains: int) -> str:
+    return f"d{domains}x{len(DISKS)}-l{len(LAYERS)}-c{CHECKPOINTS}"
 
 
 def _template(directory: Path) -> None:
@@ -74,9 +83,9 @@ def _template(directory: Path) -> None:
         below = name
 
 
-def build_host(work: Path) -> Host:
+def build_host(work: Path, domains: int = DOMAINS) -> Host:
     """The synthetic host, built once (its directory name carries the spec)."""
-    root = work / f"checkpoints-host-{SPEC}"
+    root = work / f"checkpoints-host-{spec(domains)}"
     done = root / ".complete"
     host = Host(root)
     if done.exists():
@@ -85,7 +94,7 @@ def build_host(work: Path) -> Host:
     host = Host(root)
     template = root / "template"
     _template(template)
-    for d in range(DOMAINS):
+    for d in range(domains):
         name = f"vm{d:02d}"
         disks = []
         for target in DISKS:
@@ -108,7 +117,7 @@ def top_images(host: Host) -> list[Path]:
     return sorted(host.images.glob(f"*/*/{LAYERS[-1][0]}"))
 
 
-def _same_information(ours: dict, peer_outputs: dict[str, list[dict]]) -> str | None:
+def _same_information(ours: dict, peer_outputs: dict[str, list[dict]], domains: int) -> str | None:
     """None when both saw the same layers, bitmaps and flags for every disk, else why not."""
     seen = 0
     for domain in ours["domains"]:
@@ -132,19 +141,14 @@ def _same_information(ours: dict, peer_outputs: dict[str, list[dict]]) -> str | 
             if [(Path(f).name, b) for f, b in mine] != [(Path(f).name, b) for f, b in theirs]:
                 return f"{disk['source']}: qbitmap {mine} != qemu-img {theirs}"
             seen += 1
-    if seen != DOMAINS * len(DISKS):
-        return f"qbitmap reported {seen} disks, expected {DOMAINS * len(DISKS)}"
+    if seen != domains * len(DISKS):
+        return f"qbitmap reported {seen} disks, expected {domains * len(DISKS)}"
     return None
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=9, help="timed rounds per side (default 9)")
-    args = parser.parse_args()
-
-    host = build_host(common.WORK_DIR)
+def _time_host(host: Host, domains: int, runs: int) -> dict:
+    """Both tools on *host*, alternating: their walls, after checking they agree."""
     tops = top_images(host)
-    common.compile_bytecode()
     ours_argv = common.qbitmap_argv("checkpoints", "--all", "--json", *host.args())
     loop = "; ".join(
         f"qemu-img info --backing-chain --output=json -U {shlex.quote(str(t))}" for t in tops
@@ -163,20 +167,43 @@ def main() -> int:
         )
         for t in tops
     }
-    problem = _same_information(ours, peer_outputs)
+    problem = _same_information(ours, peer_outputs, domains)
     if ours["exit_code"] != 0 or problem is not None:
-        print(
+        raise SystemExit(
             f"bench_checkpoints: the two disagree or the host is not healthy: exit "
-            f"{ours['exit_code']}; {problem}",
-            file=sys.stderr,
+            f"{ours['exit_code']}; {problem}"
         )
-        return 1
-
     ours_runs, peer_runs = common.alternate(
-        lambda: common.measure(ours_argv), lambda: common.measure(peer_argv), args.runs
+        lambda: common.measure(ours_argv), lambda: common.measure(peer_argv), runs
     )
-    ours_wall = statistics.median(m.wall for m in ours_runs)
-    peer_wall = statistics.median(m.wall for m in peer_runs)
+    return {
+        "domains": domains,
+        "disks": len(tops),
+        "images": len(tops) * len(LAYERS),
+        "ours_argv": ours_argv,
+        "peer_argv": [
+            "sh",
+            "-c",
+            f"qemu-img info --backing-chain --output=json -U TOP x {len(tops)}",
+        ],
+        "ours": ours_runs,
+        "peer": peer_runs,
+        "ours_wall": statistics.median(m.wall for m in ours_runs),
+        "peer_wall": statistics.median(m.wall for m in peer_runs),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=9, help="timed rounds per side (default 9)")
+    args = parser.parse_args()
+
+    small_host = build_host(common.WORK_DIR, DOMAINS)
+    large_host = build_host(common.WORK_DIR, LARGE_DOMAINS)
+    common.compile_bytecode()
+    small = _time_host(small_host, DOMAINS, args.runs)
+    large = _time_host(large_host, LARGE_DOMAINS, args.runs)
+    ours_wall, peer_wall = small["ours_wall"], small["peer_wall"]
     ratio = ours_wall / peer_wall
     interpreter = min((common.python_baseline() for _ in range(3)), key=lambda m: m.wall)
     imports = min(
@@ -188,34 +215,67 @@ def main() -> int:
         ),
         key=lambda m: m.wall,
     )
-    images = len(tops) * len(LAYERS)
-    rows = [
-        [
-            "qbitmap checkpoints --all --json",
-            f"{ours_wall:.3f}",
-            f"{min(m.wall for m in ours_runs):.3f}",
-            f"{max(m.maxrss_kib for m in ours_runs) / 1024:.1f}",
-        ],
-        [
-            f"qemu-img info --backing-chain x {len(tops)}",
-            f"{peer_wall:.3f}",
-            f"{min(m.wall for m in peer_runs):.3f}",
-            f"{max(m.maxrss_kib for m in peer_runs) / 1024:.1f}",
-        ],
-    ]
+    images = small["images"]
+    # The cost of one more disk (its chain of three images), and each tool's fixed cost.
+    more_disks = large["disks"] - small["disks"]
+    ours_per_disk = (large["ours_wall"] - ours_wall) / more_disks
+    peer_per_disk = (large["peer_wall"] - peer_wall) / more_disks
+    ours_fixed = ours_wall - ours_per_disk * small["disks"]
+    peer_fixed = peer_wall - peer_per_disk * small["disks"]
+    marginal_ratio = ours_per_disk / peer_per_disk
+    # The number of disks from which qbitmap takes less time than qemu-img.
+    crossover = (
+        (ours_fixed - peer_fixed) / (peer_per_disk - ours_per_disk)
+        if peer_per_disk > ours_per_disk
+        else None
+    )
+    rows = []
+    for result in (small, large):
+        rows.append(
+            [
+                f"qbitmap checkpoints --all --json ({result['domains']} domains)",
+                f"{result['ours_wall']:.3f}",
+                f"{min(m.wall for m in result['ours']):.3f}",
+                f"{max(m.maxrss_kib for m in result['ours']) / 1024:.1f}",
+            ]
+        )
+        rows.append(
+            [
+                f"qemu-img info --backing-chain x {result['disks']}",
+                f"{result['peer_wall']:.3f}",
+                f"{min(m.wall for m in result['peer']):.3f}",
+                f"{max(m.maxrss_kib for m in result['peer']) / 1024:.1f}",
+            ]
+        )
     print(
-        f"checkpoints: {DOMAINS} domains x {len(DISKS)} disks x {len(LAYERS)} layers x "
-        f"{CHECKPOINTS} checkpoints ({images} images), {args.runs} rounds"
+        f"checkpoints: {DOMAINS} (and {LARGE_DOMAINS}) domains x {len(DISKS)} disks x "
+        f"{len(LAYERS)} layers x {CHECKPOINTS} checkpoints ({images} images), {args.runs} rounds"
     )
     common.print_table(["command", "median s", "best s", "max RSS MiB"], rows)
     print(
-        f"ratio (median qbitmap / median qemu-img): {ratio:.2f}  (target <= 1.00: "
-        f"{'met' if ratio <= 1.0 else 'NOT met'})"
+        f"ratio (median qbitmap / median qemu-img, {DOMAINS} domains): {ratio:.2f}  "
+        f"(target <= 1.00: {'met' if ratio <= 1.0 else 'NOT met'})"
+    )
+    print(
+        f"one more disk ({len(LAYERS)} images): qbitmap {1000 * ours_per_disk:.2f} ms, "
+        f"qemu-img {1000 * peer_per_disk:.2f} ms, ratio {marginal_ratio:.2f}; fixed cost: "
+        f"qbitmap {ours_fixed:.3f} s, qemu-img {peer_fixed:.3f} s"
+        + (f"; qbitmap is the faster from {crossover:.0f} disks" if crossover is not None else "")
     )
     print(
         f"of qbitmap's time: bare interpreter {interpreter.wall:.3f} s, interpreter + imports "
         f"{imports.wall:.3f} s; per image {1000 * (ours_wall - imports.wall) / images:.2f} ms"
     )
+
+    def side(result: dict, which: str) -> dict:
+        runs = result[which]
+        return {
+            "argv": result[f"{which}_argv"],
+            "median_wall": result[f"{which}_wall"],
+            "walls": [m.wall for m in runs],
+            "maxrss_kib": max(m.maxrss_kib for m in runs),
+        }
+
     path = common.save_results(
         "checkpoints",
         {
@@ -230,25 +290,25 @@ def main() -> int:
                 "virtual_size": VIRTUAL_SIZE,
             },
             "runs": args.runs,
-            "qbitmap": {
-                "argv": ours_argv,
-                "median_wall": ours_wall,
-                "walls": [m.wall for m in ours_runs],
-                "maxrss_kib": max(m.maxrss_kib for m in ours_runs),
-            },
-            "peer": {
-                "argv": [
-                    "sh",
-                    "-c",
-                    f"qemu-img info --backing-chain --output=json -U TOP x {len(tops)}",
-                ],
-                "median_wall": peer_wall,
-                "walls": [m.wall for m in peer_runs],
-                "maxrss_kib": max(m.maxrss_kib for m in peer_runs),
-            },
+            "qbitmap": side(small, "ours"),
+            "peer": side(small, "peer"),
             "ratio": ratio,
             "ratio_target": 1.0,
             "ratio_met": ratio <= 1.0,
+            "large_host": {
+                "domains": LARGE_DOMAINS,
+                "qbitmap": side(large, "ours"),
+                "peer": side(large, "peer"),
+                "ratio": large["ours_wall"] / large["peer_wall"],
+            },
+            "per_disk": {
+                "qbitmap_s": ours_per_disk,
+                "peer_s": peer_per_disk,
+                "ratio": marginal_ratio,
+                "qbitmap_fixed_s": ours_fixed,
+                "peer_fixed_s": peer_fixed,
+                "crossover_disks": crossover,
+            },
             "startup": {"interpreter_wall": interpreter.wall, "imports_wall": imports.wall},
         },
     )
