@@ -44,6 +44,10 @@ class BitmapFlag(enum.IntFlag):
     EXTRA_DATA_COMPATIBLE = 1 << 2
 
 
+_IN_USE = int(BitmapFlag.IN_USE)
+_AUTO = int(BitmapFlag.AUTO)
+
+
 # Names QEMU writes into its feature name table, used when an image has none.
 DEFAULT_FEATURE_NAMES: dict[tuple[int, int], str] = {
     (layout.FEATURE_INCOMPATIBLE, 0): "dirty bit",
@@ -269,24 +273,26 @@ class BitmapEntry:
 
     @classmethod
     def from_container(cls, c: Any, *, offset: int, index: int) -> BitmapEntry:
+        # Item access, not attributes: a directory may hold thousands of entries, and
+        # a parsed structure's attribute look-up first fails as an attribute.
         return cls(
             offset=offset,
             index=index,
-            bitmap_table_offset=c.bitmap_table_offset,
-            bitmap_table_size=c.bitmap_table_size,
-            flags=BitmapFlag(c.flags),
-            type=c.type,
-            granularity_bits=c.granularity_bits,
-            extra_data=c.extra_data,
-            name=c.name,
-            padding=c.padding,
+            bitmap_table_offset=c["bitmap_table_offset"],
+            bitmap_table_size=c["bitmap_table_size"],
+            flags=BitmapFlag(c["flags"]),
+            type=c["type"],
+            granularity_bits=c["granularity_bits"],
+            extra_data=c["extra_data"],
+            name=c["name"],
+            padding=c["padding"],
         )
 
     @classmethod
     def decode(cls, raw: bytes | bytearray | memoryview, *, offset: int, index: int) -> BitmapEntry:
         """The entry whose bytes, padding included, are *raw* (a whole entry, nothing more)."""
         c = layout.BitmapDirectoryEntry.parse(raw)
-        if len(raw) != layout.dir_entry_size(c.name_size, c.extra_data_size):
+        if len(raw) != layout.dir_entry_size(c["name_size"], c["extra_data_size"]):
             raise ValueError(f"a directory entry of {len(raw)} bytes, its fields say otherwise")
         return cls.from_container(c, offset=offset, index=index)
 
@@ -363,11 +369,12 @@ class BitmapEntry:
 
     @property
     def in_use(self) -> bool:
-        return bool(self.flags & BitmapFlag.IN_USE)
+        # As plain integers: IntFlag's own '&' builds a flag object, and check asks often.
+        return bool(int(self.flags) & _IN_USE)
 
     @property
     def auto(self) -> bool:
-        return bool(self.flags & BitmapFlag.AUTO)
+        return bool(int(self.flags) & _AUTO)
 
     @property
     def display_name(self) -> str:
