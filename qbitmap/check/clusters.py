@@ -114,11 +114,9 @@ def bitmap_cluster_findings(refmap: ReferenceMap, entries: list[BitmapEntry]) ->
     names = {e.index: e.display_name for e in entries}
     clusters = refmap.bm_clusters
     total = refmap.reference_counts(clusters)
-    refcounts = refmap.refcounts
-    if refcounts is not None:
-        inside = clusters < len(refcounts)
-        rc = np.zeros(len(clusters), dtype=np.int64)
-        rc[inside] = refcounts_as_int64(refcounts[clusters[inside]])
+    stored = refmap.stored_refcounts(clusters)
+    if stored is not None:
+        rc, inside = stored
     else:
         inside = np.zeros(len(clusters), dtype=bool)
         rc = np.zeros(len(clusters), dtype=np.int64)
@@ -304,14 +302,13 @@ def ignored_bitmaps(
     bm = bitmap_references(image, bitmaps)
     clusters = unique_sorted(bm[0])
     recoverable = image.header.version >= 3 and not problems and len(bm[0]) == len(clusters)
-    if recoverable and refmap.refcounts is not None and len(clusters):
-        inside = clusters < len(refmap.refcounts)
-        rc = np.zeros(len(clusters), dtype=np.int64)
-        rc[inside] = refcounts_as_int64(refmap.refcounts[clusters[inside]])
+    stored = refmap.stored_refcounts(clusters)
+    if stored is None:
+        recoverable = False
+    elif recoverable and len(clusters):
+        rc, inside = stored
         others = refmap.reference_counts(clusters)
         recoverable = bool(inside.all() and (rc == 1).all() and (others == 0).all())
-    elif refmap.refcounts is None:
-        recoverable = False
     return bitmaps, problems, clusters, recoverable
 
 

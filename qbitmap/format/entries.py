@@ -192,6 +192,19 @@ def refcounts_as_int64(refcounts: np.ndarray) -> np.ndarray:
     return np.minimum(refcounts, np.uint64(np.iinfo(np.int64).max)).astype(np.int64)
 
 
+def stored_refcounts_of(
+    refcounts: np.ndarray, clusters: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The stored refcounts of *clusters* (int64, as :func:`refcounts_as_int64`), and which of
+    them *refcounts* covers: a cluster outside it (past the refcount structure, or negative)
+    reads as refcount 0."""
+    clusters = np.asarray(clusters, dtype=np.int64)
+    inside = (clusters >= 0) & (clusters < len(refcounts))
+    rc = np.zeros(len(clusters), dtype=np.int64)
+    rc[inside] = refcounts_as_int64(refcounts[clusters[inside]])
+    return rc, inside
+
+
 def set_refcount_in_block(block: bytearray, index: int, value: int, refcount_order: int) -> None:
     """Store *value* as refcount entry *index* of a refcount block held in *block*."""
     width = 1 << refcount_order

@@ -220,6 +220,13 @@ class ReferenceMap:
         bm = self.bm_clusters[(self.bm_clusters >= 0) & (self.bm_clusters < n)]
         return image[:n].astype(np.int64), np.bincount(bm, minlength=n)[:n].astype(np.int64)
 
+    def stored_refcounts(self, clusters: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(refcounts, inside)`` of *clusters* as the image stores them (0 where no refcount
+        block covers a cluster, ``inside`` False there), or None if they could not be read."""
+        if self.refcounts is None:
+            return None
+        return ent.stored_refcounts_of(self.refcounts, clusters)
+
     def referenced_clusters(self) -> np.ndarray:
         """Every cluster anything references, sorted, once each."""
         return unique_sorted(np.concatenate((self.clusters, self.bm_clusters)))
@@ -447,10 +454,7 @@ class _Walker:
         """Stored refcounts of *clusters* (int64; 0 past the file), or None if unreadable."""
         if self.refcounts is None:
             return None
-        rc = np.zeros(len(clusters), dtype=np.int64)
-        inside = (clusters >= 0) & (clusters < len(self.refcounts))
-        rc[inside] = ent.refcounts_as_int64(self.refcounts[clusters[inside]])
-        return rc
+        return ent.stored_refcounts_of(self.refcounts, clusters)[0]
 
     # -- L1 tables ------------------------------------------------------------------
 
