@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import qemu
 
@@ -200,10 +201,11 @@ def write_bytes(path: Path, offset: int, data: bytes) -> None:
         f.write(data)
 
 
-def rewrite_directory(lay: Layout, entries: list[tuple[Entry, bytes, bytes]]) -> None:
-    """Write new directory entries ``(entry, extra_data, name)`` in place, fix size and count.
+def pack_directory(entries: Sequence[tuple[Any, bytes, bytes]]) -> bytes:
+    """Bitmap directory bytes for ``(entry, extra_data, name)`` triples, each entry padded to 8.
 
-    The directory cluster of a QEMU image has room to spare, so entries may grow.
+    An entry is anything with ``table_offset``, ``table_size``, ``flags``, ``type`` and
+    ``granularity_bits``; the name and extra data sizes follow from the bytes given.
     """
     blob = b""
     for e, extra, name in entries:
@@ -218,8 +220,16 @@ def rewrite_directory(lay: Layout, entries: list[tuple[Entry, bytes, bytes]]) ->
             len(extra),
         )
         raw += extra + name
-        raw += b"\0" * (-len(raw) % 8)
-        blob += raw
+        blob += raw + b"\0" * (-len(raw) % 8)
+    return blob
+
+
+def rewrite_directory(lay: Layout, entries: list[tuple[Entry, bytes, bytes]]) -> None:
+    """Write new directory entries ``(entry, extra_data, name)`` in place, fix size and count.
+
+    The directory cluster of a QEMU image has room to spare, so entries may grow.
+    """
+    blob = pack_directory(entries)
     assert len(blob) <= lay.cluster_size, "directory would outgrow its cluster"
     write_bytes(lay.path, lay.dir_offset, blob)
     poke(lay.path, lay.ext_offset + 8, ">I", len(entries))

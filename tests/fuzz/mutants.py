@@ -32,6 +32,7 @@ from pathlib import Path
 
 import bases
 import layout as L
+from corrupt import pack_directory
 
 MAX_U32 = 0xFFFFFFFF
 MAX_U64 = 0xFFFFFFFFFFFFFFFF
@@ -376,20 +377,7 @@ def op_dir_flags(m: Mutator) -> str:
 def _rewrite_directory(m: Mutator, entries: list[tuple[L.DirEntry, bytes, bytes]]) -> None:
     """Write (entry, extra, name) triples over the directory; fix nb_bitmaps and dir_size."""
     lay = m.lay
-    blob = b""
-    for e, extra, name in entries:
-        fixed = struct.pack(
-            ">QIIBBHI",
-            e.table_offset,
-            e.table_size,
-            e.flags,
-            e.type,
-            e.granularity_bits,
-            len(name),
-            len(extra),
-        )
-        raw = fixed + extra + name
-        blob += raw + b"\0" * (-len(raw) % 8)
+    blob = pack_directory(entries)
     # QEMU allocates whole clusters for the directory but the file may end right after it
     capacity = -(-lay.dir_size // m.cs) * m.cs
     if len(blob) > capacity or lay.bitmaps_ext is None:
