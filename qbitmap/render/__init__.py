@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qbitmap.units import iec
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["hexoff", "iec", "keep_whole", "printable"]
+__all__ = ["hexoff", "iec", "keep_whole", "printable", "section_table"]
 
 
 def hexoff(offset: int | None) -> str:
@@ -38,6 +38,18 @@ def _escape(char: str) -> str:
     if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: one undecodable byte
         return f"\\x{code - 0xDC00:02x}"
     return repr(char)[1:-1]
+
+
+def section_table(title: str | None, **options: Any) -> Table:
+    """A rich table as every human view draws one: its title at the left, a rule under the
+    header.  *options* go to :class:`rich.table.Table` (``pad_edge``, ``show_header``...).
+
+    rich is imported here, when a table is drawn: JSON and lines never import it.
+    """
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, **options)
 
 
 def keep_whole(table: Table) -> Table:

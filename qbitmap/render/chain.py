@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from qbitmap.render import iec
+from qbitmap.render import iec, section_table
 from qbitmap.render.check import printable
 
 if TYPE_CHECKING:
@@ -112,11 +112,9 @@ def write_dump_lines(out: IO[bytes], report: ChainDumpReport) -> None:
 
 
 def _chain_table(rows: list[tuple[int, str, str, str | None, str]]) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Backing chain", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = section_table("Backing chain", pad_edge=False)
     table.add_column("layer", justify="right", no_wrap=True)
     table.add_column("file", overflow="fold")
     table.add_column("format", no_wrap=True)
@@ -141,9 +139,7 @@ def _error_text(message: str) -> RenderableType:
 
 def dump_human(report: ChainDumpReport) -> RenderableType:
     """The chain, each qcow2 layer's bitmaps, and each name over the chain."""
-    from rich import box
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     from qbitmap.render.dump import bitmaps_table
@@ -174,12 +170,7 @@ def dump_human(report: ChainDumpReport) -> RenderableType:
         parts.append(Text(f"Layer {ld.layer.index}: {printable(ld.layer.filename)}", style="bold"))
         parts.append(bitmaps_table(ld.report.info["bitmaps"]))
     if report.bitmaps:
-        table = Table(
-            title="Bitmaps over the chain",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = section_table("Bitmaps over the chain", pad_edge=False)
         table.add_column("name", overflow="fold")
         table.add_column("in layers", no_wrap=True)
         table.add_column("dirty (union)", justify="right", no_wrap=True)
@@ -229,9 +220,7 @@ _CHECK_RESULT = {
 
 def check_human(report: ChainCheckReport) -> RenderableType:
     """Each layer's check, then libvirt's rule per bitmap name, then the result."""
-    from rich import box
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     from qbitmap.render.check import human as layer_human
@@ -253,12 +242,7 @@ def check_human(report: ChainCheckReport) -> RenderableType:
         parts.append(Text(f"Layer {view.index}", style="bold underline"))
         parts.append(layer_human(view.report))
     if report.verdicts:
-        table = Table(
-            title="libvirt's rule for a checkpoint bitmap, per name",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = section_table("libvirt's rule for a checkpoint bitmap, per name", pad_edge=False)
         table.add_column("name", overflow="fold")
         table.add_column("verdict", no_wrap=True)
         table.add_column("in layers", no_wrap=True)

@@ -12,7 +12,7 @@ import json
 from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.check import BitmapStatus, CheckReport, Severity
-from qbitmap.render import hexoff, iec, keep_whole, printable
+from qbitmap.render import hexoff, iec, keep_whole, printable, section_table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -127,11 +127,9 @@ def _levels_text(b: BitmapStatus) -> Text:
 
 
 def bitmaps_table(report: CheckReport) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD)
+    table = section_table("Bitmaps")
     table.add_column("name", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)

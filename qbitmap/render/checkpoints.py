@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.check.chain import worst_exit_code
-from qbitmap.render.check import printable
+from qbitmap.render import printable, section_table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -104,9 +104,7 @@ def domain_view(
     report: DomainReport, *, result: bool = True, remedies: bool = True
 ) -> RenderableType:
     """One domain: its disks, checkpoints x disks, orphans, findings, remedies and result."""
-    from rich import box
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     parts: list[RenderableType] = [
@@ -118,7 +116,7 @@ def domain_view(
         )
     ]
     if report.disks:
-        table = Table(title="Disks", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = section_table("Disks", pad_edge=False)
         table.add_column("disk", no_wrap=True)
         table.add_column("backing chain (top first)", overflow="fold")
         table.add_column("state", overflow="fold")
@@ -147,12 +145,7 @@ def domain_view(
     if report.running:
         parts.append(_t(running_message(report), "cyan"))
     if report.checkpoints:
-        table = Table(
-            title="Checkpoints (oldest first)",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = section_table("Checkpoints (oldest first)", pad_edge=False)
         table.add_column("checkpoint", overflow="fold")
         table.add_column("disk", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
@@ -172,12 +165,7 @@ def domain_view(
     else:
         parts.append(Text("No checkpoints."))
     if report.orphans:
-        table = Table(
-            title="Bitmaps no checkpoint names",
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
+        table = section_table("Bitmaps no checkpoint names", pad_edge=False)
         table.add_column("disk", no_wrap=True)
         table.add_column("layer", justify="right", no_wrap=True)
         table.add_column("image", overflow="fold")
@@ -224,9 +212,7 @@ def _action_text(repair: BitmapRepair, *, done: bool) -> str:
 
 def repair_view(repair: RepairReport) -> RenderableType:
     """One domain's repair: what was (or would be) done per bitmap, then the domain after it."""
-    from rich import box
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     shown = repair.shown
@@ -235,7 +221,7 @@ def repair_view(repair: RepairReport) -> RenderableType:
     if repair.repairs:
         written = {i.filename for i in repair.images} if done else set()
         title = "Repair (dry run: nothing was written)" if repair.dry_run else "Repair"
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = section_table(title, pad_edge=False)
         table.add_column("checkpoint", overflow="fold")
         table.add_column("disk", no_wrap=True)
         table.add_column("layer", justify="right", no_wrap=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from qbitmap.format.model import COMPRESSION_TYPES
-from qbitmap.render import hexoff, iec, keep_whole, printable
+from qbitmap.render import hexoff, iec, keep_whole, printable, section_table
 
 if TYPE_CHECKING:
     import numpy as np
@@ -130,10 +130,8 @@ def write_lines(out: IO[bytes], report: DumpReport) -> None:
 
 
 def _kv_table(title: str) -> Table:
-    from rich import box
-    from rich.table import Table
 
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_header=False)
+    table = section_table(title, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
     # One fact per row, file names among them: kept whole on their line.
     table.add_column("value", no_wrap=True)
@@ -191,13 +189,9 @@ def header_table(info: dict[str, Any]) -> Table:
 
 
 def extensions_table(extensions: list[dict[str, Any]]) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(
-        title="Header extensions", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
-    )
+    table = section_table("Header extensions", pad_edge=False)
     table.add_column("offset", justify="right", no_wrap=True)
     table.add_column("magic", no_wrap=True)
     table.add_column("name")
@@ -244,11 +238,9 @@ def _extension_summary(ext: dict[str, Any]) -> str:
 
 
 def bitmaps_table(bitmaps: list[dict[str, Any]]) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="Bitmaps", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = section_table("Bitmaps", pad_edge=False)
     table.add_column("name", min_width=8, no_wrap=True)
     table.add_column("granularity", justify="right", no_wrap=True)
     table.add_column("flags", no_wrap=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import IO, TYPE_CHECKING, Any
 
-from qbitmap.render import hexoff, iec, keep_whole, printable
+from qbitmap.render import hexoff, iec, keep_whole, printable, section_table
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -69,11 +69,9 @@ _DRY_RUN_ACTION = {"recovered": "would recover", "dropped": "would drop", "renam
 
 
 def bitmaps_table(report: RecoverReport) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=box.SIMPLE_HEAD, title="Bitmaps", title_justify="left")
+    table = section_table("Bitmaps")
     table.add_column("bitmap", min_width=8, no_wrap=True)
     table.add_column("action", no_wrap=True)
     table.add_column("mode", no_wrap=True)
@@ -98,11 +96,9 @@ def bitmaps_table(report: RecoverReport) -> Table:
 
 
 def steps_table(steps: list[dict[str, Any]]) -> Table:
-    from rich import box
-    from rich.table import Table
     from rich.text import Text
 
-    table = Table(box=box.SIMPLE_HEAD, title="Writes, in order", title_justify="left")
+    table = section_table("Writes, in order")
     table.add_column("phase")
     table.add_column("action")
     table.add_column("offset", justify="right")
