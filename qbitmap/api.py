@@ -29,15 +29,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
 from qbitmap.errors import (
-    ExitCode,
-    ImageBusyError,
     ImageFormatError,
     ImageIOError,
-    NoModeError,
-    QbitmapError,
-    RefusedError,
     StaleBitmapError,
-    UnsupportedImageError,
     UsageError,
 )
 from qbitmap.imagefile import require_image_file
@@ -46,33 +40,6 @@ if TYPE_CHECKING:
     from qbitmap.format import BitmapEntry
     from qbitmap.format import Image as _FormatImage
     from qbitmap.format.guest import GuestDisk
-
-__all__ = [
-    "Bitmap",
-    "BitmapCheck",
-    "BitmapRecovery",
-    "CheckReport",
-    "Checkpoint",
-    "CheckpointDisk",
-    "CheckpointsReport",
-    "ExitCode",
-    "Finding",
-    "Image",
-    "ImageBusyError",
-    "ImageFormatError",
-    "ImageIOError",
-    "NoModeError",
-    "QbitmapError",
-    "RecoverReport",
-    "RefusedError",
-    "StaleBitmapError",
-    "UnsupportedImageError",
-    "UsageError",
-    "check",
-    "checkpoints",
-    "open_image",
-    "recover",
-]
 
 #: A path as the API takes it.
 StrPath = str | os.PathLike[str]

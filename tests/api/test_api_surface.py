@@ -37,9 +37,6 @@ def test_all_is_exactly_the_documented_set():
     assert len(names) == len(set(names)), "a name is documented twice"
     assert sorted(qbitmap.__all__) == sorted(names)
     assert len(qbitmap.__all__) == len(set(qbitmap.__all__))
-    from qbitmap import api
-
-    assert sorted(api.__all__) == sorted(qbitmap.__all__)
 
 
 def test_every_name_resolves_and_is_listed_by_dir():
