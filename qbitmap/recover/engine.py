@@ -4,8 +4,10 @@ One run of :func:`recover`:
 
 1. **lock and look** -- open a :class:`~qbitmap.store.WriteSession` (QEMU's
    lock bytes held from here to the end; busy => exit 75, nothing written)
-   and run :func:`qbitmap.check.check_image` on the locked image.  Anything
-   wrong outside the bitmaps -- a table QEMU refuses, a bad L1/L2 entry, a
+   and run :func:`qbitmap.check.check_image` on the locked image (with a
+   reference, the comparison is opened first and the kernel asked for the
+   first bytes it reads, so that the storage works while the check runs).
+   Anything wrong outside the bitmaps -- a table QEMU refuses, a bad L1/L2 entry, a
    reference past the end of the file, a refcount below its references, a
    COPIED flag out of step -- => refuse (exit 2): a writer that trusted those
    refcounts could hand out a cluster something still uses.  Corrupt bitmap
