@@ -4,8 +4,10 @@ One run of :func:`recover`:
 
 1. **lock and look** -- open a :class:`~qbitmap.store.WriteSession` (QEMU's
    lock bytes held from here to the end; busy => exit 75, nothing written)
-   and run :func:`qbitmap.check.check_image` on the locked image.  Anything
-   wrong outside the bitmaps -- a table QEMU refuses, a bad L1/L2 entry, a
+   and run :func:`qbitmap.check.check_image` on the locked image (with a
+   reference, the comparison is opened first and the kernel asked for the
+   first bytes it reads, so that the storage works while the check runs).
+   Anything wrong outside the bitmaps -- a table QEMU refuses, a bad L1/L2 entry, a
    reference past the end of the file, a refcount below its references, a
    COPIED flag out of step -- => refuse (exit 2): a writer that trusted those
    refcounts could hand out a cluster something still uses.  Corrupt bitmap
@@ -59,10 +61,10 @@ import dataclasses
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -82,6 +84,9 @@ from qbitmap.store import (
     bitmaps_extension_bytes,
     levels_extension_bytes,
 )
+
+if TYPE_CHECKING:
+    from qbitmap.recover.reference import Comparison
 
 
 @dataclass
@@ -299,16 +304,54 @@ def prepare(
 
         validate_reference(path, options.reference, reference_format=options.reference_format)
     report = RecoverReport(filename=str(path), dry_run=options.dry_run)
-    with WriteSession.open(path, dry_run=options.dry_run, disk_wrapper=disk_wrapper) as session:
+    with (
+        WriteSession.open(path, dry_run=options.dry_run, disk_wrapper=disk_wrapper) as session,
+        ExitStack() as stack,
+    ):
+        early = _start_comparison(session, options)
+        if early is not None:
+            stack.enter_context(early)
         names = None if options.explicit else (list(options.names) or None)
         check = check_image(session.image, names=names)
         report.findings = [f.to_dict() for f in check.findings if f.severity > 0]
         plan = _Plan(session, check, options, report, warn)
         plan.decide()
-        plan.compute(progress_factory)
+        plan.compute(progress_factory, early)
+        stack.close()  # the comparison's files: the check and the plan are done with them
         plan.find_leaks()
         report.bitmaps = [plan.results[k] for k in sorted(plan.results)] + plan.created
         yield Recovery(session, plan, report)
+
+
+def _start_comparison(session: WriteSession, options: Options) -> Comparison | None:
+    """The reference comparison, its first reads already asked for; None without a reference.
+
+    Opened under the write lock, before the check runs, so that the storage
+    reads both files' data while the check and the plan take their time.
+    Only a head start: if the plan picks no reference mode, it is closed
+    unused (what it cost: one read-ahead window of page cache per file);
+    if opening fails, the comparison proper opens the files again and
+    meets the error where it always has, after the check.
+    """
+    if options.reference is None:
+        return None
+    from qbitmap.recover.reference import Comparison
+
+    try:
+        comparison = Comparison(
+            session.image.path,
+            options.reference,
+            virtual_size=session.image.virtual_size,
+            reference_format=options.reference_format,
+        )
+    except Exception:  # noqa: BLE001 - met again, and reported, by the comparison proper
+        return None
+    try:
+        comparison.start()
+    except Exception:  # noqa: BLE001 - as above
+        comparison.close()
+        return None
+    return comparison
 
 
 def recover(
@@ -663,10 +706,14 @@ class _Plan:
 
     # -- computing ---------------------------------------------------------------------
 
-    def compute(self, progress_factory: ProgressFactory | None) -> None:
+    def compute(
+        self, progress_factory: ProgressFactory | None, early: Comparison | None = None
+    ) -> None:
+        """The new bits; *early*: the reference comparison, opened and started before the
+        check (:func:`_start_comparison`), used instead of opening the files again."""
         if not self.targets and not self.creations:
             return
-        from qbitmap.recover.reference import diff_bits, reduce_bits
+        from qbitmap.recover.reference import Comparison, reduce_bits
 
         by_index = {e.index: e for e in self.entries}
         ref_targets = [i for i, m in self.targets.items() if m == "reference"]
@@ -678,14 +725,14 @@ class _Plan:
         if ref_granularities:
             assert self.options.reference is not None
             fine = min(ref_granularities)
-            diff, stats = diff_bits(
+            comparison = early or Comparison(
                 self.image.path,
                 self.options.reference,
                 virtual_size=self.image.virtual_size,
-                granularity=fine,
                 reference_format=self.options.reference_format,
-                progress_factory=progress_factory,
             )
+            with comparison:
+                diff, stats = comparison.bits(fine, progress_factory=progress_factory)
             if stats.reference_size != self.image.virtual_size:
                 self.warn(
                     f"the reference {self.options.reference} holds {stats.reference_size} bytes "
