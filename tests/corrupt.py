@@ -314,6 +314,13 @@ def _leak_one_cluster(lay: Layout) -> None:
     poke(lay.path, lay.refcount_entry_offset(end), ">H", 1)
 
 
+def _refcount_past_eof(lay: Layout) -> None:
+    """Give a cluster two past the end of the file refcount 1, as a writer killed between
+    counting the cluster and writing it leaves it; the file keeps its size."""
+    past = -(-lay.file_size // lay.cluster_size) + 2
+    poke(lay.path, lay.refcount_entry_offset(past * lay.cluster_size), ">H", 1)
+
+
 def zero_byte_disk_with_in_use_bitmaps(path: Path) -> Path:
     """A crash of a real QEMU writer, then the header's disk size set to 0.
 
@@ -473,6 +480,7 @@ EDITS: dict[str, Edit] = {
     ),
     "crypt-method-luks": lambda l: poke(l.path, 32, ">I", 2),
     "leaked-cluster": _leak_one_cluster,
+    "refcount-past-eof": _refcount_past_eof,
     # consistency-level records
     "levels-orphan": lambda l: qemu.append_header_extension(
         l.path, LEVELS_EXT, _levels_ext([(l.entry("b0").table_offset, 0, 6, 1, 16, b"nope")])

@@ -263,6 +263,37 @@ def image_refcount_findings(
             offset=i << refmap.cluster_bits,
             field="refcount",
         )
+    yield from _past_eof_leaks(refmap)
+
+
+def _past_eof_leaks(refmap: ReferenceMap) -> Iterator[Finding]:
+    """Refcounts of clusters past the end of the file that nothing references.
+
+    A reference past the end of the file is corruption, reported with the
+    structure that holds it; what is left are clusters a writer counted and
+    never wrote.  QEMU's check stops at the end of the file, but its
+    allocator skips them as the file grows, and they are leaks from then on.
+    """
+    clusters = refmap.past_eof_clusters
+    unreferenced = clusters[refmap.reference_counts(clusters) == 0]
+    # Beyond the clusters kept one by one, only the count is known.
+    count = len(unreferenced) + refmap.past_eof_total - len(clusters)
+    if count <= 0:
+        return
+    if len(unreferenced):
+        first = int(unreferenced[0])
+        where = f" (the first at {first << refmap.cluster_bits:#x})"
+    else:
+        first, where = refmap.file_clusters, ""
+    yield Finding(
+        "image-clusters-leaked-past-eof",
+        f"{_plural(count, 'cluster')} past the end of the file "
+        f"{'has' if count == 1 else 'have'} a refcount and no reference{where}: QEMU's check "
+        "does not look past the end of the file, but its allocator skips them as the file "
+        "grows; 'qbitmap recover' frees them",
+        offset=first << refmap.cluster_bits,
+        field="refcount",
+    )
 
 
 # -- an extension QEMU ignores ----------------------------------------------------------------

@@ -140,6 +140,14 @@ CODES: dict[str, tuple[Severity, str]] = {
             "'qemu-img check -r leaks' frees them)"
         ),
     ),
+    "image-clusters-leaked-past-eof": (
+        L,
+        (
+            "clusters past the end of the file have a refcount and no reference (a writer "
+            "killed before it wrote them; QEMU's check does not look there, its allocator "
+            "skips them; 'qbitmap recover' frees them)"
+        ),
+    ),
     # -- the bitmaps extension and the directory -----------------------------------------
     "bitmaps-extension-length": (
         C,

@@ -49,6 +49,9 @@ READ_BATCH = 16 << 20
 # least PARALLEL_SCAN_BYTES to scan (starting threads costs about a millisecond).
 SCAN_WINDOW = 8 << 20
 PARALLEL_SCAN_BYTES = 8 << 20
+# Refcounts of clusters past the end of the file kept one by one, at most: a killed
+# writer leaves a few; a refcount block of garbage could name millions (they are counted).
+PAST_EOF_KEPT = 1 << 16
 
 
 class Kind(enum.IntEnum):
@@ -162,7 +165,12 @@ class ReferenceMap:
     field that points at the cluster.  ``refcounts`` holds the stored refcount
     of every cluster that starts inside the file (None when the refcount
     structure cannot be read); ``complete`` is False when some structure could
-    not be walked (its defect says which).
+    not be walked (its defect says which).  ``past_eof_clusters`` and
+    ``past_eof_refcounts`` are the clusters past the end of the file whose
+    stored refcount is not 0, with those refcounts (uint64): a writer killed
+    between counting a cluster and writing it leaves them.  QEMU's check does
+    not look past the end of the file; its allocator skips them when the file
+    grows, and they are leaks from then on.
     """
 
     cluster_size: int
@@ -179,6 +187,9 @@ class ReferenceMap:
     refcounts: np.ndarray | None = None
     refcount_blocks: np.ndarray = field(default_factory=lambda: _EMPTY_I64)  # cluster indices
     refcount_block_sources: np.ndarray = field(default_factory=lambda: _EMPTY_I64)
+    past_eof_clusters: np.ndarray = field(default_factory=lambda: _EMPTY_I64)
+    past_eof_refcounts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    past_eof_total: int = 0  # all of them; the arrays keep the first PAST_EOF_KEPT
     defects: list[Defect] = field(default_factory=list)
     complete: bool = True
     _cum: np.ndarray | None = None
@@ -316,6 +327,9 @@ class _Walker:
         self.max_refcount = (1 << (1 << min(6, header.effective_refcount_order))) - 1
         self.block_clusters = _EMPTY_I64
         self.block_sources = _EMPTY_I64
+        self.past_eof_clusters = _EMPTY_I64
+        self.past_eof_refcounts = np.zeros(0, np.uint64)
+        self.past_eof_total = 0
 
     def problem(
         self, kind: DefectKind, cls: str, reason: str, offset: int | None, fld: str, n: int = 1
@@ -425,6 +439,47 @@ class _Walker:
         for t, block in self._read_clusters(index[wanted], block_offsets[wanted]):
             counts[t * epb : (t + 1) * epb] = ent.decode_refcount_block(block, order)
         self.refcounts = counts[: self.file_clusters]
+        self._refcounts_past_eof(
+            counts[self.file_clusters :], index[~wanted], block_offsets[~wanted]
+        )
+
+    def _refcounts_past_eof(
+        self, tail: np.ndarray, index: np.ndarray, block_offsets: np.ndarray
+    ) -> None:
+        """The non-zero refcounts of clusters past the end of the file: in *tail* (the rest of
+        the last block the file needs) and in the blocks linked after it (*index*, at
+        *block_offsets*).
+
+        Bounded whatever the table says: each block in the file is read once however many
+        entries link it, and at most :data:`PAST_EOF_KEPT` refcounts are kept
+        (``past_eof_total`` counts them all).
+        """
+        order = self.image.header.effective_refcount_order
+        epb = self.cs * 8 >> order
+        found_c: list[np.ndarray] = []
+        found_v: list[np.ndarray] = []
+        kept = total = 0
+
+        def take(values: np.ndarray, first_cluster: int) -> None:
+            nonlocal kept, total
+            used = np.flatnonzero(values)
+            total += len(used)
+            room = PAST_EOF_KEPT - kept
+            if room > 0 and len(used):
+                used = used[:room]
+                found_c.append(used.astype(np.int64) + first_cluster)
+                found_v.append(values[used].astype(np.uint64))
+                kept += len(used)
+
+        take(tail, self.file_clusters)
+        _, first = np.unique(block_offsets, return_index=True)
+        once = np.sort(first)
+        for t, block in self._read_clusters(index[once], block_offsets[once]):
+            take(ent.decode_refcount_block(block, order), t * epb)
+        if found_c:
+            self.past_eof_clusters = np.concatenate(found_c)
+            self.past_eof_refcounts = np.concatenate(found_v)
+        self.past_eof_total = total
 
     def _read_clusters(self, keys: np.ndarray, offsets: np.ndarray) -> Iterator[tuple[int, bytes]]:
         """Yield (key, cluster bytes) for clusters at *offsets*, reading contiguous runs at once.
@@ -1081,6 +1136,9 @@ def walk(
         refcounts=w.refcounts,
         refcount_blocks=w.block_clusters,
         refcount_block_sources=w.block_sources,
+        past_eof_clusters=w.past_eof_clusters,
+        past_eof_refcounts=w.past_eof_refcounts,
+        past_eof_total=w.past_eof_total,
         defects=w.defects.list(),
         complete=w.complete,
     )

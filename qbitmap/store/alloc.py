@@ -179,29 +179,6 @@ class Allocator:
     def refcounts(self, first_cluster: int, count: int) -> list[int]:
         return [self.refcount(first_cluster + i) for i in range(count)]
 
-    def nonzero_refcounts(self, first_cluster: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """``(clusters, refcounts)`` of every cluster from *first_cluster* on with a refcount.
-
-        Reads only the refcount blocks the table links: clusters past the end
-        of the file count too (a killed writer can leave refcounts there).
-        """
-        epb = self.entries_per_block
-        linked = np.flatnonzero(self.table & np.uint64(layout.REFT_OFFSET_MASK))
-        found_c: list[np.ndarray] = []
-        found_v: list[np.ndarray] = []
-        for table_index in linked[linked >= first_cluster // epb].tolist():
-            values = self._block(table_index)
-            if values is None:
-                continue
-            used = np.flatnonzero(values).astype(np.int64)
-            clusters = used + table_index * epb
-            keep = clusters >= first_cluster
-            found_c.append(clusters[keep])
-            found_v.append(values[used[keep]])  # uint64: the exact refcounts
-        if not found_c:
-            return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-        return np.concatenate(found_c), np.concatenate(found_v)
-
     def highest_used_cluster(self) -> int:
         """Index of the last cluster with a non-zero refcount (-1 if none)."""
         for table_index in range(len(self.table) - 1, -1, -1):

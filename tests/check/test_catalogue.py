@@ -117,6 +117,7 @@ CATALOGUE: dict[str, tuple[str, int]] = {
     # notes only
     "name-nul-harmless": ("bitmap-name-nul", 0),
     "leaked-cluster": ("image-clusters-leaked", 3),
+    "refcount-past-eof": ("image-clusters-leaked-past-eof", 3),
     "levels-orphan": ("levels-record-orphan", 0),
     "levels-stale": ("levels-record-stale", 0),
     "levels-version-2": ("levels-extension-invalid", 0),

@@ -80,3 +80,34 @@ def test_a_64_bit_refcount_of_2_to_the_64_minus_1_is_freed(tmp_path):
         for cluster in (first, first + 3):
             f.seek(block + 8 * cluster)
             assert struct.unpack(">Q", f.read(8))[0] == 0
+
+
+def test_check_names_what_recover_frees_past_the_end_of_the_file(tmp_path):
+    """A refcount past the end of the file, which qemu-img check does not look at: check
+    reports it (exit 3, leaks only) rather than calling the image clean while recover
+    rewrites a refcount block."""
+    image = qemu.create_image(tmp_path / "t.qcow2", SIZE)
+    qemu.add_bitmap(image, "b0")
+    qemu.qemu_io_write(image, [(0, MiB)], pattern=0x51)
+    with open(image, "rb") as f:
+        head = f.read(104)
+    cs = 1 << struct.unpack(">I", head[20:24])[0]
+    reftable = struct.unpack(">Q", head[48:56])[0]
+    past = -(-image.stat().st_size // cs) + 5
+    with open(image, "r+b") as f:
+        f.seek(reftable)
+        block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
+        f.seek(block + 2 * past)
+        f.write(struct.pack(">H", 1))
+    rc, before = qemu.img_check(image)
+    assert rc == 0 and not before.get("leaks"), before
+
+    report = check_path(image)
+    assert report.exit_code == 3
+    finding = next(f for f in report.findings if f.code == "image-clusters-leaked-past-eof")
+    assert finding.offset == past * cs
+
+    recovered = recover(image, Options(mode="full"))
+    assert recovered.status == "leaks-reclaimed" and recovered.leaked_clusters_reclaimed == 1
+    _clean(image)
+    assert check_path(image).exit_code == 0
