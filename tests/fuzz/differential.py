@@ -125,6 +125,8 @@ PROPERTIES: dict[str, str] = {
     "never-worse": "recover on an image QEMU does not accept: if it wrote anything, QEMU's "
     "verdict is no worse and the guest data is byte-identical",
     "cli-agrees": "qbitmap check on the command line exits as the library's report says",
+    "ok-needs-no-repair": "check exits 0 => recover --mode full (with or without --drop-broken) "
+    "writes nothing: exit 0 says there is nothing to repair",
 }
 
 
@@ -319,6 +321,14 @@ def evaluate(obs: Observation) -> list[Failure]:
     for r in obs.recover:
         label = "recover --mode full" + (" --drop-broken" if r.drop_broken else "")
         fails += _run_failures(label, r.run, RECOVER_EXIT_CODES)
+        if code == 0 and r.changed:
+            fails.append(
+                Failure(
+                    "ok-needs-no-repair",
+                    f"qbitmap check exits 0, yet {label} changed the image ({_recover_note(r)})",
+                    f"check 0 / {label} wrote",
+                )
+            )
         refused = r.run.kind == "error" and r.run.exit_code == 2
         if refused and r.changed:
             fails.append(
@@ -967,6 +977,8 @@ class Summary:
             applicable.add("in-use-not-ok")
         if o.qemu.check_rc == 3:
             applicable.add("leaks-not-ok")
+        if o.check.kind in ("ok", "error") and o.check.exit_code == 0 and o.recover:
+            applicable.add("ok-needs-no-repair")
         for r in o.recover:
             if r.changed and o.qemu.accepted:
                 applicable |= {

@@ -56,6 +56,7 @@ CLASS_IDS = [
         "std64k:28805",  # C11 dirty bit: refcount errors QEMU reports are not checked
         "crash64k:10393",  # C12 disk size 0: recovered bitmaps QEMU cannot load
         "c512:31972",  # C13 64-bit refcount 2^64-1 past EOF: recover's leak reclaim crashed
+        "std64k:60130",  # C14 refcount past EOF: check said 0, recover rewrote a refcount block
         "noauto64k:11292",  # issue 8 item 1: a dropped table on a refcount table cluster stays
     )
 ]
