@@ -90,9 +90,6 @@ def recover(
     metadata), 64 usage error, 75 the image is in use, 130 interrupted.  With
     --json there is one JSON object for every status.
     """
-    from qbitmap.recover import Options
-    from qbitmap.recover import recover as run
-
     if mode in ("full", "level") and reference is not None:
         raise click.UsageError(f"--reference cannot be combined with --mode {mode}")
     if mode == "reference" and reference is None:
@@ -102,6 +99,13 @@ def recover(
     require_image_file(image)
     if reference is not None:
         require_image_file(reference)
+        # Before the engine's imports: the disks start reading both files meanwhile.
+        from qbitmap.recover.prefetch import prefetch_heads
+
+        prefetch_heads((image, reference))
+    from qbitmap.recover import Options
+    from qbitmap.recover import recover as run
+
     options = Options(
         names=names,
         mode=mode,
