@@ -1,4 +1,4 @@
-"""The first bytes of both files of a reference recovery, asked of the kernel at start-up.
+"""Asking the kernel to read ahead: the start-up read of both files, and the unit of a request.
 
 A ``recover --reference`` process spends its first few hundred milliseconds
 importing numpy and the format layer, opening and checking the image;
@@ -9,6 +9,12 @@ called before any of that: it asks the kernel to start reading the first
 so the start-up and the disks' first reads overlap.  The head of a qcow2
 file is where QEMU puts the metadata the check reads first, and a disk's
 data written in order follows it.
+
+Linux reads at most the larger of the device's read-ahead window and its
+largest request for one ``POSIX_FADV_WILLNEED`` call (``force_page_cache_ra``
+in mm/readahead.c caps it; the rest of the range is dropped), so a range is
+asked for in pieces of :func:`request_unit` bytes -- here, and by the
+comparison's :class:`qbitmap.recover.reference.ReadAhead`.
 
 A speed trick, in this one place, with this contract:
 
@@ -34,6 +40,44 @@ from collections.abc import Iterable
 #: Bytes of each file asked for at start-up: about what the disks read while the
 #: process starts (bench/bench_recover.py), and little page cache.
 HEAD_BYTES = 128 << 20
+#: A request, when the device does not say how much one may be.
+DEFAULT_UNIT = 1 << 20
+_UNIT_RANGE = (128 << 10, 16 << 20)
+
+
+def request_unit(fd: int) -> int:
+    """The most one ``POSIX_FADV_WILLNEED`` call reads from *fd*'s device, in bytes.
+
+    The larger of the block device's ``read_ahead_kb`` and ``max_sectors_kb``
+    (a partition's come from its disk); :data:`DEFAULT_UNIT` where there is
+    no block device to ask (tmpfs, network file systems).
+    """
+    try:
+        dev = os.fstat(fd).st_dev
+    except OSError:
+        return DEFAULT_UNIT
+    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    found = []
+    for queue in ("queue", "../queue"):
+        for name in ("read_ahead_kb", "max_sectors_kb"):
+            try:
+                with open(os.path.join(base, queue, name)) as f:
+                    found.append(int(f.read()) << 10)
+            except (OSError, ValueError):
+                pass
+    if not found:
+        return DEFAULT_UNIT
+    low, high = _UNIT_RANGE
+    return max(low, min(high, max(found)))
+
+
+def advise_willneed(fd: int, start: int, end: int, unit: int) -> None:
+    """Ask the kernel to read ``[start, end)`` of *fd*, *unit* bytes per request.
+
+    Raises OSError as ``posix_fadvise`` does (a file that takes no advice).
+    """
+    for pos in range(start, end, unit):
+        os.posix_fadvise(fd, pos, min(unit, end - pos), os.POSIX_FADV_WILLNEED)
 
 
 def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
@@ -46,11 +90,11 @@ def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
         try:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_size:
-                os.posix_fadvise(fd, 0, min(HEAD_BYTES, st.st_size), os.POSIX_FADV_WILLNEED)
+                advise_willneed(fd, 0, min(HEAD_BYTES, st.st_size), request_unit(fd))
         except OSError:
             pass
         finally:
             os.close(fd)
 
 
-__all__ = ["HEAD_BYTES", "prefetch_heads"]
+__all__ = ["DEFAULT_UNIT", "HEAD_BYTES", "advise_willneed", "prefetch_heads", "request_unit"]

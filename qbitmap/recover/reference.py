@@ -33,13 +33,14 @@ from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import group_any, popcount, unique_sorted
 from qbitmap.format.guest import COMPRESSED, ZERO, GuestDisk, ReadStats, Segment
 from qbitmap.parallel import ordered_map
+from qbitmap.recover.prefetch import advise_willneed, request_unit
 
 CHUNK_BYTES = 16 << 20  # guest bytes of one task: one worker's turn (fewer hand-offs)
 BLOCK_BYTES = 1 << 20  # bytes of each side read and compared at a time: in the cache
 TASK_PIECES = 256  # pieces in one task at most, however small they are
 READAHEAD_BYTES = 32 << 20  # file bytes per side the kernel is asked to fetch ahead
 READAHEAD_TASKS = 64  # planned tasks held ahead at most
-HINT_BYTES = 2 << 20  # one read-ahead request: the kernel's own unit for them
+HINT_BYTES = 2 << 20  # one read-ahead request at most (less where the device's unit is less)
 QUIET_BYTES = 4 * READAHEAD_BYTES  # reads without a wait after which read-ahead pauses
 
 
@@ -197,7 +198,8 @@ class ReadAhead:
       it have been handed out, as without it.
     * Both sides are asked for together, so both files are read at once, in
       requests as large as their ranges allow (:data:`HINT_BYTES` at a time,
-      the size of the kernel's own read-ahead requests).
+      or the device's own unit where that is less: the kernel drops what one
+      request asks beyond it, :func:`qbitmap.recover.prefetch.request_unit`).
     * It asks only while the cache is cold: after :data:`QUIET_BYTES` of
       planned reads during which no read had to wait for the storage
       (``ReadStats.waits``), it stops asking -- a hint for cached bytes costs
@@ -219,6 +221,7 @@ class ReadAhead:
         self._enabled = hasattr(os, "posix_fadvise")
         self._waits = -1  # reads that waited, when last looked at (-1: never: cold)
         self._quiet = 0  # file bytes planned since then
+        self._units: dict[int, int] = {}  # bytes per request, per file descriptor
 
     def __iter__(self) -> ReadAhead:
         return self
@@ -273,12 +276,14 @@ class ReadAhead:
                 self._advise(fd, start, end)
 
     def _advise(self, fd: int, start: int, end: int) -> None:
-        for pos in range(start, end, HINT_BYTES):
-            try:
-                os.posix_fadvise(fd, pos, min(HINT_BYTES, end - pos), os.POSIX_FADV_WILLNEED)
-            except OSError:
-                self._enabled = False  # advice the file does not take: read without it
-                return
+        unit = self._units.get(fd)
+        if unit is None:
+            # The kernel drops what one request asks beyond the device's own unit.
+            unit = self._units[fd] = min(HINT_BYTES, request_unit(fd))
+        try:
+            advise_willneed(fd, start, end, unit)
+        except OSError:
+            self._enabled = False  # advice the file does not take: read without it
 
 
 def _file_ranges(task: Task) -> tuple[list[int], list[list[int]]]:
