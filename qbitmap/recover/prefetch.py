@@ -39,7 +39,7 @@ from collections.abc import Iterable
 
 #: Bytes of each file asked for at start-up: about what the disks read while the
 #: process starts (bench/bench_recover.py), and little page cache.
-HEAD_BYTES = 128 << 20
+HEAD_BYTES = 256 << 20
 #: A request, when the device does not say how much one may be.
 DEFAULT_UNIT = 1 << 20
 _UNIT_RANGE = (128 << 10, 16 << 20)

@@ -33,7 +33,7 @@ from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import group_any, popcount, unique_sorted
 from qbitmap.format.guest import COMPRESSED, ZERO, GuestDisk, ReadStats, Segment
 from qbitmap.parallel import ordered_map
-from qbitmap.recover.prefetch import advise_willneed, request_unit
+from qbitmap.recover.prefetch import HEAD_BYTES, advise_willneed, request_unit
 
 CHUNK_BYTES = 16 << 20  # guest bytes of one task: one worker's turn (fewer hand-offs)
 BLOCK_BYTES = 1 << 20  # bytes of each side read and compared at a time: in the cache
@@ -41,7 +41,9 @@ TASK_PIECES = 256  # pieces in one task at most, however small they are
 READAHEAD_BYTES = 32 << 20  # file bytes per side the kernel is asked to fetch ahead
 READAHEAD_TASKS = 64  # planned tasks held ahead at most
 HINT_BYTES = 2 << 20  # one read-ahead request at most (less where the device's unit is less)
-QUIET_BYTES = 4 * READAHEAD_BYTES  # reads without a wait after which read-ahead pauses
+# Reads without a wait after which read-ahead pauses.  The start-up read of both heads
+# (recover/prefetch.py) is no sign of a warm cache: the threshold reaches past both.
+QUIET_BYTES = 2 * HEAD_BYTES + 4 * READAHEAD_BYTES
 
 
 def _load_memcmp() -> Any:
