@@ -120,6 +120,8 @@ class _Layer(Protocol):
 
     def file_range(self, seg: Segment) -> tuple[int, int, int] | None: ...
 
+    def fileno(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -227,6 +229,9 @@ class RawLayer:
 
     def file_range(self, seg: Segment) -> tuple[int, int, int] | None:
         return (self.fd, seg.host, seg.length) if seg.kind == DATA else None
+
+    def fileno(self) -> int:
+        return self.fd
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -507,6 +512,9 @@ class Qcow2Layer:
         else:
             out[:] = bytes(len(out))
 
+    def fileno(self) -> int:
+        return self.image.fd
+
     def file_range(self, seg: Segment) -> tuple[int, int, int] | None:
         if seg.kind == DATA:
             return self.image.fd, seg.host, seg.length
@@ -617,6 +625,10 @@ class GuestDisk:
         if seg.kind == ZERO or seg.layer is None:
             return None
         return seg.layer.file_range(seg)
+
+    def fileno(self) -> int:
+        """The file descriptor of the top file, the one *path* names."""
+        return self.top.fileno()
 
     def sources(self) -> set[tuple[int, int]]:
         """``(st_dev, st_ino)`` of every file of the chain, top to bottom."""

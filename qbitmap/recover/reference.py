@@ -41,9 +41,7 @@ TASK_PIECES = 256  # pieces in one task at most, however small they are
 READAHEAD_BYTES = 32 << 20  # file bytes per side the kernel is asked to fetch ahead
 READAHEAD_TASKS = 64  # planned tasks held ahead at most
 HINT_BYTES = 2 << 20  # one read-ahead request at most (less where the device's unit is less)
-# Reads without a wait after which read-ahead pauses.  The start-up read of both heads
-# (recover/prefetch.py) is no sign of a warm cache: the threshold reaches past both.
-QUIET_BYTES = 2 * HEAD_BYTES + 4 * READAHEAD_BYTES
+QUIET_BYTES = 4 * READAHEAD_BYTES  # reads without a wait after which read-ahead pauses
 
 
 def _load_memcmp() -> Any:
@@ -202,6 +200,11 @@ class ReadAhead:
       requests as large as their ranges allow (:data:`HINT_BYTES` at a time,
       or the device's own unit where that is less: the kernel drops what one
       request asks beyond it, :func:`qbitmap.recover.prefetch.request_unit`).
+    * The one exception: the head of each top file (IMAGE's and FILE's first
+      :data:`qbitmap.recover.prefetch.HEAD_BYTES`, their metadata and first
+      data, what ``recover``'s start-up read asked for already) is asked for
+      whole, once, first; the window and the counts below start past it, so
+      the storage goes on from the heads to what follows them without a pause.
     * It asks only while the cache is cold: after :data:`QUIET_BYTES` of
       planned reads during which no read had to wait for the storage
       (``ReadStats.waits``), it stops asking -- a hint for cached bytes costs
@@ -212,9 +215,13 @@ class ReadAhead:
     thread at a time.
     """
 
-    def __init__(self, tasks: Iterator[Task], stats: tuple[ReadStats, ...]) -> None:
+    def __init__(
+        self, tasks: Iterator[Task], stats: tuple[ReadStats, ...], tops: tuple[int, ...] = ()
+    ) -> None:
         self._tasks = tasks
         self._stats = stats
+        self._tops = tops  # file descriptors whose head is asked for first
+        self._heads: dict[int, int] = {}  # file descriptor -> bytes of its head asked for
         # (task, file bytes of side a, of side b, ranges not asked for yet)
         self._queue: deque[tuple[Task, int, int, list[list[int]]]] = deque()
         self._ahead = [0, 0]  # file bytes of the queued tasks, per side
@@ -246,7 +253,21 @@ class ReadAhead:
         self._ahead[1] -= b
         return task
 
+    def _ask_for_heads(self) -> None:
+        tops, self._tops = self._tops, ()
+        for fd in tops:
+            try:
+                size = os.fstat(fd).st_size
+                head = min(HEAD_BYTES, size)
+                if self._enabled and head:
+                    self._advise(fd, 0, head)
+            except OSError:
+                continue
+            self._heads[fd] = head
+
     def _fill(self) -> None:
+        if self._tops:
+            self._ask_for_heads()
         planned = 0
         while not self._queue or (
             len(self._queue) < READAHEAD_TASKS and max(self._ahead) < READAHEAD_BYTES
@@ -260,7 +281,7 @@ class ReadAhead:
                 self._error = exc
                 self._done = True
                 break
-            sizes, ranges = _file_ranges(task)
+            sizes, ranges = _file_ranges(task, self._heads)
             self._queue.append((task, sizes[0], sizes[1], ranges))
             self._ahead[0] += sizes[0]
             self._ahead[1] += sizes[1]
@@ -288,11 +309,15 @@ class ReadAhead:
             self._enabled = False  # advice the file does not take: read without it
 
 
-def _file_ranges(task: Task) -> tuple[list[int], list[list[int]]]:
+def _file_ranges(
+    task: Task, heads: dict[int, int] | None = None
+) -> tuple[list[int], list[list[int]]]:
     """File bytes each side of *task* reads, and the ``[fd, start, end]`` ranges, merged
-    where contiguous on the same file (the parts of one compressed cluster: once)."""
-    sizes = [0, 0]
-    ranges: list[list[int]] = []
+    where contiguous on the same file (the parts of one compressed cluster: once).
+
+    Bytes inside a file's head already asked for (*heads*: fd -> bytes) are left out
+    of both."""
+    runs: list[tuple[list[int], int]] = []
     last: dict[int, list[int]] = {}
     for part in task.parts:
         for side, seg in ((0, part.a), (1, part.b)):
@@ -302,14 +327,19 @@ def _file_ranges(task: Task) -> tuple[list[int], list[list[int]]]:
             fd, start, length = where
             run = last.get(fd)
             if run is not None and run[1] <= start <= run[2]:
-                grown = max(run[2], start + length)
-                sizes[side] += grown - run[2]
-                run[2] = grown
+                run[2] = max(run[2], start + length)
                 continue
             run = [fd, start, start + length]
-            ranges.append(run)
+            runs.append((run, side))
             last[fd] = run
-            sizes[side] += length
+    sizes = [0, 0]
+    ranges: list[list[int]] = []
+    for run, side in runs:
+        fd, start, end = run
+        start = max(start, heads.get(fd, 0)) if heads else start
+        if start < end:
+            sizes[side] += end - start
+            ranges.append([fd, start, end])
     ranges.reverse()  # popped from the end: asked for in order
     return sizes, ranges
 
@@ -363,6 +393,7 @@ class Comparison:
         self._tasks: ReadAhead | None = ReadAhead(
             plan(pieces(self._image, self._reference, virtual_size, self.stats)),
             (self._image.stats, self._reference.stats),
+            (self._image.fileno(), self._reference.fileno()),
         )
 
     def start(self) -> None:

@@ -256,6 +256,7 @@ def test_read_ahead_names_only_bytes_that_are_read_each_once_and_stays_bounded(
     monkeypatch.setattr(reference, "CHUNK_BYTES", 4 * G)
     monkeypatch.setattr(reference, "READAHEAD_BYTES", 10 * G)
     monkeypatch.setattr(reference, "HINT_BYTES", 3 * G)
+    monkeypatch.setattr(reference, "HEAD_BYTES", 5 * G)
     size = 64 * MiB
     image = qemu.create_image(tmp_path / "image.qcow2", size)
     ref = qemu.create_image(tmp_path / "ref.qcow2", size)
@@ -270,14 +271,23 @@ def test_read_ahead_names_only_bytes_that_are_read_each_once_and_stays_bounded(
     assert found(bits) == oracle(image, ref, tmp_path, size)
     hinted, read = rec.bytes_of("hint"), rec.bytes_of("read")
     assert hinted, "nothing was read ahead"
+    # Each file's head (its metadata and first data) is asked for whole, first, once.
+    hints = [(fd, off, n) for kind, fd, off, n in rec.events if kind == "hint"]
+    assert len(hinted) == 2
+    for fd in hinted:
+        first = [(off, n) for f, off, n in hints if f == fd][:2]
+        assert first == [(0, 3 * G), (3 * G, 2 * G)], first
     for fd, count in hinted.items():
         assert count.max() == 1, "a byte was asked for twice"
         got = read.get(fd, np.zeros(0, np.int32))
         got = np.pad(got, (0, max(0, len(count) - len(got))))
-        assert not np.any((count > 0) & (got[: len(count)] == 0)), "a byte asked for, never read"
-    # Bounded: what is asked for and not yet read never exceeds the window, plus the
+        past_head = np.arange(len(count)) >= 5 * G
+        assert not np.any((count > 0) & (got[: len(count)] == 0) & past_head), (
+            "a byte past the head asked for, never read"
+        )
+    # Bounded: what is asked for and not yet read never exceeds the head, the window, the
     # tasks the workers hold (ordered_map's bound) and one request, per file.
-    limit = 10 * G + (4 * 2 + 2) * 4 * G + 3 * G
+    limit = 5 * G + 10 * G + (4 * 2 + 2) * 4 * G + 3 * G
     outstanding: dict[int, int] = {}
     hinted_at: dict[int, np.ndarray] = {}
     for kind, fd, off, n in rec.events:
