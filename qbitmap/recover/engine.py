@@ -329,7 +329,7 @@ def _start_comparison(session: WriteSession, options: Options) -> Comparison | N
     Opened under the write lock, before the check runs, so that the storage
     reads both files' data while the check and the plan take their time.
     Only a head start: if the plan picks no reference mode, it is closed
-    unused (what it cost: one read-ahead window of page cache per file);
+    unused (what it cost: the page cache of both heads and one read-ahead window);
     if opening fails, the comparison proper opens the files again and
     meets the error where it always has, after the check.
     """

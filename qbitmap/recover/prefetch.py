@@ -80,21 +80,38 @@ def advise_willneed(fd: int, start: int, end: int, unit: int) -> None:
         os.posix_fadvise(fd, pos, min(unit, end - pos), os.POSIX_FADV_WILLNEED)
 
 
+def ask_for_head(fd: int, unit: int) -> int:
+    """Ask the kernel for the head of *fd*'s file, *unit* bytes per request; its length.
+
+    The head is the first :data:`HEAD_BYTES` of a regular file (0 bytes of
+    anything else).  Raises OSError as ``fstat`` and ``posix_fadvise`` do.
+    """
+    st = os.fstat(fd)
+    head = min(HEAD_BYTES, st.st_size) if stat.S_ISREG(st.st_mode) else 0
+    advise_willneed(fd, 0, head, unit)
+    return head
+
+
 def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
-    """Ask the kernel to start reading the first :data:`HEAD_BYTES` of each regular file."""
+    """Ask the kernel to start reading the head of each regular file (:func:`ask_for_head`)."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
         try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size:
-                advise_willneed(fd, 0, min(HEAD_BYTES, st.st_size), request_unit(fd))
+            ask_for_head(fd, request_unit(fd))
         except OSError:
             pass
         finally:
             os.close(fd)
 
 
-__all__ = ["DEFAULT_UNIT", "HEAD_BYTES", "advise_willneed", "prefetch_heads", "request_unit"]
+__all__ = [
+    "DEFAULT_UNIT",
+    "HEAD_BYTES",
+    "advise_willneed",
+    "ask_for_head",
+    "prefetch_heads",
+    "request_unit",
+]

@@ -33,7 +33,7 @@ from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import group_any, popcount, unique_sorted
 from qbitmap.format.guest import COMPRESSED, ZERO, GuestDisk, ReadStats, Segment
 from qbitmap.parallel import ordered_map
-from qbitmap.recover.prefetch import HEAD_BYTES, advise_willneed, request_unit
+from qbitmap.recover.prefetch import advise_willneed, ask_for_head, request_unit
 
 CHUNK_BYTES = 16 << 20  # guest bytes of one task: one worker's turn (fewer hand-offs)
 BLOCK_BYTES = 1 << 20  # bytes of each side read and compared at a time: in the cache
@@ -256,14 +256,12 @@ class ReadAhead:
     def _ask_for_heads(self) -> None:
         tops, self._tops = self._tops, ()
         for fd in tops:
+            if not self._enabled:
+                return
             try:
-                size = os.fstat(fd).st_size
-                head = min(HEAD_BYTES, size)
-                if self._enabled and head:
-                    self._advise(fd, 0, head)
+                self._heads[fd] = ask_for_head(fd, self._unit(fd))
             except OSError:
-                continue
-            self._heads[fd] = head
+                self._enabled = False  # advice the file does not take: read without it
 
     def _fill(self) -> None:
         if self._tops:
@@ -298,13 +296,16 @@ class ReadAhead:
                 fd, start, end = ranges.pop()
                 self._advise(fd, start, end)
 
-    def _advise(self, fd: int, start: int, end: int) -> None:
+    def _unit(self, fd: int) -> int:
         unit = self._units.get(fd)
         if unit is None:
             # The kernel drops what one request asks beyond the device's own unit.
             unit = self._units[fd] = min(HINT_BYTES, request_unit(fd))
+        return unit
+
+    def _advise(self, fd: int, start: int, end: int) -> None:
         try:
-            advise_willneed(fd, start, end, unit)
+            advise_willneed(fd, start, end, self._unit(fd))
         except OSError:
             self._enabled = False  # advice the file does not take: read without it
 
@@ -368,7 +369,7 @@ class Comparison:
     compares, once.  Open it only where the image cannot change any more
     (under the write lock): the plan comes from the metadata read here.
     Use as a context manager; closing it unused wastes nothing but the
-    window's page cache.
+    page cache of both heads and the window.
     """
 
     def __init__(

@@ -18,7 +18,7 @@ from corrupt import poke
 from recover_helpers import CRASH_WRITES, STORED_WRITES, granules
 
 from qbitmap.errors import RefusedError
-from qbitmap.recover import Options, engine, recover, reference
+from qbitmap.recover import Options, engine, prefetch, recover
 
 G = 65536
 
@@ -75,7 +75,7 @@ class _Events:
 def test_both_files_are_read_ahead_before_the_check_and_only_bytes_read_once(crashed, monkeypatch):
     files = {"image": crashed.image, "reference": crashed.backup}
     head = 1 << 20  # smaller than the files, so that the window past the heads is seen too
-    monkeypatch.setattr(reference, "HEAD_BYTES", head)
+    monkeypatch.setattr(prefetch, "HEAD_BYTES", head)
     rec = _Events(monkeypatch, files)
     report = recover(crashed.image, Options(reference=crashed.backup))
     monkeypatch.undo()

@@ -24,7 +24,7 @@ import qemu
 
 from qbitmap.errors import ImageFormatError
 from qbitmap.format.guest import COMPRESSED, GuestDisk
-from qbitmap.recover import reference
+from qbitmap.recover import prefetch, reference
 from qbitmap.recover.reference import diff_bits
 
 MiB = 1 << 20
@@ -256,7 +256,7 @@ def test_read_ahead_names_only_bytes_that_are_read_each_once_and_stays_bounded(
     monkeypatch.setattr(reference, "CHUNK_BYTES", 4 * G)
     monkeypatch.setattr(reference, "READAHEAD_BYTES", 10 * G)
     monkeypatch.setattr(reference, "HINT_BYTES", 3 * G)
-    monkeypatch.setattr(reference, "HEAD_BYTES", 5 * G)
+    monkeypatch.setattr(prefetch, "HEAD_BYTES", 5 * G)
     size = 64 * MiB
     image = qemu.create_image(tmp_path / "image.qcow2", size)
     ref = qemu.create_image(tmp_path / "ref.qcow2", size)
