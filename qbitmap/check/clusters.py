@@ -24,7 +24,7 @@ from qbitmap.check.directory import directory_findings, entry_findings, name_fin
 from qbitmap.check.findings import Finding, Severity
 from qbitmap.check.tables import entry_problems
 from qbitmap.format import BitmapEntry, Image, IncompatibleFeature, layout, unique_sorted
-from qbitmap.format.entries import refcounts_as_int64
+from qbitmap.format.entries import refcounts_as_int64, stored_refcounts_of
 from qbitmap.format.model import BitmapStructures
 from qbitmap.format.references import (
     BitmapRef,
@@ -333,11 +333,10 @@ def ignored_bitmaps(
     bm = bitmap_references(image, bitmaps)
     clusters = unique_sorted(bm[0])
     recoverable = image.header.version >= 3 and not problems and len(bm[0]) == len(clusters)
-    stored = refmap.stored_refcounts(clusters)
-    if stored is None:
+    if refmap.refcounts is None:
         recoverable = False
     elif recoverable and len(clusters):
-        rc, inside = stored
+        rc, inside = stored_refcounts_of(refmap.refcounts, clusters)
         others = refmap.reference_counts(clusters)
         recoverable = bool(inside.all() and (rc == 1).all() and (others == 0).all())
     return bitmaps, problems, clusters, recoverable

@@ -610,6 +610,10 @@ class _Plan:
             }  # check_image applied the -b names
         named = bool(self.options.names)
         for entry in self.entries:
+            # An entry not chosen is left alone, unless the extension is revived: the whole
+            # directory becomes QEMU's again, so its name is repaired all the same.
+            if entry.index not in chosen and not ignored:
+                continue
             # An ignored extension's entries have no findings of their own; its names QEMU
             # would refuse are reported for the extension, each with its entry's index.
             problems = [
@@ -620,20 +624,6 @@ class _Plan:
                 and (f.area == "bitmap" or (ignored and f.area == "bitmaps"))
             ]
             repairs = {REPAIRS.get(f.code) for f in problems}
-            if entry.index not in chosen:
-                if ignored:
-                    # Kept, but marked in use: still stale.  Its name is repaired all the
-                    # same, since the whole directory becomes QEMU's again.
-                    if None in repairs:
-                        self.drop.add(entry.index)
-                        self.results[entry.index] = BitmapResult(
-                            entry.display_name, "dropped", reason=problems[0].message
-                        )
-                        continue
-                    if "rename" in repairs:
-                        self.renames.add(entry.index)
-                    self.stale_kept.add(entry.index)
-                continue
             if None in repairs:
                 self.drop.add(entry.index)
                 self.results[entry.index] = BitmapResult(
@@ -642,6 +632,9 @@ class _Plan:
                 continue
             if "rename" in repairs:
                 self.renames.add(entry.index)
+            if entry.index not in chosen:
+                self.stale_kept.add(entry.index)  # kept, but marked in use: still stale
+                continue
             if "rewrite" in repairs:
                 # QEMU loads it, but its clusters are damaged: its bits cannot be trusted.
                 self.targets[entry.index] = "full"
