@@ -20,18 +20,23 @@ from qbitmap.recover import Options, recover
 MiB = 1 << 20
 
 
-def test_a_huge_leaked_refcount_is_freed_in_one_write(tmp_path):
-    image = qemu.create_image(tmp_path / "t.qcow2", SIZE)
+def _image_with_refcount_block(tmp_path, *extra_opts):
+    """A QEMU-made image with bitmap b0 and 1 MiB of data: ``(image, cluster size, file
+    offset of its first refcount block, first cluster past the end of the file)``."""
+    image = qemu.create_image(tmp_path / "t.qcow2", SIZE, extra_opts=list(extra_opts))
     qemu.add_bitmap(image, "b0")
     qemu.qemu_io_write(image, [(0, MiB)], pattern=0x51)
     with open(image, "rb") as f:
         head = f.read(104)
-    cs = 1 << struct.unpack(">I", head[20:24])[0]
-    reftable = struct.unpack(">Q", head[48:56])[0]
-    first = -(-image.stat().st_size // cs)
-    with open(image, "r+b") as f:
-        f.seek(reftable)
+        cs = 1 << struct.unpack(">I", head[20:24])[0]
+        f.seek(struct.unpack(">Q", head[48:56])[0])
         block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
+    return image, cs, block, -(-image.stat().st_size // cs)
+
+
+def test_a_huge_leaked_refcount_is_freed_in_one_write(tmp_path):
+    image, cs, block, first = _image_with_refcount_block(tmp_path)
+    with open(image, "r+b") as f:
         # the highest 16-bit refcount on two clusters nothing references: one inside the
         # file (a leak to qemu-img check), one past its end (which qemu-img check ignores)
         for cluster in (first, first + 3):
@@ -52,17 +57,8 @@ def test_a_huge_leaked_refcount_is_freed_in_one_write(tmp_path):
 
 def test_a_64_bit_refcount_of_2_to_the_64_minus_1_is_freed(tmp_path):
     """A 64-bit refcount at or above 2^63 is a count, not a negative number."""
-    image = qemu.create_image(tmp_path / "t.qcow2", SIZE, extra_opts=["refcount_bits=64"])
-    qemu.add_bitmap(image, "b0")
-    qemu.qemu_io_write(image, [(0, MiB)], pattern=0x51)
-    with open(image, "rb") as f:
-        head = f.read(104)
-    cs = 1 << struct.unpack(">I", head[20:24])[0]
-    reftable = struct.unpack(">Q", head[48:56])[0]
-    first = -(-image.stat().st_size // cs)
+    image, cs, block, first = _image_with_refcount_block(tmp_path, "refcount_bits=64")
     with open(image, "r+b") as f:
-        f.seek(reftable)
-        block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
         # inside the file (a leak to qemu-img check) and past its end (invisible to it)
         for cluster, value in ((first, 1 << 63), (first + 3, (1 << 64) - 1)):
             f.seek(block + 8 * cluster)
@@ -86,17 +82,9 @@ def test_check_names_what_recover_frees_past_the_end_of_the_file(tmp_path):
     """A refcount past the end of the file, which qemu-img check does not look at: check
     reports it (exit 3, leaks only) rather than calling the image clean while recover
     rewrites a refcount block."""
-    image = qemu.create_image(tmp_path / "t.qcow2", SIZE)
-    qemu.add_bitmap(image, "b0")
-    qemu.qemu_io_write(image, [(0, MiB)], pattern=0x51)
-    with open(image, "rb") as f:
-        head = f.read(104)
-    cs = 1 << struct.unpack(">I", head[20:24])[0]
-    reftable = struct.unpack(">Q", head[48:56])[0]
-    past = -(-image.stat().st_size // cs) + 5
+    image, cs, block, first = _image_with_refcount_block(tmp_path)
+    past = first + 5
     with open(image, "r+b") as f:
-        f.seek(reftable)
-        block = struct.unpack(">Q", f.read(8))[0] & ~0x1FF
         f.seek(block + 2 * past)
         f.write(struct.pack(">H", 1))
     rc, before = qemu.img_check(image)
