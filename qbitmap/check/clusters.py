@@ -285,12 +285,19 @@ def _past_eof_leaks(refmap: ReferenceMap) -> Iterator[Finding]:
         where = f" (the first at {first << refmap.cluster_bits:#x})"
     else:
         first, where = refmap.file_clusters, ""
+    # recover frees what the walk kept one by one (Plan.find_leaks); more than that is not
+    # what a killed writer leaves, and it leaves them.
+    remedy = (
+        "'qbitmap recover' frees them"
+        if refmap.past_eof_total == len(clusters)
+        else "there are too many for a killed writer's trace, and 'qbitmap recover' leaves them"
+    )
     yield Finding(
         "image-clusters-leaked-past-eof",
         f"{_plural(count, 'cluster')} past the end of the file "
         f"{'has' if count == 1 else 'have'} a refcount and no reference{where}: QEMU's check "
-        "does not look past the end of the file, but its allocator skips them as the file "
-        "grows; 'qbitmap recover' frees them",
+        f"does not look past the end of the file, but its allocator skips them as the file "
+        f"grows; {remedy}",
         offset=first << refmap.cluster_bits,
         field="refcount",
     )

@@ -15,6 +15,7 @@ from recover_helpers import SIZE
 from recover_helpers import clean as _clean
 
 from qbitmap.check import check_path
+from qbitmap.format import references
 from qbitmap.recover import Options, recover
 
 MiB = 1 << 20
@@ -99,3 +100,24 @@ def test_check_names_what_recover_frees_past_the_end_of_the_file(tmp_path):
     assert recovered.status == "leaks-reclaimed" and recovered.leaked_clusters_reclaimed == 1
     _clean(image)
     assert check_path(image).exit_code == 0
+
+
+def test_more_refcounts_past_the_end_than_are_kept_are_reported_and_left(tmp_path, monkeypatch):
+    """Past the walk's bound on refcounts kept one by one, check still counts them all, and
+    says that recover leaves them -- which it does."""
+    monkeypatch.setattr(references, "PAST_EOF_KEPT", 2)
+    image, _cs, block, first = _image_with_refcount_block(tmp_path)
+    with open(image, "r+b") as f:
+        for cluster in (first + 3, first + 4, first + 6):
+            f.seek(block + 2 * cluster)
+            f.write(struct.pack(">H", 1))
+
+    report = check_path(image)
+    assert report.exit_code == 3
+    finding = next(f for f in report.findings if f.code == "image-clusters-leaked-past-eof")
+    assert finding.message.startswith("3 clusters past the end of the file")
+    assert "'qbitmap recover' leaves them" in finding.message
+
+    recovered = recover(image, Options(mode="full"))
+    assert recovered.leaked_clusters_reclaimed == 0
+    assert check_path(image).exit_code == 3
