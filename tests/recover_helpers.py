@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qemu
@@ -172,3 +176,20 @@ def no_corruption(image: Path) -> None:
 def clean(image: Path) -> None:
     rc, report = qemu.img_check(image)
     assert rc == 0, report
+
+
+def run_probe(probe: str, tag: str, *args: object) -> tuple[dict, Any]:
+    """Run *probe* in a fresh interpreter with *args* as its command line.
+
+    *probe* is Python source that runs qbitmap's command line and then
+    writes one line ``TAG <json>`` to stderr.  Returns the JSON report the
+    command printed on stdout, and that tagged JSON.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = next(x for x in proc.stderr.splitlines() if x.startswith(tag + " "))
+    return json.loads(proc.stdout), json.loads(line[len(tag) + 1 :])

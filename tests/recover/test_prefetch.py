@@ -8,14 +8,12 @@ advice: bounded, read-only, and it never blocks on or fails for an odd path.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
+from recover_helpers import run_probe
 
 from qbitmap.recover.prefetch import DEFAULT_UNIT, HEAD_BYTES, prefetch_heads, request_unit
 
@@ -47,14 +45,7 @@ finally:
 
 
 def _events(*args: object) -> tuple[dict, list[list]]:
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("EVENTS "))
-    return json.loads(proc.stdout), json.loads(line[len("EVENTS ") :])
+    return run_probe(PROBE, "EVENTS", *args)
 
 
 def test_both_heads_are_asked_for_before_numpy_loads(crashed):

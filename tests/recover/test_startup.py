@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from recover_helpers import assert_qemu_accepts
+from recover_helpers import assert_qemu_accepts, run_probe
 
 PROBE = """
 import json, sys
@@ -29,14 +29,7 @@ finally:
 
 
 def _probe(*args: object) -> tuple[dict, list[str]]:
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("LOADED "))
-    return json.loads(proc.stdout), json.loads(line[len("LOADED ") :])
+    return run_probe(PROBE, "LOADED", *args)
 
 
 def test_json_runs_load_no_rich(crashed):
