@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 import numpy as np
 
@@ -33,15 +33,15 @@ from qbitmap.errors import ImageFormatError, UnsupportedImageError, UsageError
 from qbitmap.format.bitmap import group_any, popcount, unique_sorted
 from qbitmap.format.guest import COMPRESSED, ZERO, GuestDisk, ReadStats, Segment
 from qbitmap.parallel import ordered_map
-from qbitmap.recover.prefetch import advise_willneed, ask_for_head, request_unit
+from qbitmap.recover.prefetch import Hints, claim
 
 CHUNK_BYTES = 16 << 20  # guest bytes of one task: one worker's turn (fewer hand-offs)
 BLOCK_BYTES = 1 << 20  # bytes of each side read and compared at a time: in the cache
 TASK_PIECES = 256  # pieces in one task at most, however small they are
-READAHEAD_BYTES = 32 << 20  # file bytes per side the kernel is asked to fetch ahead
+READAHEAD_BYTES = 128 << 20  # file bytes per side the kernel is asked to fetch ahead
 READAHEAD_TASKS = 64  # planned tasks held ahead at most
 HINT_BYTES = 2 << 20  # one read-ahead request at most (less where the device's unit is less)
-QUIET_BYTES = 4 * READAHEAD_BYTES  # reads without a wait after which read-ahead pauses
+QUIET_BYTES = 128 << 20  # reads without a wait after which read-ahead pauses
 
 
 def _load_memcmp() -> Any:
@@ -94,9 +94,9 @@ class DiffStats:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """A guest range where one segment of each side must be compared."""
+class Piece(NamedTuple):
+    """A guest range where one segment of each side must be compared (a named tuple, as
+    :class:`~qbitmap.format.guest.Segment` is: one is made per segment while planning)."""
 
     start: int
     end: int
@@ -192,6 +192,11 @@ class ReadAhead:
       the task handed out, and at most :data:`READAHEAD_TASKS` planned tasks
       are held, so neither the page cache it fills nor the process's memory
       grows with the disks.
+    * The requests are made by a thread of their own
+      (:class:`qbitmap.recover.prefetch.Hints`), in the order planned: a
+      request blocks while the device's queue is full, and the workers
+      compare meanwhile.  :meth:`close` drops what is not asked for yet and
+      waits for that thread, before the files may be closed.
     * It is advice: the bytes compared are read by the workers with
       ``pread`` whatever happens to a hint, so the result never depends on it.
       A failing plan (an unreadable L2 table) is raised when the tasks before
@@ -200,11 +205,12 @@ class ReadAhead:
       requests as large as their ranges allow (:data:`HINT_BYTES` at a time,
       or the device's own unit where that is less: the kernel drops what one
       request asks beyond it, :func:`qbitmap.recover.prefetch.request_unit`).
-    * The one exception: the head of each top file (IMAGE's and FILE's first
-      :data:`qbitmap.recover.prefetch.HEAD_BYTES`, their metadata and first
-      data, what ``recover``'s start-up read asked for already) is asked for
-      whole, once, first; the window and the counts below start past it, so
-      the storage goes on from the heads to what follows them without a pause.
+    * The one exception: what ``recover``'s start-up pull
+      (:func:`qbitmap.recover.prefetch.prefetch_heads`) read of a top file,
+      from offset 0 on, is in the page cache already and never asked for
+      here.  The window claims the pull (:func:`qbitmap.recover.prefetch.claim`),
+      which stops it: from then on the storage reads in the order the tasks
+      do, and no byte is asked for twice.
     * It asks only while the cache is cold: after :data:`QUIET_BYTES` of
       planned reads during which no read had to wait for the storage
       (``ReadStats.waits``), it stops asking -- a hint for cached bytes costs
@@ -220,17 +226,16 @@ class ReadAhead:
     ) -> None:
         self._tasks = tasks
         self._stats = stats
-        self._tops = tops  # file descriptors whose head is asked for first
-        self._heads: dict[int, int] = {}  # file descriptor -> bytes of its head asked for
+        self._tops = tops  # file descriptors whose start-up pull is claimed
+        self._heads: dict[int, int] = {}  # file descriptor -> bytes pulled from offset 0
         # (task, file bytes of side a, of side b, ranges not asked for yet)
         self._queue: deque[tuple[Task, int, int, list[list[int]]]] = deque()
         self._ahead = [0, 0]  # file bytes of the queued tasks, per side
         self._done = False
         self._error: Exception | None = None
-        self._enabled = hasattr(os, "posix_fadvise")
+        self._hints = Hints(HINT_BYTES) if hasattr(os, "posix_fadvise") else None
         self._waits = -1  # reads that waited, when last looked at (-1: never: cold)
         self._quiet = 0  # file bytes planned since then
-        self._units: dict[int, int] = {}  # bytes per request, per file descriptor
 
     def __iter__(self) -> ReadAhead:
         return self
@@ -253,19 +258,22 @@ class ReadAhead:
         self._ahead[1] -= b
         return task
 
-    def _ask_for_heads(self) -> None:
+    def _claim_heads(self) -> None:
         tops, self._tops = self._tops, ()
         for fd in tops:
-            if not self._enabled:
-                return
-            try:
-                self._heads[fd] = ask_for_head(fd, self._unit(fd))
-            except OSError:
-                self._enabled = False  # advice the file does not take: read without it
+            pull = claim(fd)
+            if pull is not None:
+                self._heads[fd] = pull.position
+
+    def close(self) -> None:
+        """Stop asking (the requests' thread ends); the files may be closed then."""
+        self._tops = ()
+        if self._hints is not None:
+            self._hints.close()
 
     def _fill(self) -> None:
         if self._tops:
-            self._ask_for_heads()
+            self._claim_heads()
         planned = 0
         while not self._queue or (
             len(self._queue) < READAHEAD_TASKS and max(self._ahead) < READAHEAD_BYTES
@@ -289,25 +297,13 @@ class ReadAhead:
             self._waits, self._quiet = waits, 0
         cold = self._quiet < QUIET_BYTES
         self._quiet += planned
-        if not (cold and self._enabled):
+        hints = self._hints
+        if not cold or hints is None:
             return
         for _task, _a, _b, ranges in self._queue:
             while ranges:
                 fd, start, end = ranges.pop()
-                self._advise(fd, start, end)
-
-    def _unit(self, fd: int) -> int:
-        unit = self._units.get(fd)
-        if unit is None:
-            # The kernel drops what one request asks beyond the device's own unit.
-            unit = self._units[fd] = min(HINT_BYTES, request_unit(fd))
-        return unit
-
-    def _advise(self, fd: int, start: int, end: int) -> None:
-        try:
-            advise_willneed(fd, start, end, self._unit(fd))
-        except OSError:
-            self._enabled = False  # advice the file does not take: read without it
+                hints.ask(fd, start, end)
 
 
 def _file_ranges(
@@ -391,11 +387,12 @@ class Comparison:
             self._image.close()
             raise
         self.stats.reference_size = self._reference.size
-        self._tasks: ReadAhead | None = ReadAhead(
+        self._read_ahead = ReadAhead(
             plan(pieces(self._image, self._reference, virtual_size, self.stats)),
             (self._image.stats, self._reference.stats),
             (self._image.fileno(), self._reference.fileno()),
         )
+        self._tasks: ReadAhead | None = self._read_ahead
 
     def start(self) -> None:
         """Ask for the first read-ahead window of both files now, and return."""
@@ -428,8 +425,11 @@ class Comparison:
         with ctx as progress:  # type: ignore[attr-defined]
             done = 0
             # Closed on the way out, whatever ends the loop (an error, Ctrl-C): the
-            # workers are stopped and joined before the disks are closed.
-            with contextlib.closing(ordered_map(compare, tasks, buffers)) as results:
+            # workers and the pulls are stopped and joined before the disks are closed.
+            with (
+                contextlib.closing(tasks),
+                contextlib.closing(ordered_map(compare, tasks, buffers)) as results,
+            ):
                 for task, found in results:
                     stats.compared_bytes += task.length
                     if len(found):
@@ -444,12 +444,13 @@ class Comparison:
         return bits, stats
 
     def close(self) -> None:
-        """Close both files (again: nothing)."""
+        """Stop the pulls and close both files (again: nothing)."""
         self._tasks = None
         if self._closed:
             return
         self._closed = True
         try:
+            self._read_ahead.close()
             self._image.close()
         finally:
             self._reference.close()

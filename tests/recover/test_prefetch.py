@@ -1,38 +1,73 @@
-"""recover --reference asks the kernel for the head of both files before its heavy imports.
+"""recover --reference pulls the head of both files into the page cache from its first instant.
 
-The process spends its start-up importing numpy and the format layer; the
-disks read the first bytes of IMAGE and FILE meanwhile.  The request is
-advice: bounded, read-only, and it never blocks on or fails for an odd path.
+The process spends its start-up importing numpy and the format layer; a
+thread per file reads the head of IMAGE and FILE meanwhile, in order, into
+the page cache.  The comparison claims those pulls, and asks the kernel
+only for what lies past what they read.  The pulls are advice: bounded,
+read-only, and they never block on or fail for an odd path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
+import threading
 import time
 
 import numpy as np
+import pytest
 from recover_helpers import run_probe
 
-from qbitmap.recover.prefetch import DEFAULT_UNIT, HEAD_BYTES, prefetch_heads, request_unit
+from qbitmap.recover import prefetch
+from qbitmap.recover.prefetch import (
+    DEFAULT_UNIT,
+    Hints,
+    Pull,
+    claim,
+    head_length,
+    prefetch_heads,
+    request_unit,
+)
 
-# Records every POSIX_FADV_WILLNEED request (path, offset, length) and the moment numpy is
-# first imported, then runs the command line.
+MiB = 1 << 20
+
+# Records every pull step (sendfile), every read-ahead request (POSIX_FADV_WILLNEED) and
+# every read, with the file's path, then runs the command line.
 PROBE = """
-import json, os, sys
+import json, os, sys, threading
 events = []
-real_advise = os.posix_fadvise
+lock = threading.Lock()
+def path_of(fd):
+    return os.readlink(f"/proc/self/fd/{fd}")
+def record(*event):
+    with lock:
+        events.append(list(event))
+real_advise, real_sendfile = os.posix_fadvise, os.sendfile
+real_preadv, real_pread = os.preadv, os.pread
 def advise(fd, offset, length, advice):
     if advice == os.POSIX_FADV_WILLNEED:
-        events.append(["willneed", os.readlink(f"/proc/self/fd/{fd}"), offset, length])
+        record("hint", path_of(fd), offset, length)
     return real_advise(fd, offset, length, advice)
-os.posix_fadvise = advise
+def sendfile(out_fd, in_fd, offset, count):
+    n = real_sendfile(out_fd, in_fd, offset, count)
+    record("pull", path_of(in_fd), offset, n)
+    return n
+def preadv(fd, buffers, offset, *flags):
+    n = real_preadv(fd, buffers, offset, *flags)
+    record("read", path_of(fd), offset, n)
+    return n
+def pread(fd, length, offset):
+    data = real_pread(fd, length, offset)
+    record("read", path_of(fd), offset, len(data))
+    return data
+os.posix_fadvise, os.sendfile, os.preadv, os.pread = advise, sendfile, preadv, pread
 
 class Watch:
     def find_spec(self, name, path=None, target=None):
         if name == "numpy" and not any(e[0] == "numpy" for e in events):
-            events.append(["numpy", "", 0, 0])
+            record("numpy", "", 0, 0)
         return None
 sys.meta_path.insert(0, Watch())
 from qbitmap.cli import cli
@@ -48,26 +83,45 @@ def _events(*args: object) -> tuple[dict, list[list]]:
     return run_probe(PROBE, "EVENTS", *args)
 
 
-def test_both_heads_are_asked_for_before_numpy_loads(crashed):
-    report, events = _events(
-        "recover", "--json", "--dry-run", "--reference", crashed.backup, crashed.image
-    )
-    assert report["status"] == "dry-run"
+def _count(events: list[list], kind: str, path: str, size: int) -> np.ndarray:
+    """How many times each byte of *path* was named by events of *kind*."""
+    out = np.zeros(size, dtype=np.int32)
+    for k, p, offset, length in events:
+        if k == kind and p == path:
+            out[offset : offset + length] += 1
+    return out
+
+
+def test_both_heads_are_pulled_from_the_start_and_never_asked_for_again(crashed):
+    report, events = _events("recover", "--json", "--reference", crashed.backup, crashed.image)
+    assert report["status"] == "recovered"
     kinds = [e[0] for e in events]
     assert "numpy" in kinds
-    before = events[: kinds.index("numpy")]
-    wanted = {
-        (os.path.realpath(p), 0, min(HEAD_BYTES, os.path.getsize(p)))
-        for p in (crashed.image, crashed.backup)
-    }
-    assert {(path, offset, length) for _, path, offset, length in before} == wanted
+    for path in map(os.path.realpath, (crashed.image, crashed.backup)):
+        size = os.path.getsize(path)
+        first_pull = next(i for i, e in enumerate(events) if e[0] == "pull" and e[1] == path)
+        first_read = next(i for i, e in enumerate(events) if e[0] == "read" and e[1] == path)
+        # Before anything else reads the file: while the process starts.
+        assert first_pull < first_read, f"{path}: read before its pull began"
+        pulled = _count(events, "pull", path, size)
+        hinted = _count(events, "hint", path, size)
+        read = _count(events, "read", path, size)
+        # In order from offset 0, each byte once, no further than the head.
+        reached = int(np.count_nonzero(pulled))
+        assert pulled[:reached].all() and not pulled[reached:].any()
+        assert pulled.max() == 1
+        assert 0 < reached <= head_length(size)
+        # The comparison asks only for what the pull had not reached, each byte once,
+        # and only bytes it reads.
+        assert not hinted[:reached].any(), f"{path}: a pulled byte asked for again"
+        assert hinted.max() <= 1
+        assert not np.any((hinted > 0) & (read == 0)), f"{path}: a byte asked for, never read"
 
 
-def test_no_head_is_asked_for_without_a_reference(crashed):
+def test_no_head_is_pulled_without_a_reference(crashed):
     report, events = _events("recover", "--json", "--dry-run", "--mode", "full", crashed.image)
     assert report["status"] == "dry-run"
-    heads = [e for e in events if e[0] == "willneed" and e[2] == 0 and e[3] > 0]
-    assert not [e for e in heads if e[1] == os.path.realpath(crashed.image)]
+    assert not [e for e in events if e[0] in ("pull", "hint")]
 
 
 def test_odd_paths_are_passed_over(tmp_path):
@@ -77,7 +131,15 @@ def test_odd_paths_are_passed_over(tmp_path):
     directory.mkdir()
     empty = tmp_path / "empty"
     empty.touch()
+    before = threading.active_count()
     prefetch_heads([fifo, directory, empty, tmp_path / "missing"])
+    assert threading.active_count() == before, "a pull started for what has no head"
+    for path in (fifo, directory, empty):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            assert claim(fd) is None
+        finally:
+            os.close(fd)
 
 
 def _resident(path, length: int) -> np.ndarray:
@@ -98,29 +160,174 @@ def _resident(path, length: int) -> np.ndarray:
     return np.frombuffer(bytes(vec), dtype=np.uint8) & 1
 
 
-def test_the_whole_head_is_read_not_just_one_request(tmp_path):
-    """One WILLNEED request reads at most the device's unit: the head is asked for in pieces."""
-    size = HEAD_BYTES + (8 << 20)
-    path = tmp_path / "file"
+def _cold_file(path, size: int) -> None:
     with open(path, "wb") as f:
-        f.write(os.urandom(1 << 20) * (size >> 20))
+        f.write(os.urandom(MiB) * (size // MiB))
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     assert _resident(path, size).sum() < 16, "the file did not leave the page cache"
 
+
+def _wait_resident(path, size: int, head: int) -> np.ndarray:
+    deadline = time.monotonic() + 30
+    while True:
+        resident = _resident(path, size)
+        if resident[: head // mmap.PAGESIZE].all() or time.monotonic() > deadline:
+            return resident
+        time.sleep(0.05)
+
+
+def test_the_pull_reads_the_whole_head_into_the_page_cache_and_no_more(tmp_path, monkeypatch):
+    head, size = 48 * MiB, 96 * MiB
+    monkeypatch.setattr(prefetch, "HEAD_BYTES", head)
+    path = tmp_path / "file"
+    _cold_file(path, size)
+
     prefetch_heads([path])
 
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        resident = _resident(path, size)
-        if resident[: HEAD_BYTES // mmap.PAGESIZE].all():
-            break
-        time.sleep(0.05)
-    pages = HEAD_BYTES // mmap.PAGESIZE
+    resident = _wait_resident(path, size, head)
+    pages = head // mmap.PAGESIZE
     assert resident[:pages].all(), f"{pages - int(resident[:pages].sum())} pages of the head unread"
-    # Bounded: the kernel's own read-ahead aside, not the whole file.
-    assert resident[pages:].sum() < (8 << 20) // mmap.PAGESIZE
+    # Bounded: the kernel's own read-ahead past the last step aside, not the whole file.
+    assert resident[pages:].sum() <= (16 * MiB) // mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pull = claim(fd)
+        assert pull is not None and pull.position == head
+        assert claim(fd) is None, "a pull handed out twice"
+    finally:
+        os.close(fd)
+
+
+def test_without_sendfile_the_head_is_asked_for_in_device_units(tmp_path, monkeypatch):
+    """A file system that cannot sendfile: the head is asked for, a request unit at a time
+    (one WILLNEED request reads at most the device's unit), and still gets read."""
+    head, size = 40 * MiB, 64 * MiB
+    path = tmp_path / "file"
+    _cold_file(path, size)
+    requests = []
+    real_advise = os.posix_fadvise
+
+    def no_sendfile(*args):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def advise(fd, offset, length, advice):
+        requests.append((offset, length))
+        return real_advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "sendfile", no_sendfile)
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        unit = request_unit(fd)
+        pull = Pull(os.dup(fd), head)
+        assert pull.wait(30)
+    finally:
+        os.close(fd)
+    assert pull.position == 0, "asked-for bytes counted as pulled"
+    assert requests == [(pos, min(unit, head - pos)) for pos in range(0, head, unit)]
+    resident = _wait_resident(path, size, head)
+    assert resident[: head // mmap.PAGESIZE].all()
+
+
+def test_a_pull_stops_within_one_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch, "PULL_BYTES", MiB)
+    path = tmp_path / "file"
+    _cold_file(path, 64 * MiB)
+    release = threading.Event()
+    real_sendfile = os.sendfile
+
+    def slow_sendfile(out_fd, in_fd, offset, count):
+        release.wait(10)  # the first step waits until the pull is told to stop
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", slow_sendfile)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pull = Pull(os.dup(fd), 64 * MiB)
+        threading.Timer(0.2, release.set).start()
+        pull.stop()
+    finally:
+        os.close(fd)
+    assert pull.wait(0)
+    assert pull.position == MiB, "the pull went on past the step it was in"
+
+
+def test_the_head_takes_a_bounded_share_of_the_available_memory(monkeypatch):
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 64 * prefetch.MEMORY_SHARE * MiB)
+    assert head_length(10 << 30) == 64 * MiB
+    assert head_length(5 * MiB) == 5 * MiB
+    monkeypatch.setattr(prefetch, "available_memory", lambda: None)
+    assert head_length(10 << 30) == prefetch.HEAD_BYTES
+    monkeypatch.undo()
+    memory = prefetch.available_memory()
+    assert memory is None or memory > 0
+
+
+def test_hints_are_asked_for_in_order_off_the_caller_and_dropped_at_close(tmp_path, monkeypatch):
+    path = tmp_path / "file"
+    _cold_file(path, 16 * MiB)
+    asked = []
+    callers = set()
+    gate = threading.Event()
+    real_advise = os.posix_fadvise
+
+    def advise(fd, offset, length, advice):
+        gate.wait(10)
+        callers.add(threading.current_thread().name)
+        asked.append((offset, length))
+        return real_advise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hints = Hints(2 * MiB)
+        hints.ask(fd, 0, 3 * MiB)  # the thread blocks in its first request
+        hints.ask(fd, 8 * MiB, 9 * MiB)
+        assert asked == [], "the caller waited for a request"
+        gate.set()
+        deadline = time.monotonic() + 10
+        while len(asked) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert asked == [(0, 2 * MiB), (2 * MiB, MiB), (8 * MiB, MiB)]
+        assert callers == {"qbitmap-hints"}
+        gate.clear()
+        hints.ask(fd, 12 * MiB, 13 * MiB)  # blocks the thread again
+        hints.ask(fd, 14 * MiB, 15 * MiB)  # never asked for: dropped by close
+        threading.Timer(0.2, gate.set).start()
+        hints.close()
+        assert (14 * MiB, MiB) not in asked
+        hints.ask(fd, 15 * MiB, 16 * MiB)  # after close: nothing
+        assert (15 * MiB, MiB) not in asked
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("error", [errno.EINVAL, errno.ESPIPE])
+def test_a_file_that_takes_no_advice_is_read_without_it(tmp_path, monkeypatch, error):
+    path = tmp_path / "file"
+    _cold_file(path, 4 * MiB)
+    calls = []
+
+    def refuse(fd, offset, length, advice):
+        calls.append(offset)
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hints = Hints(MiB)
+        hints.ask(fd, 0, 2 * MiB)
+        hints.ask(fd, 2 * MiB, 4 * MiB)
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        hints.close()
+    finally:
+        os.close(fd)
+    assert calls == [0], "asked again after the file refused advice"
 
 
 def test_request_unit_follows_the_device(tmp_path):
