@@ -92,7 +92,18 @@ def _count(events: list[list], kind: str, path: str, size: int) -> np.ndarray:
     return out
 
 
+def _evict(*paths) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def test_both_heads_are_pulled_from_the_start_and_never_asked_for_again(crashed):
+    _evict(crashed.image, crashed.backup)
     report, events = _events("recover", "--json", "--reference", crashed.backup, crashed.image)
     assert report["status"] == "recovered"
     kinds = [e[0] for e in events]
@@ -198,6 +209,32 @@ def test_the_pull_reads_the_whole_head_into_the_page_cache_and_no_more(tmp_path,
         assert claim(fd) is None, "a pull handed out twice"
     finally:
         os.close(fd)
+
+
+def test_a_head_the_page_cache_holds_is_not_pulled_again(tmp_path, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(os.urandom(MiB) * 24)  # written: in the page cache
+    sent = []
+    real_sendfile = os.sendfile
+
+    def sendfile(out_fd, in_fd, offset, count):
+        sent.append(offset)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pull = Pull(os.dup(fd), 24 * MiB)
+        assert pull.wait(30)
+        assert pull.position == 24 * MiB, "cached steps not counted as pulled"
+        assert sent == [], "cached pages pulled again"
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 8 * MiB, 8 * MiB, os.POSIX_FADV_DONTNEED)  # one step evicted
+        pull = Pull(os.dup(fd), 24 * MiB)
+        assert pull.wait(30)
+    finally:
+        os.close(fd)
+    assert sent == [8 * MiB], "only the evicted step is pulled"
 
 
 def test_without_sendfile_the_head_is_asked_for_in_device_units(tmp_path, monkeypatch):
