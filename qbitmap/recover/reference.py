@@ -309,11 +309,13 @@ class ReadAhead:
 def _file_ranges(
     task: Task, heads: dict[int, int] | None = None
 ) -> tuple[list[int], list[list[int]]]:
-    """File bytes each side of *task* reads, and the ``[fd, start, end]`` ranges, merged
-    where contiguous on the same file (the parts of one compressed cluster: once).
+    """File bytes each side of *task* reads, and the ``[fd, start, end]`` ranges to ask
+    for, merged where contiguous on the same file (the parts of one compressed cluster:
+    once).
 
-    Bytes inside a file's head already asked for (*heads*: fd -> bytes) are left out
-    of both."""
+    Bytes a start-up pull read already (*heads*: fd -> bytes from offset 0) are left
+    out of the ranges, not of the sizes: the window bounds what is planned ahead, so
+    that the plan stays as far ahead of the workers whatever was pulled."""
     runs: list[tuple[list[int], int]] = []
     last: dict[int, list[int]] = {}
     for part in task.parts:
@@ -333,9 +335,9 @@ def _file_ranges(
     ranges: list[list[int]] = []
     for run, side in runs:
         fd, start, end = run
+        sizes[side] += end - start
         start = max(start, heads.get(fd, 0)) if heads else start
         if start < end:
-            sizes[side] += end - start
             ranges.append([fd, start, end])
     ranges.reverse()  # popped from the end: asked for in order
     return sizes, ranges
