@@ -51,7 +51,7 @@ import os
 import stat
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 #: Bytes of each file pulled at most: about what the disks read while the process
 #: starts and checks, and a bound on the page cache a pull fills.
@@ -229,7 +229,10 @@ def claim(fd: int) -> Pull | None:
 
 
 def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
-    """Start pulling the head of each regular file of *paths* (:class:`Pull`), and return."""
+    """Start pulling the head of each regular file of *paths* (:class:`Pull`), and return.
+
+    A file whose pull is started already (and not claimed) is passed over.
+    """
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -238,6 +241,9 @@ def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
         try:
             st = os.fstat(fd)
             length = head_length(st.st_size) if stat.S_ISREG(st.st_mode) else 0
+            with _started_lock:
+                if (st.st_dev, st.st_ino) in _started:
+                    length = 0
             if length <= 0:
                 continue
             os.set_blocking(fd, True)  # a regular file: the pull's reads may wait
@@ -248,6 +254,71 @@ def prefetch_heads(paths: Iterable[os.PathLike[str] | str]) -> None:
             os.close(fd)
         with _started_lock:
             _started[(st.st_dev, st.st_ino)] = pull
+
+
+# The command line, as far as recover_files reads it: qbitmap's own flags, and recover's
+# options that take a value and those that do not.
+_GLOBAL_FLAGS = frozenset(("--color", "--no-color", "-q", "--quiet", "--debug"))
+_RECOVER_VALUES = frozenset(
+    ("-b", "--bitmap", "--mode", "--reference", "--reference-format", "--output")
+)
+_RECOVER_FLAGS = frozenset(("--drop-broken", "--keep-leaks", "--dry-run", "-n", "--json"))
+
+
+def recover_files(args: Sequence[str]) -> tuple[str, str] | None:
+    """IMAGE and FILE of a ``qbitmap recover --reference FILE IMAGE`` command line (*args*:
+    ``sys.argv[1:]``), read before click is even imported; None for anything else.
+
+    It reads only what it fully understands -- qbitmap's flags, then
+    ``recover`` with its own options, one IMAGE and a ``--reference`` -- and
+    answers None at the first thing it does not (``--help``, a combined short
+    option, a second argument): the command then starts the pulls itself
+    once click has parsed the line.  A wrong answer could only pull a file
+    the command does not read.
+    """
+    it = iter(args)
+    for arg in it:
+        if arg == "recover":
+            break
+        if arg not in _GLOBAL_FLAGS:
+            return None
+    else:
+        return None
+    reference: str | None = None
+    positional: list[str] = []
+    for arg in it:
+        if arg == "--":
+            positional.extend(it)
+            break
+        name, eq, value = arg.partition("=")
+        if name in _RECOVER_VALUES and name.startswith("--"):
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    return None
+        elif arg in ("-b",):
+            if next(it, None) is None:
+                return None
+            continue
+        elif arg in _RECOVER_FLAGS:
+            continue
+        elif arg.startswith("-") and arg != "-":
+            return None
+        else:
+            positional.append(arg)
+            continue
+        if name == "--reference":
+            reference = value
+    if reference is None or len(positional) != 1:
+        return None
+    return positional[0], reference
+
+
+def prefetch_command_line(args: Sequence[str]) -> None:
+    """Start the pulls of a ``recover --reference`` command line (:func:`recover_files`)."""
+    files = recover_files(args)
+    if files is not None:
+        prefetch_heads(files)
 
 
 class Hints:
@@ -316,6 +387,8 @@ __all__ = [
     "available_memory",
     "claim",
     "head_length",
+    "prefetch_command_line",
     "prefetch_heads",
+    "recover_files",
     "request_unit",
 ]

@@ -33,9 +33,11 @@ from qbitmap.recover.prefetch import (
 
 MiB = 1 << 20
 
-# Records every pull step (sendfile), every read-ahead request (POSIX_FADV_WILLNEED) and
-# every read, with the file's path, then runs the command line.
-PROBE = """
+# Records every pull step (sendfile, as it is asked for), every read-ahead request
+# (POSIX_FADV_WILLNEED) and every read, with the file's path, every thread started, and
+# the moments click and numpy start to load; then runs the command line (RUN_CLI or
+# RUN_ENTRY).
+PRELUDE = """
 import json, os, sys, threading
 events = []
 lock = threading.Lock()
@@ -51,9 +53,8 @@ def advise(fd, offset, length, advice):
         record("hint", path_of(fd), offset, length)
     return real_advise(fd, offset, length, advice)
 def sendfile(out_fd, in_fd, offset, count):
-    n = real_sendfile(out_fd, in_fd, offset, count)
-    record("pull", path_of(in_fd), offset, n)
-    return n
+    record("pull", path_of(in_fd), offset, count)
+    return real_sendfile(out_fd, in_fd, offset, count)
 def preadv(fd, buffers, offset, *flags):
     n = real_preadv(fd, buffers, offset, *flags)
     record("read", path_of(fd), offset, n)
@@ -64,12 +65,20 @@ def pread(fd, length, offset):
     return data
 os.posix_fadvise, os.sendfile, os.preadv, os.pread = advise, sendfile, preadv, pread
 
+real_start = threading.Thread.start
+def start(thread):
+    record("thread", thread.name, 0, 0)
+    return real_start(thread)
+threading.Thread.start = start
+
 class Watch:
     def find_spec(self, name, path=None, target=None):
-        if name == "numpy" and not any(e[0] == "numpy" for e in events):
-            record("numpy", "", 0, 0)
+        if name in ("numpy", "click") and not any(e[0] == name for e in events):
+            record(name, "", 0, 0)
         return None
 sys.meta_path.insert(0, Watch())
+"""
+RUN_CLI = """
 from qbitmap.cli import cli
 try:
     cli(sys.argv[1:], prog_name="qbitmap", standalone_mode=False)
@@ -77,6 +86,24 @@ finally:
     sys.stdout.flush()
     sys.stderr.write("EVENTS " + json.dumps(events) + "\\n")
 """
+# Through the console entry point, whose fast exit is turned into an exception.
+RUN_ENTRY = """
+class Exit(Exception):
+    pass
+def fast_exit(code):
+    raise Exit(code)
+os._exit = fast_exit
+sys.argv[0] = "qbitmap"
+from qbitmap.entry import main
+try:
+    main()
+except (SystemExit, Exit):
+    pass
+finally:
+    sys.stdout.flush()
+    sys.stderr.write("EVENTS " + json.dumps(events) + "\\n")
+"""
+PROBE = PRELUDE + RUN_CLI
 
 
 def _events(*args: object) -> tuple[dict, list[list]]:
@@ -204,8 +231,9 @@ def test_the_pull_reads_the_whole_head_into_the_page_cache_and_no_more(tmp_path,
     assert resident[pages:].sum() <= (16 * MiB) // mmap.PAGESIZE
     fd = os.open(path, os.O_RDONLY)
     try:
-        pull = claim(fd)
-        assert pull is not None and pull.position == head
+        pull = claim(fd)  # stopped: the kernel's read-ahead may be ahead of it
+        assert pull is not None and 0 < pull.position <= head
+        assert pull.wait(0)
         assert claim(fd) is None, "a pull handed out twice"
     finally:
         os.close(fd)
@@ -272,10 +300,11 @@ def test_a_pull_stops_within_one_step(tmp_path, monkeypatch):
     monkeypatch.setattr(prefetch, "PULL_BYTES", MiB)
     path = tmp_path / "file"
     _cold_file(path, 64 * MiB)
-    release = threading.Event()
+    inside, release = threading.Event(), threading.Event()
     real_sendfile = os.sendfile
 
     def slow_sendfile(out_fd, in_fd, offset, count):
+        inside.set()
         release.wait(10)  # the first step waits until the pull is told to stop
         return real_sendfile(out_fd, in_fd, offset, count)
 
@@ -283,6 +312,7 @@ def test_a_pull_stops_within_one_step(tmp_path, monkeypatch):
     fd = os.open(path, os.O_RDONLY)
     try:
         pull = Pull(os.dup(fd), 64 * MiB)
+        assert inside.wait(10)
         threading.Timer(0.2, release.set).start()
         pull.stop()
     finally:
@@ -388,3 +418,75 @@ def test_request_unit_follows_the_device(tmp_path):
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize(
+    ("args", "files"),
+    [
+        (["recover", "--reference", "ref", "img"], ("img", "ref")),
+        (["recover", "img", "--reference=ref"], ("img", "ref")),
+        (
+            ["-q", "--no-color", "recover", "--json", "-b", "daily", "--reference", "r", "i"],
+            ("i", "r"),
+        ),
+        (
+            ["recover", "--mode", "reference", "--bitmap=d", "--reference", "r", "--", "-i"],
+            ("-i", "r"),
+        ),
+        (
+            [
+                "recover",
+                "--reference-format",
+                "raw",
+                "--output",
+                "json",
+                "-n",
+                "--reference",
+                "r",
+                "i",
+            ],
+            ("i", "r"),
+        ),
+        (["recover", "img"], None),  # no reference: nothing to pull
+        (["recover", "--reference", "ref"], None),  # no image
+        (["recover", "--reference", "ref", "a", "b"], None),  # two images: click's error
+        (["recover", "--help", "--reference", "ref", "img"], None),
+        (["recover", "-nb", "x", "--reference", "ref", "img"], None),  # combined: not read
+        (["recover", "--unknown", "--reference", "ref", "img"], None),
+        (["recover", "--reference"], None),
+        (["-V", "recover", "--reference", "ref", "img"], None),
+        (["check", "--reference", "ref", "img"], None),
+        (["dump", "recover"], None),
+        ([], None),
+    ],
+)
+def test_recover_files_reads_only_command_lines_it_fully_understands(args, files):
+    assert prefetch.recover_files(args) == files
+
+
+def test_the_pulls_start_before_click_is_imported(crashed):
+    _evict(crashed.image, crashed.backup)
+    report, events = run_probe(
+        PRELUDE + RUN_ENTRY,
+        "EVENTS",
+        "recover",
+        "--json",
+        "--reference",
+        crashed.backup,
+        crashed.image,
+    )
+    assert report["status"] == "recovered"
+    kinds = [e[0] for e in events]
+    click = kinds.index("click")
+    for path in map(os.path.realpath, (crashed.image, crashed.backup)):
+        pulls = [i for i, e in enumerate(events) if e[0] == "pull" and e[1] == path]
+        assert pulls, f"{path}: not pulled"
+        # Each file is pulled by one thread only: the command's own start finds it started.
+        assert sorted(e[2] for e in events if e[0] == "pull" and e[1] == path) == [
+            e[2] for e in events if e[0] == "pull" and e[1] == path
+        ]
+    # Both pulls' threads run before click loads, and are reading before numpy does.
+    threads = [i for i, e in enumerate(events) if e[:2] == ["thread", "qbitmap-pull"]]
+    assert len(threads) == 2 and max(threads) < click
+    first = min(i for i, e in enumerate(events) if e[0] == "pull")
+    assert first < kinds.index("numpy")
