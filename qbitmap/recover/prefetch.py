@@ -27,8 +27,9 @@ drops the rest of the range.
 
 A speed trick, in this one place, with this contract:
 
-* It reads nothing into the process: the bytes go from the page cache to
-  ``/dev/null`` inside the kernel.  The page cache it fills is bounded:
+* It reads nothing into the process but one-byte probes of whether a step
+  is cached already: the bytes go from the page cache to ``/dev/null``
+  inside the kernel.  The page cache it fills is bounded:
   at most :data:`HEAD_BYTES` per file, and at most 1/:data:`MEMORY_SHARE` of
   the memory the kernel reports available, whatever the size of the files.
 * It is advice: every byte used is read again with ``pread`` by the code
@@ -53,8 +54,8 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-#: Bytes of each file pulled at most: about what the disks read while the process
-#: starts and checks, and a bound on the page cache a pull fills.
+#: Bytes of each file pulled at most: a bound on the page cache a pull fills.  The
+#: comparison claims (stops) a pull once it knows its plan, usually well before.
 HEAD_BYTES = 1 << 30
 #: A pull takes at most this share (1/N) of the memory the kernel reports available.
 MEMORY_SHARE = 16
@@ -144,13 +145,18 @@ class Pull:
     """One file's head being read into the page cache, in order, by a thread of its own."""
 
     def __init__(self, fd: int, length: int) -> None:
+        """Start pulling ``[0, length)`` of *fd*, a descriptor the pull owns from here on."""
         self.length = length  # bytes of the head, from offset 0
         self.position = 0  # bytes from offset 0 on pulled so far (one writer: the thread)
         self._fd = fd  # a duplicate owned by the thread, closed when it ends
         self._stop = threading.Event()
         self._begun = threading.Event()
         self._thread = threading.Thread(target=self._run, name="qbitmap-pull", daemon=True)
-        self._thread.start()
+        try:
+            self._thread.start()
+        except BaseException:  # RuntimeError: no thread can be started
+            os.close(fd)
+            raise
         # Returned once the thread is reading: the caller's next work competes with the
         # disk, not with the thread's start.
         self._begun.wait(1.0)
@@ -291,24 +297,23 @@ def recover_files(args: Sequence[str]) -> tuple[str, str] | None:
             positional.extend(it)
             break
         name, eq, value = arg.partition("=")
-        if name in _RECOVER_VALUES and name.startswith("--"):
+        if name in _RECOVER_VALUES and name.startswith("--"):  # --name VALUE, --name=VALUE
             if not eq:
-                value = next(it, None)
-                if value is None:
+                following = next(it, None)
+                if following is None:
                     return None
-        elif arg in ("-b",):
+                value = following
+            if name == "--reference":
+                reference = value
+        elif arg in _RECOVER_VALUES:  # -b VALUE
             if next(it, None) is None:
                 return None
-            continue
         elif arg in _RECOVER_FLAGS:
-            continue
+            pass
         elif arg.startswith("-") and arg != "-":
             return None
         else:
             positional.append(arg)
-            continue
-        if name == "--reference":
-            reference = value
     if reference is None or len(positional) != 1:
         return None
     return positional[0], reference
