@@ -199,11 +199,8 @@ def _resident(path, length: int) -> np.ndarray:
 
 
 def _cold_file(path, size: int) -> None:
-    with open(path, "wb") as f:
-        f.write(os.urandom(MiB) * (size // MiB))
-        f.flush()
-        os.fsync(f.fileno())
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    path.write_bytes(os.urandom(MiB) * (size // MiB))
+    _evict(path)
     assert _resident(path, size).sum() < 16, "the file did not leave the page cache"
 
 
