@@ -427,7 +427,8 @@ class Comparison:
         with ctx as progress:  # type: ignore[attr-defined]
             done = 0
             # Closed on the way out, whatever ends the loop (an error, Ctrl-C): the
-            # workers and the pulls are stopped and joined before the disks are closed.
+            # workers and the read-ahead's thread are stopped and joined before the disks
+            # are closed.
             with (
                 contextlib.closing(tasks),
                 contextlib.closing(ordered_map(compare, tasks, buffers)) as results,
@@ -446,7 +447,7 @@ class Comparison:
         return bits, stats
 
     def close(self) -> None:
-        """Stop the pulls and close both files (again: nothing)."""
+        """Stop the read-ahead requests and close both files (again: nothing)."""
         self._tasks = None
         if self._closed:
             return
