@@ -130,7 +130,6 @@ def write_lines(out: IO[bytes], report: DumpReport) -> None:
 
 
 def _kv_table(title: str) -> Table:
-
     table = section_table(title, show_header=False)
     table.add_column("field", style="bold", no_wrap=True)
     # One fact per row, file names among them: kept whole on their line.
