@@ -266,8 +266,10 @@ class ReadAhead:
                 self._heads[fd] = pull.position
 
     def close(self) -> None:
-        """Stop asking (the requests' thread ends); the files may be closed then."""
-        self._tops = ()
+        """Stop asking (the requests' thread ends) and stop the start-up pulls not claimed yet;
+        the files may be closed then."""
+        if self._tops:
+            self._claim_heads()
         if self._hints is not None:
             self._hints.close()
 
@@ -394,20 +396,21 @@ class Comparison:
             (self._image.stats, self._reference.stats),
             (self._image.fileno(), self._reference.fileno()),
         )
-        self._tasks: ReadAhead | None = self._read_ahead
+        self._spent = False  # bits() has run (once per comparison)
 
     def start(self) -> None:
         """Ask for the first read-ahead window of both files now, and return."""
-        if self._tasks is not None:
-            self._tasks.start()
+        if not (self._spent or self._closed):
+            self._read_ahead.start()
 
     def bits(
         self, granularity: int, *, progress_factory: object = None
     ) -> tuple[np.ndarray, DiffStats]:
         """See :func:`diff_bits`; once per comparison."""
-        if self._tasks is None:
+        if self._spent or self._closed:
             raise RuntimeError("a comparison is made once")
-        tasks, self._tasks = self._tasks, None
+        self._spent = True
+        tasks = self._read_ahead
         image, reference, stats = self._image, self._reference, self.stats
         virtual_size = self.virtual_size
         nbits = -(-virtual_size // granularity)
@@ -448,7 +451,6 @@ class Comparison:
 
     def close(self) -> None:
         """Stop the read-ahead requests and close both files (again: nothing)."""
-        self._tasks = None
         if self._closed:
             return
         self._closed = True

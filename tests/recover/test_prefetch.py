@@ -487,3 +487,19 @@ def test_the_pulls_start_before_click_is_imported(crashed):
     assert len(threads) == 2 and max(threads) < click
     first = min(i for i, e in enumerate(events) if e[0] == "pull")
     assert first < kinds.index("numpy")
+
+
+def test_a_comparison_closed_unstarted_still_stops_the_start_up_pulls(crashed):
+    from qbitmap.recover.reference import Comparison
+
+    prefetch_heads([crashed.image, crashed.backup])
+    size = os.path.getsize(crashed.image)
+    with Comparison(crashed.image, crashed.backup, virtual_size=size):
+        pass  # refused before it compared, say
+    for path in (crashed.image, crashed.backup):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert claim(fd) is None, f"{path}: its pull was left running"
+        finally:
+            os.close(fd)
+    assert not [t for t in threading.enumerate() if t.name == "qbitmap-pull"]
