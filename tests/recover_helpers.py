@@ -6,11 +6,12 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import qemu
 from crashdisk import CrashingDisk, SimulatedCrash
@@ -193,3 +194,13 @@ def run_probe(probe: str, tag: str, *args: object) -> tuple[dict, Any]:
     )
     line = next(x for x in proc.stderr.splitlines() if x.startswith(tag + " "))
     return json.loads(proc.stdout), json.loads(line[len(tag) + 1 :])
+
+
+def times_named(events: Iterable[Sequence[Any]], kind: str, file: str, size: int) -> np.ndarray:
+    """How many times each byte of *file* was named by the ``(kind, file, offset, length)``
+    events of *kind* (read-ahead requests, reads, pulls)."""
+    out = np.zeros(size, dtype=np.int32)
+    for k, f, offset, length in events:
+        if k == kind and f == file:
+            out[offset : offset + length] += 1
+    return out

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from recover_helpers import run_probe
+from recover_helpers import run_probe, times_named
 
 from qbitmap.recover import prefetch
 from qbitmap.recover.prefetch import (
@@ -110,15 +110,6 @@ def _events(*args: object) -> tuple[dict, list[list]]:
     return run_probe(PROBE, "EVENTS", *args)
 
 
-def _count(events: list[list], kind: str, path: str, size: int) -> np.ndarray:
-    """How many times each byte of *path* was named by events of *kind*."""
-    out = np.zeros(size, dtype=np.int32)
-    for k, p, offset, length in events:
-        if k == kind and p == path:
-            out[offset : offset + length] += 1
-    return out
-
-
 def _evict(*paths) -> None:
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -141,9 +132,9 @@ def test_both_heads_are_pulled_from_the_start_and_never_asked_for_again(crashed)
         first_read = next(i for i, e in enumerate(events) if e[0] == "read" and e[1] == path)
         # Before anything else reads the file: while the process starts.
         assert first_pull < first_read, f"{path}: read before its pull began"
-        pulled = _count(events, "pull", path, size)
-        hinted = _count(events, "hint", path, size)
-        read = _count(events, "read", path, size)
+        pulled = times_named(events, "pull", path, size)
+        hinted = times_named(events, "hint", path, size)
+        read = times_named(events, "read", path, size)
         # In order from offset 0, each byte once, no further than the head.
         reached = int(np.count_nonzero(pulled))
         assert pulled[:reached].all() and not pulled[reached:].any()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import qemu
 from corrupt import poke
-from recover_helpers import CRASH_WRITES, STORED_WRITES, granules
+from recover_helpers import CRASH_WRITES, STORED_WRITES, granules, times_named
 
 from qbitmap.errors import RefusedError
 from qbitmap.recover import Options, engine, prefetch, recover
@@ -73,14 +73,6 @@ class _Events:
     def first(self, kind: str, name: str = "") -> int:
         return next(i for i, e in enumerate(self.events) if e[0] == kind and e[1] == name)
 
-    def count(self, kind: str, name: str, size: int) -> np.ndarray:
-        """How many times each byte of file *name* was named by events of *kind*."""
-        out = np.zeros(size, dtype=np.int32)
-        for k, n, off, length in self.events:
-            if k == kind and n == name:
-                out[off : off + length] += 1
-        return out
-
 
 def test_both_files_are_read_ahead_before_the_check_and_only_bytes_read_once(crashed, monkeypatch):
     files = {"image": crashed.image, "reference": crashed.backup}
@@ -93,7 +85,8 @@ def test_both_files_are_read_ahead_before_the_check_and_only_bytes_read_once(cra
         # Handed to the requests' thread before the check runs: the storage reads meanwhile.
         assert rec.first("ask", name) < check, f"{name}: no read-ahead before the check"
         size = path.stat().st_size
-        hinted, read = rec.count("hint", name, size), rec.count("read", name, size)
+        hinted = times_named(rec.events, "hint", name, size)
+        read = times_named(rec.events, "read", name, size)
         assert hinted.any(), f"{name}: nothing asked for"
         assert hinted.max() == 1, f"{name}: a byte was asked for twice"
         assert not np.any((hinted > 0) & (read == 0)), f"{name}: a byte asked for, never read"
